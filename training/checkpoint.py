@@ -1,0 +1,203 @@
+"""The full training state on storage, and how to tell a trustworthy checkpoint from a broken one.
+
+A checkpoint is a directory ``checkpoint_<global step, 9 digits>`` holding ``train_state.pt``
+(model unwrapped from DDP, optimizer, LR schedule, progress, resolved config) and
+``manifest.json`` (size and SHA-256 of every file), written last. A directory without a
+manifest, or whose files do not match it, is a partial or corrupted write: it is skipped on
+resume with a warning, and cleaned up so storage does not grow without bound.
+
+Ray can drop a checkpoint reported just before a crash from its registry while the files are
+complete on storage. Resume therefore scans storage for the newest *valid* checkpoint instead of
+trusting only the one Ray registered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import torch
+
+from training import storage
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.pt"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+_DIR_PATTERN = re.compile(r"^checkpoint_(\d{9})$")
+
+
+class InvalidCheckpoint(Exception):
+    """A checkpoint directory that must not be loaded; the message says why."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands after ``global_step`` completed steps."""
+
+    global_step: int
+    epoch: int
+    step_in_epoch: int  # steps of ``epoch`` already done
+    attempt: str  # the attempt that wrote this state, for the sample ledger
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: str
+    step: int
+    valid: bool
+    reason: str = ""
+
+
+def dir_name(global_step: int) -> str:
+    return f"checkpoint_{global_step:09d}"
+
+
+def write(
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: Progress,
+    config: dict[str, Any],
+) -> None:
+    """Write the state into a local directory; the manifest goes last."""
+    directory = Path(directory)
+    state = {
+        "format": FORMAT_VERSION,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "progress": asdict(progress),
+        "config": config,
+    }
+    torch.save(state, directory / STATE_FILE)
+    files = {p.name: _describe_file(p.read_bytes()) for p in sorted(directory.iterdir())}
+    manifest = {"format": FORMAT_VERSION, "progress": asdict(progress), "files": files}
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+
+
+def load(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
+    """Validate a checkpoint against its manifest, return its state; raises InvalidCheckpoint."""
+    manifest = _read_manifest(fs, path)
+    blobs = {name: _read_checked(fs, path, name, meta) for name, meta in manifest["files"].items()}
+    if STATE_FILE not in blobs:
+        raise InvalidCheckpoint(f"manifest does not list {STATE_FILE}")
+    try:
+        return torch.load(io.BytesIO(blobs[STATE_FILE]), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a checksum collision is unlikely; a pickle error is not impossible
+        raise InvalidCheckpoint(f"{STATE_FILE} does not load: {exc}") from exc
+
+
+def validate(fs: pafs.FileSystem, path: str) -> None:
+    """Raise InvalidCheckpoint unless every file listed in the manifest matches it."""
+    manifest = _read_manifest(fs, path)
+    for name, meta in manifest["files"].items():
+        _read_checked(fs, path, name, meta)
+
+
+def restore(
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> Progress:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return Progress(**state["progress"])
+
+
+def scan(fs: pafs.FileSystem, run_dir: str, check: bool = True) -> list[CheckpointInfo]:
+    """Every checkpoint directory of a run, newest first, with its validity."""
+    found = []
+    for entry in storage.list_dir(fs, run_dir):
+        match = _DIR_PATTERN.match(entry.base_name)
+        if entry.type != pafs.FileType.Directory or not match:
+            continue
+        found.append(_check(fs, entry.path, int(match.group(1)), check))
+    return sorted(found, key=lambda info: info.step, reverse=True)
+
+
+def newest_valid(fs: pafs.FileSystem, run_dir: str) -> CheckpointInfo | None:
+    """The newest checkpoint that passes validation; newer broken ones are skipped loudly."""
+    for info in scan(fs, run_dir, check=False):
+        checked = _check(fs, info.path, info.step, check=True)
+        if checked.valid:
+            return checked
+        log.warning("Skipping checkpoint %s: %s", info.path, checked.reason)
+    return None
+
+
+def prune(
+    fs: pafs.FileSystem, run_dir: str, keep: int, uploads_in_flight: bool = True
+) -> list[str]:
+    """Delete all but the ``keep`` newest valid checkpoints, and broken leftovers.
+
+    A broken directory newer than the newest valid one may be an upload still in progress; it
+    is only deleted when ``uploads_in_flight`` is False (at the start of an attempt, when the
+    workers that could have been writing it are gone).
+    """
+    infos = scan(fs, run_dir)
+    valid = [i for i in infos if i.valid]
+    newest_valid_step = valid[0].step if valid else -1
+    doomed = [i.path for i in valid[keep:]]
+    doomed += [
+        i.path
+        for i in infos
+        if not i.valid and (i.step < newest_valid_step or not uploads_in_flight)
+    ]
+    for path in doomed:
+        storage.delete_dir(fs, path)
+    return doomed
+
+
+def _check(fs: pafs.FileSystem, path: str, step: int, check: bool) -> CheckpointInfo:
+    if not check:
+        return CheckpointInfo(path, step, valid=True)
+    try:
+        validate(fs, path)
+    except InvalidCheckpoint as exc:
+        return CheckpointInfo(path, step, valid=False, reason=str(exc))
+    return CheckpointInfo(path, step, valid=True)
+
+
+def _read_manifest(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
+    manifest_path = posixpath.join(path, MANIFEST_FILE)
+    try:
+        manifest = json.loads(storage.read_bytes(fs, manifest_path))
+    except FileNotFoundError:
+        raise InvalidCheckpoint("no manifest (partial write)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidCheckpoint(f"manifest is not valid JSON: {exc}") from None
+    if manifest.get("format") != FORMAT_VERSION or not isinstance(manifest.get("files"), dict):
+        raise InvalidCheckpoint(f"manifest has unknown format {manifest.get('format')!r}")
+    return manifest
+
+
+def _read_checked(fs: pafs.FileSystem, path: str, name: str, meta: dict[str, Any]) -> bytes:
+    try:
+        blob = storage.read_bytes(fs, posixpath.join(path, name))
+    except FileNotFoundError:
+        raise InvalidCheckpoint(f"{name} is missing") from None
+    actual = _describe_file(blob)
+    if actual["size"] != meta.get("size"):
+        raise InvalidCheckpoint(
+            f"{name} has {actual['size']} bytes, manifest says {meta.get('size')}"
+        )
+    if actual["sha256"] != meta.get("sha256"):
+        raise InvalidCheckpoint(f"{name} checksum does not match the manifest")
+    return blob
+
+
+def _describe_file(blob: bytes) -> dict[str, Any]:
+    return {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}

@@ -1,0 +1,148 @@
+"""The driver: check the run, connect to Ray, build the TorchTrainer, run it, summarise.
+
+Everything that can be wrong with the user's input (config, data path, a resumed run's
+identity) is checked before Ray is started or joined.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from training import checkpoint, data, runlog, storage
+from training.config import Config, ConfigError, identity_diff
+
+RUN_CONFIG_FILE = "run_config.json"
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What storage says about a run before it starts."""
+
+    fs: pafs.FileSystem
+    run_dir: str
+    resume_from: checkpoint.CheckpointInfo | None
+    existed: bool
+
+    def describe(self, name: str) -> str:
+        if self.resume_from is not None:
+            return (
+                f"Resuming run '{name}' from step {self.resume_from.step} ({self.resume_from.path})"
+            )
+        if self.existed:
+            return f"Restarting run '{name}' from step 0: it has no valid checkpoint yet"
+        return f"Starting fresh run '{name}' at {self.run_dir}"
+
+
+def prepare_run(cfg: Config) -> RunState:
+    """Validate the run against what storage holds and record its config on first start."""
+    ensure_data(cfg)
+    fs, run_dir = storage.run_location(cfg.storage, cfg.run.name)
+    config_path = posixpath.join(run_dir, RUN_CONFIG_FILE)
+    existed = storage.exists(fs, config_path)
+    if existed:
+        saved = json.loads(storage.read_bytes(fs, config_path))
+        diffs = identity_diff(saved, cfg.model_dump())
+        if diffs:
+            raise ConfigError(
+                f"run '{cfg.run.name}' already exists at {run_dir} with a different config; "
+                f"resuming it would not reproduce it ({'; '.join(diffs)}). "
+                "Use a new run.name, or the original values."
+            )
+    else:
+        storage.write_bytes(fs, config_path, cfg.model_dump_json(indent=1).encode())
+    return RunState(fs, run_dir, checkpoint.newest_valid(fs, run_dir), existed)
+
+
+def ensure_data(cfg: Config) -> None:
+    fs, path = storage.resolve(cfg.data.path, cfg.storage)
+    if storage.exists(fs, path):
+        return
+    if not cfg.data.create_demo_if_missing:
+        raise ConfigError(
+            f"data.path: '{cfg.data.path}' does not exist; write the demo data with "
+            "`python -m training demo-data --out PATH` or set data.create_demo_if_missing: true"
+        )
+    print(f"Writing the demo dataset ({cfg.data.demo_rows} rows) to {cfg.data.path}", flush=True)
+    data.write_demo_dataset(cfg.data.path, cfg.storage, rows=cfg.data.demo_rows)
+
+
+def connect_ray(cfg: Config) -> None:
+    """Join the cluster under `ray job submit` or RAY_ADDRESS; otherwise start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return
+    needed = cfg.scaling.max_workers * cfg.scaling.cpus_per_worker
+    # A laptop with fewer cores than workers still runs the demo: CPUs here are a scheduling
+    # unit, not a reservation of physical cores.
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=True)
+
+
+def build_trainer(cfg: Config, run: RunState):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from training.loop import train_func
+
+    scaling = cfg.scaling
+    workers: int | tuple[int, int] = (
+        scaling.min_workers
+        if scaling.min_workers == scaling.max_workers
+        else (scaling.min_workers, scaling.max_workers)
+    )
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker=train_func,
+        train_loop_config=cfg.model_dump(),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=scaling.resize_check_interval_s,
+        ),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=posixpath.dirname(run.run_dir),
+            storage_filesystem=run.fs,
+            failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+            # Retention is ours (checkpoint.prune): Ray does not know about checkpoints it lost
+            # from its registry, and two deleters would race.
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+    )
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) training to the end; returns the run summary."""
+    run = prepare_run(cfg)
+    print(run.describe(cfg.run.name), flush=True)
+    connect_ray(cfg)
+    build_trainer(cfg, run).fit()
+    return run_summary(run.fs, run.run_dir)
+
+
+def run_summary(fs: pafs.FileSystem, run_dir: str) -> dict[str, Any]:
+    summary = runlog.summarize(runlog.read_events(fs, run_dir))
+    kept = checkpoint.scan(fs, run_dir)
+    summary["checkpoints"] = [{"step": c.step, "valid": c.valid, "path": c.path} for c in kept]
+    summary["run_dir"] = run_dir
+    return summary
+
+
+def list_runs(fs: pafs.FileSystem, root: str) -> list[str]:
+    """Run directories under a storage path (those with a recorded config)."""
+    return sorted(
+        entry.path
+        for entry in storage.list_dir(fs, root)
+        if entry.type == pafs.FileType.Directory
+        and storage.exists(fs, posixpath.join(entry.path, RUN_CONFIG_FILE))
+    )

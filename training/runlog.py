@@ -1,0 +1,179 @@
+"""The run log: JSON lines on storage, one file per attempt, and the exactly-once ledger check.
+
+Rank 0 writes ``<run dir>/runlog/<attempt>.jsonl``. Events:
+- ``start``: attempt id, world size, the checkpoint step and attempt it resumed from;
+- ``step``: global step, epoch, loss, throughput, and the sample ids the global batch held;
+- ``checkpoint`` and ``eval``: what was saved, held-out accuracy;
+- ``end``: the attempt finished the run.
+
+"Exactly once" is about the effective history, the steps the final model contains: steps an
+attempt ran after the checkpoint the next attempt resumed from were rolled back. Each ``start``
+names the attempt that wrote the checkpoint it resumed from, so the history can be rebuilt by
+walking that chain backwards from the final attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from training import storage
+
+RUNLOG_DIR = "runlog"
+
+
+class RunLog:
+    """Append-only JSON-lines writer for one attempt (rank 0 only)."""
+
+    def __init__(self, fs: pafs.FileSystem, run_dir: str, attempt: str):
+        self.fs = fs
+        self.path = posixpath.join(run_dir, RUNLOG_DIR, f"{attempt}.jsonl")
+        self.attempt = attempt
+        fs.create_dir(posixpath.dirname(self.path), recursive=True)
+        # A shared filesystem supports appends; an object store gets the whole file re-put on
+        # flush (one object per attempt keeps that bounded).
+        self._file = open(self.path, "a", buffering=1) if storage.is_local(fs) else None  # noqa: SIM115
+        self._lines: list[str] = []
+
+    def write(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"event": event, "attempt": self.attempt, "time": time.time(), **fields})
+        if self._file is not None:
+            self._file.write(line + "\n")
+        else:
+            self._lines.append(line)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+        else:
+            storage.write_bytes(self.fs, self.path, ("\n".join(self._lines) + "\n").encode())
+
+    def close(self) -> None:
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+
+
+def read_events(fs: pafs.FileSystem, run_dir: str) -> list[dict[str, Any]]:
+    """Every event of every attempt, oldest first; a torn last line (crash mid-write) is skipped."""
+    events = []
+    for entry in storage.list_dir(fs, posixpath.join(run_dir, RUNLOG_DIR)):
+        if entry.base_name.endswith(".jsonl"):
+            events += _parse_lines(storage.read_bytes(fs, entry.path).decode())
+    return sorted(events, key=lambda e: e["time"])
+
+
+def _parse_lines(text: str) -> list[dict[str, Any]]:
+    parsed = []
+    for line in text.splitlines():
+        try:
+            parsed.append(json.loads(line))
+        except ValueError:
+            continue
+    return parsed
+
+
+@dataclass
+class LedgerReport:
+    ok: bool
+    completed: bool
+    attempts: int
+    world_sizes: list[int]
+    resumed_from_steps: list[int | None]
+    final_step: int
+    errors: list[str] = field(default_factory=list)
+
+
+def check_ledger(events: list[dict[str, Any]]) -> LedgerReport:
+    """Check that the effective history consumed every sample of each epoch exactly once."""
+    starts = [e for e in events if e["event"] == "start"]
+    if not starts:
+        return LedgerReport(False, False, 0, [], [], 0, ["the run log has no attempts"])
+    history, errors = effective_history(events)
+    errors += _check_epochs(history, starts[-1])
+    final_step = max(history, default=0)
+    return LedgerReport(
+        ok=not errors,
+        completed=any(
+            e["event"] == "end" and e["attempt"] == starts[-1]["attempt"] for e in events
+        ),
+        attempts=len(starts),
+        world_sizes=[s["world_size"] for s in starts],
+        resumed_from_steps=[s["resumed_from_step"] for s in starts],
+        final_step=final_step,
+        errors=errors,
+    )
+
+
+def effective_history(events: list[dict[str, Any]]) -> tuple[dict[int, dict[str, Any]], list[str]]:
+    """Global step -> the step event the final model contains, walking resume links backwards."""
+    starts = {e["attempt"]: e for e in events if e["event"] == "start"}
+    steps: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for e in events:
+        if e["event"] == "step":
+            steps[e["attempt"]][e["global_step"]] = e
+    history: dict[int, dict[str, Any]] = {}
+    errors: list[str] = []
+    attempt: str | None = max(starts.values(), key=lambda s: s["time"])["attempt"]
+    limit = float("inf")
+    while attempt is not None:
+        if attempt not in starts:
+            errors.append(f"attempt {attempt} is referenced by a resume but has no log")
+            break
+        history.update({g: e for g, e in steps[attempt].items() if g <= limit and g not in history})
+        limit = starts[attempt]["resumed_from_step"] or 0
+        attempt = starts[attempt]["resumed_from_attempt"] if limit else None
+    return history, errors
+
+
+def _check_epochs(history: dict[int, dict[str, Any]], start: dict[str, Any]) -> list[str]:
+    errors = []
+    final = max(history, default=0)
+    missing = sorted(set(range(1, final + 1)) - set(history))
+    if missing:
+        errors.append(f"steps missing from the effective history: {_abbreviate(missing)}")
+    per_epoch: dict[int, list[int]] = defaultdict(list)
+    steps_in_epoch: dict[int, int] = defaultdict(int)
+    for event in history.values():
+        if len(event["samples"]) != start["global_batch_size"]:
+            errors.append(f"step {event['global_step']} consumed {len(event['samples'])} samples")
+        per_epoch[event["epoch"]] += event["samples"]
+        steps_in_epoch[event["epoch"]] += 1
+    expected = start["steps_per_epoch"] * start["global_batch_size"]
+    for epoch, ids in sorted(per_epoch.items()):
+        unique = len(set(ids))
+        if unique != len(ids):
+            errors.append(f"epoch {epoch}: {len(ids) - unique} samples consumed more than once")
+        if steps_in_epoch[epoch] == start["steps_per_epoch"] and unique != expected:
+            errors.append(f"epoch {epoch}: {unique} distinct samples consumed, expected {expected}")
+        if any(not 0 <= i < start["train_samples"] for i in ids):
+            errors.append(f"epoch {epoch}: sample ids outside the training rows")
+    return errors
+
+
+def _abbreviate(values: list[int], limit: int = 10) -> str:
+    shown = ", ".join(map(str, values[:limit]))
+    return shown + (f" ... ({len(values)} in all)" if len(values) > limit else "")
+
+
+def summarize(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The numbers a user wants after a run: steps, final loss/accuracy, restarts."""
+    steps = [e for e in events if e["event"] == "step"]
+    evals = [e for e in events if e["event"] == "eval"]
+    starts = [e for e in events if e["event"] == "start"]
+    return {
+        "final_step": max((e["global_step"] for e in steps), default=0),
+        "train_loss": steps[-1]["loss"] if steps else None,
+        "train_accuracy": steps[-1]["accuracy"] if steps else None,
+        "val_loss": evals[-1]["val_loss"] if evals else None,
+        "val_accuracy": evals[-1]["val_accuracy"] if evals else None,
+        "attempts": len(starts),
+        "restarts": max(len(starts) - 1, 0),
+        "world_sizes": [s["world_size"] for s in starts],
+    }
