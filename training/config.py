@@ -314,6 +314,8 @@ def _describe(err: dict[str, Any]) -> str:
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
         return f"{where}: required field is missing"
+    if err["type"] == "value_error":  # our own validators already say what they saw
+        return f"{where}: {message}"
     return f"{where}: {message} (got {err.get('input')!r})"
 
 

@@ -1,0 +1,125 @@
+"""Checkpoint round trip, corruption and truncation detection, retention."""
+
+import json
+import logging
+import posixpath
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from training import checkpoint
+from training.checkpoint import InvalidCheckpoint, Progress
+from training.config import Config
+from training.loop import build_optimizer, build_scheduler
+from training.models import build_model
+
+FS = pafs.LocalFileSystem()
+
+
+def make_state(seed=0):
+    torch.manual_seed(seed)
+    cfg = Config.model_validate({"model": {"mlp": {"hidden_sizes": [16]}}})
+    model = build_model(cfg.model, 8, 3)
+    optimizer = build_optimizer(cfg.training.optimizer, model)
+    scheduler = build_scheduler(cfg.training.lr_schedule, optimizer, total_steps=50)
+    loss = model(torch.randn(4, 8)).sum()
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return cfg, model, optimizer, scheduler
+
+
+def save(run_dir, step, seed=0):
+    cfg, model, optimizer, scheduler = make_state(seed)
+    path = run_dir / checkpoint.dir_name(step)
+    path.mkdir(parents=True)
+    progress = Progress(global_step=step, epoch=1, step_in_epoch=step - 10, attempt="a1")
+    checkpoint.write(path, model, optimizer, scheduler, progress, cfg.model_dump())
+    return str(path), model, optimizer
+
+
+def test_round_trip_restores_every_part_of_the_state(tmp_path):
+    path, model, optimizer = save(tmp_path, 12)
+    _, fresh_model, fresh_opt, fresh_sched = make_state(seed=99)
+    progress = checkpoint.restore(checkpoint.load(FS, path), fresh_model, fresh_opt, fresh_sched)
+    assert progress == Progress(global_step=12, epoch=1, step_in_epoch=2, attempt="a1")
+    for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert str(optimizer.state_dict()) == str(fresh_opt.state_dict())
+    assert fresh_sched.last_epoch == 1
+    state = checkpoint.load(FS, path)
+    assert state["config"]["model"]["mlp"]["hidden_sizes"] == [16]
+
+
+def test_manifest_is_written_last_and_lists_every_file(tmp_path):
+    save(tmp_path, 3)
+    manifest = json.loads((tmp_path / checkpoint.dir_name(3) / "manifest.json").read_text())
+    assert set(manifest["files"]) == {checkpoint.STATE_FILE}
+    assert manifest["progress"]["global_step"] == 3
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda d: (d / "manifest.json").unlink(), "no manifest"),
+        (lambda d: (d / "manifest.json").write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / checkpoint.STATE_FILE).unlink(), "is missing"),
+        (lambda d: truncate(d / checkpoint.STATE_FILE), "bytes, manifest says"),
+        (lambda d: flip_byte(d / checkpoint.STATE_FILE), "checksum does not match"),
+    ],
+    ids=["no-manifest", "bad-manifest", "missing-file", "truncated", "bit-flip"],
+)
+def test_damaged_checkpoint_is_rejected(tmp_path, damage, reason):
+    path, _, _ = save(tmp_path, 5)
+    damage(tmp_path / checkpoint.dir_name(5))
+    with pytest.raises(InvalidCheckpoint, match=reason):
+        checkpoint.load(FS, path)
+
+
+def truncate(file):
+    file.write_bytes(file.read_bytes()[:-100])
+
+
+def flip_byte(file):
+    blob = bytearray(file.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    file.write_bytes(bytes(blob))
+
+
+def test_newest_valid_skips_broken_newer_checkpoints_with_a_warning(tmp_path, caplog):
+    save(tmp_path, 10)
+    save(tmp_path, 20)
+    save(tmp_path, 30)
+    truncate(tmp_path / checkpoint.dir_name(30) / checkpoint.STATE_FILE)
+    (tmp_path / checkpoint.dir_name(20) / "manifest.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        chosen = checkpoint.newest_valid(FS, str(tmp_path))
+    assert chosen.step == 10
+    assert "checkpoint_000000030" in caplog.text and "checkpoint_000000020" in caplog.text
+
+
+def test_no_checkpoint_at_all(tmp_path):
+    assert checkpoint.newest_valid(FS, str(tmp_path / "missing")) is None
+    (tmp_path / "checkpoint_tmp").mkdir()
+    (tmp_path / "runlog").mkdir()
+    assert checkpoint.scan(FS, str(tmp_path)) == []
+
+
+def test_prune_keeps_newest_valid_and_removes_leftovers(tmp_path):
+    for step in (10, 20, 30, 40):
+        save(tmp_path, step)
+    (tmp_path / checkpoint.dir_name(25) / "x").parent.mkdir()  # a partial, older than newest
+    (tmp_path / checkpoint.dir_name(50)).mkdir()  # newer partial: maybe an upload in flight
+    deleted = checkpoint.prune(FS, str(tmp_path), keep=2)
+    remaining = sorted(p.name for p in tmp_path.iterdir())
+    assert remaining == [checkpoint.dir_name(s) for s in (30, 40, 50)]
+    assert len(deleted) == 3
+    checkpoint.prune(FS, str(tmp_path), keep=2, uploads_in_flight=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.dir_name(s) for s in (30, 40)]
+
+
+def test_dir_name_sorts_by_step():
+    names = [checkpoint.dir_name(s) for s in (9, 10, 100, 1_000_000)]
+    assert names == sorted(names)
+    assert posixpath.basename(names[0]) == "checkpoint_000000009"

@@ -1,0 +1,93 @@
+"""CLI behaviour that needs no Ray: bad input is refused before any cluster resource is taken."""
+
+import json
+
+import ray
+from click.testing import CliRunner
+
+from training import driver
+from training.cli import main
+from training.config import parse_config
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_bad_config_exits_2_with_one_line_per_problem_before_ray_starts(tmp_path):
+    result = run(
+        "train",
+        "--config",
+        "training/configs/local.yaml",
+        "--set",
+        "training.global_batch_size=-4",
+        "--set",
+        "scaling.max_workers=1",
+        "--storage",
+        str(tmp_path),
+    )
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert lines == [
+        "config error: scaling: min_workers (2) must be <= max_workers (1)",
+        "config error: training.global_batch_size: Input should be greater than 0 (got -4)",
+    ]
+    assert not ray.is_initialized()
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_missing_data_is_refused_before_ray_starts(tmp_path):
+    result = run(
+        "train",
+        "--storage",
+        str(tmp_path / "runs"),
+        "--set",
+        f"data.path={tmp_path / 'none.parquet'}",
+    )
+    assert result.exit_code == 2
+    assert "data.path: " in result.output and "does not exist" in result.output
+    assert not ray.is_initialized()
+
+
+def test_resuming_with_a_different_model_or_seed_is_refused(tmp_path):
+    base = {
+        "storage": {"path": str(tmp_path)},
+        "data": {
+            "path": str(tmp_path / "d.parquet"),
+            "create_demo_if_missing": True,
+            "demo_rows": 64,
+        },
+    }
+    driver.prepare_run(parse_config(base))
+    saved = (tmp_path / "demo" / "run_config.json").read_bytes()
+    result = run(
+        "train",
+        "--storage",
+        str(tmp_path),
+        "--set",
+        f"data.path={tmp_path / 'd.parquet'}",
+        "--set",
+        "training.seed=5",
+        "--set",
+        "model.name=transformer",
+    )
+    assert result.exit_code == 2
+    assert "run 'demo' already exists" in result.output
+    assert "training.seed: 0 -> 5" in result.output and "model:" in result.output
+    assert (tmp_path / "demo" / "run_config.json").read_bytes() == saved  # nothing overwritten
+    assert not ray.is_initialized()
+
+
+def test_status_and_verify_on_an_empty_storage(tmp_path):
+    result = run("status", "--storage", str(tmp_path))
+    assert result.exit_code == 0 and "No runs under" in result.output
+    result = run("verify", "--storage", str(tmp_path), "--name", "ghost", "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.output)["errors"] == ["the run log has no attempts"]
+
+
+def test_demo_data_command(tmp_path):
+    out = tmp_path / "demo.parquet"
+    result = run("demo-data", "--out", str(out), "--rows", "100")
+    assert result.exit_code == 0 and out.stat().st_size > 0
+    assert run("demo-data", "--out", str(out), "--rows", "0").exit_code == 2
