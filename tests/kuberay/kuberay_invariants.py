@@ -23,6 +23,7 @@ KUBERAY_DIR = REPO_ROOT / "kuberay"
 TRAIN_CONFIG = KUBERAY_DIR / "config" / "train.yaml"
 BUILD_SCRIPT = REPO_ROOT / "docker" / "build-image.sh"
 PYPROJECT = REPO_ROOT / "pyproject.toml"
+IMAGE_REQUIREMENTS = REPO_ROOT / "docker" / "requirements.txt"
 
 MAX_RAYCLUSTER_NAME = 53
 MAX_RAYJOB_NAME = 47
@@ -525,11 +526,18 @@ def same_cluster_errors(cluster: dict[str, Any], job: dict[str, Any]) -> list[st
 # ---------------------------------------------------------------- versions and the image
 
 
-def pinned_ray_version(pyproject: Path = PYPROJECT) -> str:
-    """The Ray version pyproject.toml pins (`ray[...]==X`): the Ray inside the image."""
-    pins = re.findall(r'"ray(?:\[[^\]]*\])?==([\w.]+)"', pyproject.read_text())
-    assert len(pins) == 1, f"pyproject.toml must pin ray exactly once, found {pins}"
-    return pins[0]
+def pinned_ray_version(
+    files: tuple[Path, ...] = (PYPROJECT, IMAGE_REQUIREMENTS),
+) -> str:
+    """The Ray version pinned (`ray[...]==X`) by pyproject.toml and by the image's requirements;
+    they must agree, and that is the Ray inside the image."""
+    pins = {}
+    for path in files:
+        found = re.findall(r"^\s*\"?ray(?:\[[^\]]*\])?==([\w.]+)\"?", path.read_text(), re.M)
+        assert len(found) == 1, f"{path.name} must pin ray exactly once, found {found}"
+        pins[path.name] = found[0]
+    assert len(set(pins.values())) == 1, f"Ray pins disagree: {pins}"
+    return next(iter(pins.values()))
 
 
 def ray_version_errors(manifest: dict[str, Any], expected: str) -> list[str]:

@@ -378,6 +378,15 @@ def test_ray_version_must_match_the_image(cluster: dict[str, Any]) -> None:
     ]
 
 
+def test_ray_pins_must_agree(tmp_path: Path) -> None:
+    (tmp_path / "requirements.txt").write_text("ray[default,train]==2.60.0\n")
+    (tmp_path / "pyproject.toml").write_text(
+        'dependencies = [\n  "ray[default,train]==2.59.0",\n]\n'
+    )
+    with pytest.raises(AssertionError, match="Ray pins disagree"):
+        pinned_ray_version((tmp_path / "requirements.txt", tmp_path / "pyproject.toml"))
+
+
 def test_apply_dir_rejects_non_manifests(tmp_path: Path) -> None:
     (tmp_path / "values.yaml").write_text("image:\n  tag: v1\n")
     (tmp_path / "train.yaml").write_text(TRAIN_CONFIG.read_text())
