@@ -37,6 +37,7 @@ from kuberay_invariants import (
     train_config,
     trainer_errors,
 )
+from kuberay_schema import core_errors
 
 # The one project image: docker/build-image.sh builds it, CI tests it, both pods run it.
 PROJECT_IMAGE = "elastic-trainer:0.1.0"
@@ -395,3 +396,37 @@ def test_apply_dir_rejects_non_manifests(tmp_path: Path) -> None:
         "train.yaml: a document without apiVersion/kind/metadata",
         "values.yaml: a document without apiVersion/kind/metadata",
     ]
+
+
+def test_readme_and_headers_create_what_the_manifests_reference(cluster: dict[str, Any]) -> None:
+    """The Secret, ConfigMap, Service and label the docs use are the ones the manifests name."""
+    readme = (KUBERAY_DIR.parent / "README.md").read_text()
+    section = readme[readme.index("<!-- BEGIN kuberay -->") : readme.index("<!-- END kuberay -->")]
+    header = (KUBERAY_DIR / "raycluster.elastic-trainer.yaml").read_text()
+    secret = cluster["spec"]["authOptions"]["secretName"]
+    volumes = head(cluster)["template"]["spec"]["volumes"]
+    config_map = next(v["configMap"] for v in volumes if "configMap" in v)
+    key = config_map["items"][0]["key"]
+    name = cluster["metadata"]["name"]
+    for text in (section, header):
+        assert f"kubectl create secret generic {secret}" in text
+        assert "--from-literal=auth_token=" in text
+        assert f"kubectl create configmap {config_map['name']}" in text
+        assert f"--from-file={key}=kuberay/config/{key}" in text
+        assert f"ray.io/cluster={name}" in text
+        assert f"svc/{name}-head-svc 8265:8265" in text
+    assert f"--from-file={key}=kuberay/config/{key}" in TRAIN_CONFIG.read_text()
+
+
+def test_config_map_as_kubectl_creates_it_is_valid(cluster: dict[str, Any]) -> None:
+    volumes = head(cluster)["template"]["spec"]["volumes"]
+    config_map = next(v["configMap"] for v in volumes if "configMap" in v)
+    key = config_map["items"][0]["key"]
+    made = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": config_map["name"]},
+        "data": {key: (KUBERAY_DIR / "config" / key).read_text()},
+    }
+    assert core_errors(made) == []
+    assert len(made["data"][key].encode()) < 2**20  # the ConfigMap size limit
