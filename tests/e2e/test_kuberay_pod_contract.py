@@ -213,6 +213,8 @@ class PodSandbox:
         args += self.security_args(group) + self.resource_args(group) + self.volume_args(group)
         args += [arg for key, value in env.items() for arg in ("--env", f"{key}={value}")]
         args += ["--entrypoint", CONTAINER_COMMAND[0], self.image, *CONTAINER_COMMAND[1:]]
+        # Where the engine's hard open-files limit is below 65536, the operator's `ulimit -n
+        # 65536` prints an error and `ray start` runs anyway (`;`), as on such a node.
         args += [container_args(group, node_type, self.fqdn)]
         self.containers.append(container)
         docker(*args)
