@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
-_DIR_PATTERN = re.compile(r"^checkpoint_(\d{9})$")
+_DIR_PATTERN = re.compile(r"^checkpoint_(\d{9})(_[0-9a-f]+)?$")
+# Ray Train's record of the checkpoints it registered (read only; Ray owns this file).
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
 class InvalidCheckpoint(Exception):
@@ -58,8 +60,10 @@ class CheckpointInfo:
     reason: str = ""
 
 
-def dir_name(global_step: int) -> str:
-    return f"checkpoint_{global_step:09d}"
+def dir_name(global_step: int, attempt: str = "") -> str:
+    """``checkpoint_<step>_<attempt>``: the attempt keeps a step redone after a rollback from
+    reusing the directory of a checkpoint Ray still has registered."""
+    return f"checkpoint_{global_step:09d}" + (f"_{attempt}" if attempt else "")
 
 
 def write(
@@ -98,11 +102,15 @@ def load(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
         raise InvalidCheckpoint(f"{STATE_FILE} does not load: {exc}") from exc
 
 
-def validate(fs: pafs.FileSystem, path: str) -> None:
-    """Raise InvalidCheckpoint unless every file listed in the manifest matches it."""
+def validate(fs: pafs.FileSystem, path: str, full: bool = True) -> None:
+    """Raise InvalidCheckpoint unless every file listed in the manifest matches it: size and
+    checksum, or (``full=False``) size only, which needs no read of the data."""
     manifest = _read_manifest(fs, path)
     for name, meta in manifest["files"].items():
-        _read_checked(fs, path, name, meta)
+        if full:
+            _read_checked(fs, path, name, meta)
+        else:
+            _check_size(fs, path, name, meta)
 
 
 def restore(
@@ -117,14 +125,16 @@ def restore(
     return Progress(**state["progress"])
 
 
-def scan(fs: pafs.FileSystem, run_dir: str, check: bool = True) -> list[CheckpointInfo]:
+def scan(
+    fs: pafs.FileSystem, run_dir: str, check: bool = True, full: bool = True
+) -> list[CheckpointInfo]:
     """Every checkpoint directory of a run, newest first, with its validity."""
     found = []
     for entry in storage.list_dir(fs, run_dir):
         match = _DIR_PATTERN.match(entry.base_name)
         if entry.type != pafs.FileType.Directory or not match:
             continue
-        found.append(_check(fs, entry.path, int(match.group(1)), check))
+        found.append(_check(fs, entry.path, int(match.group(1)), check, full))
     return sorted(found, key=lambda info: info.step, reverse=True)
 
 
@@ -141,31 +151,55 @@ def newest_valid(fs: pafs.FileSystem, run_dir: str) -> CheckpointInfo | None:
 def prune(
     fs: pafs.FileSystem, run_dir: str, keep: int, uploads_in_flight: bool = True
 ) -> list[str]:
-    """Delete all but the ``keep`` newest valid checkpoints, and broken leftovers.
+    """Delete checkpoints beyond the ``keep`` newest valid ones, and broken leftovers.
 
-    A broken directory newer than the newest valid one may be an upload still in progress; it
-    is only deleted when ``uploads_in_flight`` is False (at the start of an attempt, when the
-    workers that could have been writing it are gone).
+    Directories Ray Train has registered are never touched: Ray deletes those itself
+    (``CheckpointConfig.num_to_keep``) and refuses to start a run whose registered checkpoints
+    are gone. Left to us is what Ray does not know about: checkpoints it lost from its registry
+    and partial uploads. A broken directory newer than the newest valid one may be an upload
+    still in progress; it is only deleted when ``uploads_in_flight`` is False (at the start of an
+    attempt, when the workers that could have been writing it are gone).
     """
-    infos = scan(fs, run_dir)
-    valid = [i for i in infos if i.valid]
-    newest_valid_step = valid[0].step if valid else -1
-    doomed = [i.path for i in valid[keep:]]
-    doomed += [
+    registered = ray_registered(fs, run_dir)
+    if registered is None:
+        return []
+    infos = scan(fs, run_dir, full=False)  # sizes only: cheap enough to run at every checkpoint
+    valid_steps = [i.step for i in infos if i.valid]
+    kept, newest = set(valid_steps[:keep]), (valid_steps[0] if valid_steps else -1)
+    doomed = [
         i.path
         for i in infos
-        if not i.valid and (i.step < newest_valid_step or not uploads_in_flight)
+        if posixpath.basename(i.path) not in registered
+        and (
+            (i.valid and i.step not in kept)
+            or (not i.valid and (i.step < newest or not uploads_in_flight))
+        )
     ]
     for path in doomed:
         storage.delete_dir(fs, path)
     return doomed
 
 
-def _check(fs: pafs.FileSystem, path: str, step: int, check: bool) -> CheckpointInfo:
+def ray_registered(fs: pafs.FileSystem, run_dir: str) -> set[str] | None:
+    """Directory names Ray Train's snapshot references; None if the snapshot is unreadable."""
+    path = posixpath.join(run_dir, RAY_SNAPSHOT_FILE)
+    if not storage.exists(fs, path):
+        return set()
+    try:
+        snapshot = json.loads(storage.read_bytes(fs, path))
+        return {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("Not pruning checkpoints: cannot read Ray's %s: %s", RAY_SNAPSHOT_FILE, exc)
+        return None
+
+
+def _check(
+    fs: pafs.FileSystem, path: str, step: int, check: bool, full: bool = True
+) -> CheckpointInfo:
     if not check:
         return CheckpointInfo(path, step, valid=True)
     try:
-        validate(fs, path)
+        validate(fs, path, full)
     except InvalidCheckpoint as exc:
         return CheckpointInfo(path, step, valid=False, reason=str(exc))
     return CheckpointInfo(path, step, valid=True)
@@ -197,6 +231,14 @@ def _read_checked(fs: pafs.FileSystem, path: str, name: str, meta: dict[str, Any
     if actual["sha256"] != meta.get("sha256"):
         raise InvalidCheckpoint(f"{name} checksum does not match the manifest")
     return blob
+
+
+def _check_size(fs: pafs.FileSystem, path: str, name: str, meta: dict[str, Any]) -> None:
+    info = fs.get_file_info(posixpath.join(path, name))
+    if info.type == pafs.FileType.NotFound:
+        raise InvalidCheckpoint(f"{name} is missing")
+    if info.size != meta.get("size"):
+        raise InvalidCheckpoint(f"{name} has {info.size} bytes, manifest says {meta.get('size')}")
 
 
 def _describe_file(blob: bytes) -> dict[str, Any]:

@@ -114,9 +114,9 @@ def build_trainer(cfg: Config, run: RunState):
             storage_path=posixpath.dirname(run.run_dir),
             storage_filesystem=run.fs,
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
-            # Retention is ours (checkpoint.prune): Ray does not know about checkpoints it lost
-            # from its registry, and two deleters would race.
-            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            # Ray deletes the checkpoints it registered beyond num_to_keep; checkpoint.prune
+            # deletes what Ray does not know about (lost from its registry, partial uploads).
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
         ),
     )
 

@@ -107,7 +107,7 @@ def start_attempt(config_dict: dict[str, Any]) -> tuple[Worker, Progress]:
     progress, resumed_from = resume(
         fs, run_dir, rank, cfg.checkpoint.num_to_keep, unwrap(model), optimizer, scheduler
     )
-    attempt = broadcast(f"{time.time_ns()}-{uuid.uuid4().hex[:6]}" if rank == 0 else None)
+    attempt = broadcast(uuid.uuid4().hex[:8] if rank == 0 else None)
     worker = Worker(
         cfg=cfg,
         config_dict=config_dict,
@@ -308,7 +308,7 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
             "checkpoint",
             global_step=global_step,
             blocked_s=blocked,
-            path=posixpath.join(worker.run_dir, checkpoint.dir_name(global_step)),
+            path=posixpath.join(worker.run_dir, checkpoint.dir_name(global_step, worker.attempt)),
         )
         checkpoint.prune(worker.fs, worker.run_dir, worker.cfg.checkpoint.num_to_keep)
 
@@ -320,7 +320,7 @@ def report_checkpoint(
     ray.train.report(  # Ray: registers the checkpoint; our upload writes the manifest last
         reported,
         checkpoint=ray.train.Checkpoint.from_directory(local_dir) if local_dir else None,
-        checkpoint_dir_name=checkpoint.dir_name(global_step),
+        checkpoint_dir_name=checkpoint.dir_name(global_step, worker.attempt),
         checkpoint_upload_mode=(
             ray.train.CheckpointUploadMode.ASYNC
             if asynchronous

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -94,3 +95,54 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
     ):
         for key in pa_:
             assert pa_[key].equal(pb[key]), f"optimizer state {key} differs"
+
+
+def start_cli(config: Path, log: Path, *args: str, address: str) -> subprocess.Popen:
+    """The training CLI in the background (output to ``log``), joined to the test's Ray."""
+    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "training", "train", "--config", str(config), *args],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"training exited ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def progress(storage: Path, name: str) -> tuple[int, int]:
+    """(number of attempts so far, newest step of the latest attempt) from the run log."""
+    try:
+        logged = events(storage, name)
+    except FileNotFoundError:
+        return 0, 0
+    starts = [e for e in logged if e["event"] == "start"]
+    if not starts:
+        return 0, 0
+    latest = starts[-1]["attempt"]
+    steps = [e["global_step"] for e in logged if e["event"] == "step" and e["attempt"] == latest]
+    return len(starts), max(steps, default=0)
+
+
+def alive_train_workers(address: str) -> list:
+    """RayTrainWorker actors alive in the cluster, through Ray's state API."""
+    from ray.util.state import list_actors
+
+    return list_actors(
+        address=address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        timeout=10,
+    )
