@@ -47,9 +47,8 @@ def train(
         storage_path
     )
     cfg = _load_or_exit(config_path, [*overrides, *extra])
-    _exit_cleanly_on_sigterm()
     try:
-        summary = driver.train(cfg)
+        summary = driver.train(cfg, on_connected=_exit_cleanly_on_sigterm)
     except ConfigError as exc:
         _fail(EXIT_USAGE, f"error: {exc}")
     except KeyboardInterrupt:
@@ -148,7 +147,8 @@ def _storage_section(config_path: str | None, storage_path: str | None) -> Stora
 
 def _exit_cleanly_on_sigterm() -> None:
     """`ray job stop` and Kubernetes send SIGTERM: treat it like Ctrl-C (state on storage is
-    always consistent, so stopping at any moment loses at most the steps since the checkpoint)."""
+    always consistent, so stopping at any moment loses at most the steps since the checkpoint).
+    Installed after ray.init, which sets a SIGTERM handler of its own."""
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

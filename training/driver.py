@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,11 +122,12 @@ def build_trainer(cfg: Config, run: RunState):
     )
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config, on_connected: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Run (or resume) training to the end; returns the run summary."""
     run = prepare_run(cfg)
     print(run.describe(cfg.run.name), flush=True)
     connect_ray(cfg)
+    on_connected()
     build_trainer(cfg, run).fit()
     return run_summary(run.fs, run.run_dir)
 
