@@ -53,9 +53,14 @@ esac
 
 log "building $IMAGE from $BASE_IMAGE (dependencies from: $INSTALL_FROM)"
 start=$SECONDS
-docker build --file docker/Dockerfile --tag "$IMAGE" \
-  --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "INSTALL_FROM=$INSTALL_FROM" \
-  --build-arg PIP_INDEX_URL --build-arg PIP_EXTRA_INDEX_URL \
+# Build args only where they differ from the Dockerfile's defaults: `docker compose up --build`
+# passes none, and identical arguments let both reuse the same cached layers.
+build_args=()
+[ "$BASE_IMAGE" != python:3.11-slim-bookworm ] && build_args+=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
+if [ "$INSTALL_FROM" = index ]; then
+  build_args+=(--build-arg INSTALL_FROM=index --build-arg PIP_INDEX_URL --build-arg PIP_EXTRA_INDEX_URL)
+fi
+docker build --file docker/Dockerfile --tag "$IMAGE" "${build_args[@]}" \
   --label "org.opencontainers.image.revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
   .
 log "built $IMAGE in $((SECONDS - start))s: $(docker image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}')"
