@@ -56,22 +56,18 @@ def test_node_lost_and_regained(tmp_path, cluster):
     log = tmp_path / "elastic.log"
     proc = start_cli(config, log, address=ray_cluster.address)
     try:
-        wait_for(
-            lambda: attempt_state(tmp_path, "elastic")[1:] >= (2, 30),
-            240,
-            "30 steps on 2 workers",
-            proc,
-        )
+        wait_for(lambda: running_on(tmp_path, "elastic", 2, 30), 240, "30 steps on 2 workers", proc)
         ray_cluster.remove_node(workers[1])
         wait_for(
-            lambda: attempt_state(tmp_path, "elastic")[1:] >= (1, 20),
+            lambda: running_on(tmp_path, "elastic", 1, 20),
             240,
             "20 steps on the 1 worker left",
             proc,
         )
+        shrunk_at = attempt_state(tmp_path, "elastic")[0]
         ray_cluster.add_node(num_cpus=1)
         wait_for(
-            lambda: attempt_state(tmp_path, "elastic")[1:] >= (2, 10),
+            lambda: running_on(tmp_path, "elastic", 2, 10, after_attempt=shrunk_at),
             240,
             "the run to grow back to 2 workers",
             proc,
