@@ -40,6 +40,16 @@ class RunState:
         return f"Starting fresh run '{name}' at {self.run_dir}"
 
 
+def with_absolute_paths(cfg: Config) -> Config:
+    """Local paths resolved against the driver's directory, as every worker must see them."""
+    return cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(update={"path": storage.absolute(cfg.data.path)}),
+            "storage": cfg.storage.model_copy(update={"path": storage.absolute(cfg.storage.path)}),
+        }
+    )
+
+
 def prepare_run(cfg: Config) -> RunState:
     """Validate the run against what storage holds and record its config on first start."""
     ensure_data(cfg)
@@ -124,6 +134,7 @@ def build_trainer(cfg: Config, run: RunState):
 
 def train(cfg: Config, on_connected: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Run (or resume) training to the end; returns the run summary."""
+    cfg = with_absolute_paths(cfg)
     run = prepare_run(cfg)
     print(run.describe(cfg.run.name), flush=True)
     connect_ray(cfg)

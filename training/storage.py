@@ -32,6 +32,11 @@ def resolve(uri: str, storage: StorageSection) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (workers run in other directories); URIs unchanged."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def run_location(storage: StorageSection, run_name: str) -> tuple[pafs.FileSystem, str]:
     """Filesystem and directory of one run: ``<storage.path>/<run.name>``."""
     fs, root = resolve(storage.path, storage)

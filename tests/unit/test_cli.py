@@ -91,3 +91,15 @@ def test_demo_data_command(tmp_path):
     result = run("demo-data", "--out", str(out), "--rows", "100")
     assert result.exit_code == 0 and out.stat().st_size > 0
     assert run("demo-data", "--out", str(out), "--rows", "0").exit_code == 2
+
+
+def test_relative_paths_are_resolved_for_the_workers(tmp_path, monkeypatch):
+    """Workers run in Ray's own directories: a relative path must reach them absolute."""
+    monkeypatch.chdir(tmp_path)
+    cfg = driver.with_absolute_paths(
+        parse_config({"storage": {"path": "runs"}, "data": {"path": "data/d.parquet"}})
+    )
+    assert cfg.storage.path == str(tmp_path / "runs")
+    assert cfg.data.path == str(tmp_path / "data" / "d.parquet")
+    remote = driver.with_absolute_paths(parse_config({"storage": {"path": "s3://b/runs"}}))
+    assert remote.storage.path == "s3://b/runs"
