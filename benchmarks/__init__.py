@@ -1,0 +1,1 @@
+"""Side-by-side measurements of elastic-trainer: ``python -m benchmarks [--quick]``."""

@@ -1,0 +1,214 @@
+"""Numbers from run logs (``<run dir>/runlog/*.jsonl``) and timestamped driver output."""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from training import runlog
+
+# Driver-output lines that mark recovery phases (timestamped when the harness read them).
+DETECTED = {
+    "ray": r"\[FailurePolicy\] RETRY",
+    "torchrun": r"will restart worker group|Worker group FAILED|failed \(exitcode",
+}
+GROUP_STARTED = {"ray": r"Started training worker group", "torchrun": r"Starting worker group"}
+
+
+def stats(values: list[float]) -> dict[str, Any]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"n": 0, "median": None, "min": None, "max": None}
+    return {
+        "n": len(values),
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def events(run_dir: Path) -> list[dict[str, Any]]:
+    return runlog.read_events(pafs.LocalFileSystem(), str(run_dir))
+
+
+def attempts(evs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per attempt, oldest first: its start event, steps (by time), checkpoints, end."""
+    found: dict[str, dict[str, Any]] = {}
+    for e in evs:
+        a = found.setdefault(e["attempt"], {"start": None, "steps": [], "ckpts": [], "end": None})
+        if e["event"] == "start":
+            a["start"] = e
+        elif e["event"] == "step":
+            a["steps"].append(e)
+        elif e["event"] == "checkpoint":
+            a["ckpts"].append(e)
+        elif e["event"] == "end":
+            a["end"] = e
+    ordered = [a for a in found.values() if a["start"] is not None]
+    return sorted(ordered, key=lambda a: a["start"]["time"])
+
+
+def steady_rate(steps: list[dict[str, Any]], skip_frac: float = 0.1) -> float | None:
+    """Steps/s after warm-up, end to end: includes report, checkpoint and logging stalls."""
+    skip = max(5, int(len(steps) * skip_frac))
+    window = steps[skip:]
+    if len(window) < 5:
+        return None
+    return (len(window) - 1) / (window[-1]["time"] - window[0]["time"])
+
+
+def compute_rate(steps: list[dict[str, Any]], batch: int) -> float | None:
+    """Steps/s of the step itself (forward, backward, all-reduce, optimizer), from its timer."""
+    skip = max(5, int(len(steps) * 0.1))
+    times = [batch / s["samples_per_s"] for s in steps[skip:]]
+    return 1 / statistics.median(times) if len(times) >= 5 else None
+
+
+def no_fault_run(evs: list[dict[str, Any]], launched_at: float) -> dict[str, Any]:
+    """Start-up (launch -> first step), steady-state and compute-only steps/s of one attempt."""
+    runs = attempts(evs)
+    if not runs or not runs[0]["steps"]:
+        return {}
+    first = runs[0]
+    batch = first["start"]["global_batch_size"]
+    return {
+        "startup_s": first["steps"][0]["time"] - launched_at,
+        "steps_per_s": steady_rate(first["steps"]),
+        "compute_steps_per_s": compute_rate(first["steps"], batch),
+        "steps": len(first["steps"]),
+        "attempts": len(runs),
+        "checkpoints": checkpoint_stalls(first),
+    }
+
+
+def report_pauses(attempt: dict[str, Any], report_every: int) -> list[float]:
+    """How long training paused at each metrics-only ``ray.train.report`` (no checkpoint)."""
+    steps = attempt["steps"]
+    ckpt_steps = {c["global_step"] for c in attempt["ckpts"]}
+    gaps = {a["global_step"]: b["time"] - a["time"] for a, b in itertools.pairwise(steps)}
+    reported = {g for g in gaps if g % report_every == 0 and g not in ckpt_steps}
+    normal = [v for g, v in gaps.items() if g not in reported and g not in ckpt_steps] or [0.0]
+    typical = statistics.median(normal)
+    return [gaps[g] - typical for g in sorted(reported)]
+
+
+def checkpoint_stalls(attempt: dict[str, Any]) -> list[dict[str, float]]:
+    """Per checkpoint: ``blocked_s`` as logged, and how long training actually paused: the gap
+    between the step before and the step after, minus a normal step-to-step interval."""
+    steps = attempt["steps"]
+    by_step = {s["global_step"]: s for s in steps}
+    gaps = [b["time"] - a["time"] for a, b in itertools.pairwise(steps)]
+    ckpt_steps = {c["global_step"] for c in attempt["ckpts"]}
+    normal = [
+        g for g, a in zip(gaps, steps, strict=False) if a["global_step"] not in ckpt_steps
+    ] or [0.0]
+    typical = statistics.median(normal)
+    out = []
+    for c in attempt["ckpts"]:
+        g = c["global_step"]
+        paused = None
+        if g in by_step and g + 1 in by_step:
+            paused = by_step[g + 1]["time"] - by_step[g]["time"] - typical
+        out.append({"step": g, "blocked_s": c["blocked_s"], "paused_s": paused})
+    return out
+
+
+def recoveries(
+    evs: list[dict[str, Any]], kills: list[dict[str, Any]], lines, kind: str
+) -> list[dict[str, Any]]:
+    """Each kill's recovery, split into phases (seconds, all from wall-clock timestamps).
+
+    detect: kill -> the launcher reports the failure (Ray: FailurePolicy RETRY; torchrun: the
+    agent's restart line, else folded into restart); restart: -> new worker group started
+    (torchrun: the new worker process began); init_load: -> the new attempt's ``start`` event
+    (data, model, DDP, checkpoint load); first_step: -> its first step; redo: time spent
+    re-running steps past the checkpoint; total: kill -> first step after resume.
+    """
+    runs = attempts(evs)
+    out = []
+    for kill in kills:
+        t_kill = kill["time"]
+        before = [a for a in runs if a["start"]["time"] < t_kill]
+        after = [a for a in runs if a["start"]["time"] > t_kill]
+        if not before or not after or not after[0]["steps"]:
+            continue
+        old, new = before[-1], after[0]
+        last_done = max((s["global_step"] for s in old["steps"]), default=0)
+        resumed = new["start"]["resumed_from_step"] or 0
+        t_start, t_first = new["start"]["time"], new["steps"][0]["time"]
+        caught_up = next((s["time"] for s in new["steps"] if s["global_step"] >= last_done), None)
+        t_detect = first_line(lines, DETECTED[kind], t_kill, t_start)
+        t_group = first_line(lines, GROUP_STARTED[kind], t_detect or t_kill, t_start)
+        if kind == "torchrun":
+            t_group = new["start"].get("process_started", t_group)
+        record = {
+            "kill_time": t_kill,
+            "steps_redone": max(0, last_done - resumed),
+            "detect_s": _diff(t_detect, t_kill),
+            "restart_s": _diff(t_group, t_detect or t_kill),
+            "init_load_s": _diff(t_start, t_group),
+            "first_step_s": t_first - t_start,
+            "redo_s": _diff(caught_up, t_start),
+            "total_s": t_first - t_kill,
+            "back_to_kill_point_s": _diff(caught_up, t_kill),
+            "restore_s": new["start"].get("restore_s"),
+        }
+        out.append(record)
+    return out
+
+
+def first_line(lines, pattern: str, since: float, until: float | None) -> float | None:
+    import re
+
+    regex = re.compile(pattern)
+    for t, text in lines:
+        if t < since:
+            continue
+        if until is not None and t > until + 1.0:  # driver output can trail a little
+            return None
+        if regex.search(text):
+            return t
+    return None
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def goodput(evs: list[dict[str, Any]], kills: list[dict[str, Any]]) -> dict[str, Any]:
+    """Share of wall time spent computing steps the final model contains.
+
+    Wall time runs from the first attempt's ``start`` to the ``end`` event; a step's time is
+    its own timer (global batch / samples_per_s). Steps redone after a restart, restarts,
+    checkpoints and reports all count as lost time.
+    """
+    runs = attempts(evs)
+    ends = [a["end"] for a in runs if a["end"]]
+    if not runs or not ends:
+        return {}
+    batch = runs[0]["start"]["global_batch_size"]
+    history, _ = runlog.effective_history(evs)
+    t0, t1 = runs[0]["start"]["time"], ends[-1]["time"]
+    useful = sum(batch / e["samples_per_s"] for e in history.values())
+    all_steps = sum(len(a["steps"]) for a in runs)
+    # Per kill cycle: useful step time of effective steps finished inside it, over its length.
+    bounds = [t0] + [k["time"] for k in kills] + [t1]
+    cycles = []
+    for lo, hi in itertools.pairwise(bounds):
+        inside = [e for e in history.values() if lo <= e["time"] < hi]
+        if hi - lo > 1:
+            cycles.append(sum(batch / e["samples_per_s"] for e in inside) / (hi - lo))
+    return {
+        "wall_s": t1 - t0,
+        "effective_steps": len(history),
+        "steps_run": all_steps,
+        "kills": len(kills),
+        "attempts": len(runs),
+        "goodput": useful / (t1 - t0),
+        "effective_steps_per_s": len(history) / (t1 - t0),
+        "cycle_goodput": cycles,
+    }

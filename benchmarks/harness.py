@@ -1,0 +1,569 @@
+"""Run every benchmark, side by side, and write ``benchmarks/results/results.{md,json,png}``.
+
+    python -m benchmarks            # full mode: the numbers (about 30 minutes on 2 cores)
+    python -m benchmarks --quick    # CI smoke: tiny sizes, one repetition (about 3-4 minutes)
+
+Scenarios (see README "Benchmarks"):
+  floor     in-memory copy, serialization, raw write bandwidth and load of the checkpoint state
+  overhead  the project's loop under Ray Train (the CLI, cold) vs the same model, data, global
+            batch and steps in plain torchrun DDP, launched alternately; start-up and steps/s
+  cadence   steady-state steps/s for report/checkpoint cadences and the health-check interval
+  stall     how long training pauses per checkpoint, sync vs async upload, 10/100/500 MB state
+  recovery  worker SIGKILL -> first step after resume, by phase; Ray defaults, a shorter
+            health-check interval, and torchrun --max-restarts
+  goodput   a worker killed every T seconds: share of wall time spent on steps that count
+
+Exits non-zero when any run fails or a scenario cannot be measured (the harness is broken).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from benchmarks import analyze, floor, launch, report
+from benchmarks.analyze import stats
+from benchmarks.launch import KillPlan, Watch
+
+REPO = Path(__file__).resolve().parent.parent
+BASE_CONFIG = REPO / "training" / "configs" / "local.yaml"
+NEVER = 10**9  # a cadence that never fires (a checkpoint is still written at the last step)
+HC = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+# State of an MLP [h, h] + AdamW is about 12 bytes per parameter, ~h^2 parameters.
+SIZES = {"10 MB": [900, 900], "100 MB": [2870, 2870], "500 MB": [6450, 6450]}
+
+PLANS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "reps": 1,
+        "floor_sizes": ["10 MB"],
+        "overhead_steps": 200,
+        "cadence_steps": 40,
+        "cadence": ["never", "report_10"],
+        "stall_sizes": ["10 MB"],
+        "stall_steps": 6,
+        "recovery": ["ray_defaults"],
+        "recovery_steps": 1000,
+        "kill_after_s": 1.0,
+        "goodput": [("torchrun", 3, 6)],
+        "timeout_s": 420,
+    },
+    "full": {
+        "reps": 3,
+        "floor_sizes": ["10 MB", "100 MB", "500 MB"],
+        "overhead_steps": 1500,
+        "cadence_steps": 1000,
+        # report_1 and local_yaml exist (see CADENCE) but are left out to keep the full run
+        # near 30 minutes: the per-report pause gives report_1's cost, the CLI runs local.yaml.
+        "cadence": ["never", "report_10", "code_defaults", "ckpt_10", "code_defaults_hc05"],
+        "stall_sizes": ["10 MB", "100 MB", "500 MB"],
+        "stall_steps": 12,
+        "recovery": ["ray_defaults", "ray_hc05"],
+        "recovery_steps": 2000,
+        "kill_after_s": 4.0,
+        # (launcher, kill every T s, training seconds to aim for without failures)
+        "goodput": [("ray", 30, 120), ("ray", 60, 180), ("torchrun", 30, 90)],
+        "timeout_s": 1500,
+    },
+}
+
+# label, overrides, env, steps cap (each sync report waits for the controller's poll, up to
+# the 2 s health-check interval, so frequent-report runs are kept short)
+CADENCE: dict[str, tuple[str, dict[str, Any], dict[str, str], int | None]] = {
+    "never": (
+        "no report, no checkpoint until the end",
+        {"training.report_every_n_steps": NEVER, "checkpoint.every_n_steps": NEVER},
+        {},
+        600,
+    ),
+    "report_1": (
+        "report every step",
+        {"training.report_every_n_steps": 1, "checkpoint.every_n_steps": NEVER},
+        {},
+        12,
+    ),
+    "report_10": (
+        "report every 10 steps",
+        {"training.report_every_n_steps": 10, "checkpoint.every_n_steps": NEVER},
+        {},
+        60,
+    ),
+    "code_defaults": (
+        "config.py defaults: report 50, checkpoint 50",
+        {"training.report_every_n_steps": 50, "checkpoint.every_n_steps": 50},
+        {},
+        400,
+    ),
+    "local_yaml": (
+        "local.yaml: report 100, checkpoint 100",
+        {},
+        {},
+        None,
+    ),
+    "ckpt_10": (
+        "checkpoint every 10 steps",
+        {"checkpoint.every_n_steps": 10},
+        {},
+        60,
+    ),
+    "code_defaults_hc05": (
+        f"report 50, checkpoint 50, {HC}=0.5",
+        {"training.report_every_n_steps": 50, "checkpoint.every_n_steps": 50},
+        {HC: "0.5"},
+        200,
+    ),
+}
+RECOVERY = {
+    "ray_defaults": ("Ray Train, Ray defaults (health check 2 s)", {}),
+    "ray_hc05": (f"Ray Train, {HC}=0.5", {HC: "0.5"}),
+}
+
+
+class Bench:
+    def __init__(self, mode: str, workdir: Path, out: Path):
+        self.mode, self.plan = mode, PLANS[mode]
+        self.workdir, self.out = workdir, out
+        self.runs_dir = workdir / "runs"
+        self.logs_dir = out / "logs"
+        self.data_path = workdir / "data" / "demo.parquet"
+        self.failures: list[str] = []
+        self.results: dict[str, Any] = {"mode": mode}
+        self.counter = 0
+        self.ray_tmp = f"/tmp/etb-ray-{os.getpid()}"
+
+    # ---- plumbing -------------------------------------------------------------------------
+
+    def name(self, tag: str) -> str:
+        self.counter += 1
+        return f"{self.counter:03d}-{tag}"
+
+    def overrides(self, name: str, steps: int, extra: dict[str, Any]) -> list[str]:
+        values = {
+            "run.name": name,
+            "storage.path": str(self.runs_dir),
+            "data.path": str(self.data_path),
+            "data.create_demo_if_missing": True,
+            "training.epochs": 1000,
+            "training.max_steps": steps,
+            **extra,
+        }
+        return [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in values.items()]
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0", PYTHONPATH=str(REPO))
+        # A private Ray temp dir: `ray.init()` without an address otherwise joins the newest
+        # cluster another process started on this machine with `ray start` (and the CLI then
+        # fails: "num_cpus ... must not be provided"). Short: Ray's socket paths are limited.
+        env["RAY_TMPDIR"] = self.ray_tmp
+        env.update(extra or {})
+        return env
+
+    def launch(self, cmd: list[str], tag: str, env: dict[str, str] | None = None):
+        log = self.logs_dir / f"{tag}.log"
+        return launch.Launched(cmd, self.env(env), log, REPO)
+
+    def supervise(self, launched, watches: list[Watch]) -> int:
+        rc = launch.run(launched, watches, self.plan["timeout_s"])
+        for w in watches:
+            if w.status != "ok" or rc != 0:
+                self.failures.append(f"run {w.name}: status {w.status}, exit code {rc}")
+        return rc
+
+    def ray_cli(self, steps: int, extra: dict[str, Any], tag: str) -> tuple[Watch, Any]:
+        name = self.name(tag)
+        cmd = [sys.executable, "-m", "training", "train", "--config", str(BASE_CONFIG)]
+        for item in self.overrides(name, steps, extra):
+            cmd += ["--set", item]
+        launched = self.launch(cmd, name)
+        watch = Watch(name, self.runs_dir / name, "ray")
+        watch.begin = launched.launched_at
+        rc = launch.run(launched, [watch], self.plan["timeout_s"])
+        watch.end, watch.status = time.time(), "ok" if rc == 0 else "failed"
+        if rc != 0:
+            self.failures.append(f"run {name}: exit code {rc} (log {launched.log_path})")
+        return watch, launched
+
+    def torchrun(
+        self, steps: int, extra: dict[str, Any], tag: str, kill: KillPlan | None = None
+    ) -> tuple[Watch, Any]:
+        name = self.name(tag)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc-per-node", "2", "--max-restarts", "100" if kill else "0"]
+        cmd += [str(REPO / "benchmarks" / "torchrun_baseline.py"), "--config", str(BASE_CONFIG)]
+        for item in self.overrides(name, steps, extra):
+            cmd += ["--set", item]
+        cmd += ["--run-dir", str(self.runs_dir / name)]
+        launched = self.launch(cmd, name)
+        watch = Watch(name, self.runs_dir / name, "torchrun", kill=kill)
+        self.supervise(launched, [watch])
+        return watch, launched
+
+    def session(self, runs: list[dict[str, Any]], tag: str) -> tuple[list[Watch], Any]:
+        """Several Ray runs in one Ray instance; each run dict: tag, steps, overrides, env, kill."""
+        specs, watches = [], []
+        for r in runs:
+            name = self.name(r["tag"])
+            specs.append(
+                {
+                    "name": name,
+                    "config": str(BASE_CONFIG),
+                    "overrides": self.overrides(name, r["steps"], r.get("overrides", {})),
+                    "env": r.get("env", {}),
+                }
+            )
+            watches.append(Watch(name, self.runs_dir / name, "ray", kill=r.get("kill")))
+        spec_path = self.workdir / f"session-{tag}.json"
+        spec_path.write_text(json.dumps(specs, indent=1))
+        launched = self.launch(
+            [sys.executable, "-m", "benchmarks.ray_session", str(spec_path)], tag
+        )
+        self.supervise(launched, watches)
+        return watches, launched
+
+    def cleanup(self, watch: Watch) -> None:
+        shutil.rmtree(watch.run_dir / "ckpt", ignore_errors=True)
+        for path in watch.run_dir.glob("checkpoint_*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ---- scenarios ------------------------------------------------------------------------
+
+    def floor(self) -> None:
+        reps = max(3, self.plan["reps"]) if self.mode == "full" else 1
+        self.results["floor"] = [
+            {"label": label, **floor.measure(SIZES[label], self.workdir / "floor", reps)}
+            for label in self.plan["floor_sizes"]
+        ]
+
+    def overhead(self) -> None:
+        steps, per = self.plan["overhead_steps"], {"ray": [], "torchrun": []}
+        for rep in range(self.plan["reps"]):
+            order = ["torchrun", "ray"] if rep % 2 == 0 else ["ray", "torchrun"]
+            for kind in order:
+                if kind == "ray":
+                    watch, launched = self.ray_cli(steps, {}, "overhead-ray")
+                else:
+                    watch, launched = self.torchrun(steps, {}, "overhead-torchrun")
+                measured = analyze.no_fault_run(analyze.events(watch.run_dir), launched.launched_at)
+                measured["wall_s"] = (watch.end or time.time()) - launched.launched_at
+                per[kind].append(measured)
+                self.cleanup(watch)
+        out: dict[str, Any] = {"steps": steps, "runs": per}
+        for kind, rows in per.items():
+            out[kind] = {
+                key: stats([r.get(key) for r in rows])
+                for key in ("startup_s", "steps_per_s", "compute_steps_per_s", "wall_s")
+            }
+        pairs = list(zip(per["ray"], per["torchrun"], strict=False))
+        out["ratio_steps_per_s"] = stats(
+            [_ratio(r.get("steps_per_s"), t.get("steps_per_s")) for r, t in pairs]
+        )
+        out["ratio_compute_steps_per_s"] = stats(
+            [_ratio(r.get("compute_steps_per_s"), t.get("compute_steps_per_s")) for r, t in pairs]
+        )
+        out["ratio_startup"] = stats(
+            [_ratio(r.get("startup_s"), t.get("startup_s")) for r, t in pairs]
+        )
+        self.results["overhead"] = out
+
+    # The Ray scenarios share one Ray instance (one session process): Ray's own start-up is
+    # paid once, and the cold start-up of the CLI is measured in `overhead`.
+
+    def cadence_runs(self) -> list[dict[str, Any]]:
+        runs = []
+        for _ in range(self.plan["reps"]):
+            for key in self.plan["cadence"]:
+                _, extra, env, cap = CADENCE[key]
+                steps = min(cap or NEVER, self.plan["cadence_steps"])
+                runs.append(
+                    {
+                        "tag": f"cadence-{key}",
+                        "steps": steps,
+                        "overrides": extra,
+                        "env": env,
+                        "scenario": "cadence",
+                        "key": key,
+                    }
+                )
+        return runs
+
+    def cadence(self, runs, watches, launched) -> None:
+        per: dict[str, list[dict[str, Any]]] = {k: [] for k in self.plan["cadence"]}
+        pauses: dict[str, list[float]] = {k: [] for k in self.plan["cadence"]}
+        for r, w in zip(runs, watches, strict=True):
+            if w.begin is None:
+                continue
+            evs = analyze.events(w.run_dir)
+            per[r["key"]].append(analyze.no_fault_run(evs, w.begin))
+            every = self.cadence_value(r, "training.report_every_n_steps", 100)
+            for attempt in analyze.attempts(evs)[:1]:
+                pauses[r["key"]] += analyze.report_pauses(attempt, every)
+            self.cleanup(w)
+        base = [r.get("steps_per_s") for r in per.get("never", [])]
+        rows = []
+        for key, measured in per.items():
+            rates = [m.get("steps_per_s") for m in measured]
+            ckpts = [c for m in measured for c in m.get("checkpoints", [])[:-1]]  # not the last
+            rows.append(
+                {
+                    "key": key,
+                    "label": CADENCE[key][0],
+                    "steps": min(CADENCE[key][3] or NEVER, self.plan["cadence_steps"]),
+                    "steps_per_s": stats(rates),
+                    "ratio_vs_never": stats(
+                        [_ratio(a, b) for a, b in zip(rates, base, strict=False)]
+                    ),
+                    "fit_to_first_step_s": stats([m.get("startup_s") for m in measured]),
+                    "report_paused_s": stats(pauses[key]),
+                    "checkpoint_paused_s": stats([c["paused_s"] for c in ckpts]),
+                    "checkpoint_blocked_s": stats([c["blocked_s"] for c in ckpts]),
+                }
+            )
+        self.results["cadence"] = rows
+
+    @staticmethod
+    def cadence_value(run: dict[str, Any], key: str, default: int) -> int:
+        return int(run["overrides"].get(key, default))
+
+    def stall_runs(self) -> list[dict[str, Any]]:
+        runs = []
+        for label in self.plan["stall_sizes"]:
+            for mode in ("sync", "async"):
+                extra = {
+                    "model.mlp.hidden_sizes": SIZES[label],
+                    "checkpoint.every_n_steps": 2,
+                    "checkpoint.upload": mode,
+                    "training.report_every_n_steps": NEVER,
+                    "training.log_every_n_steps": 1,
+                }
+                runs.append(
+                    {
+                        "tag": f"stall-{label.replace(' ', '')}-{mode}",
+                        "steps": self.plan["stall_steps"],
+                        "overrides": extra,
+                        "label": label,
+                        "mode": mode,
+                        "scenario": "stall",
+                    }
+                )
+        return runs
+
+    def stall(self, runs, watches, launched) -> None:
+        rows = []
+        for r, w in zip(runs, watches, strict=True):
+            evs = analyze.events(w.run_dir) if w.begin else []
+            attempt = (analyze.attempts(evs) or [None])[0]
+            ckpts = analyze.checkpoint_stalls(attempt) if attempt else []
+            if not ckpts:
+                self.failures.append(f"stall {r['tag']}: no checkpoint measured")
+            rows.append(
+                {
+                    "size": r["label"],
+                    "mode": r["mode"],
+                    "checkpoints": len(ckpts),
+                    # the last checkpoint has no step after it: its pause cannot be seen
+                    "paused_s": stats([c["paused_s"] for c in ckpts[:-1]]),
+                    "blocked_s": stats([c["blocked_s"] for c in ckpts]),
+                }
+            )
+            self.cleanup(w)
+        self.results["stall"] = rows
+
+    def recovery_runs(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "tag": f"recovery-{key}",
+                "steps": self.plan["recovery_steps"],
+                "overrides": {"failure.max_failures": -1},
+                "env": RECOVERY[key][1],
+                "kill": KillPlan(self.plan["kill_after_s"]),
+                "key": key,
+                "scenario": "recovery",
+            }
+            for _ in range(self.plan["reps"])
+            for key in self.plan["recovery"]
+        ]
+
+    def recovery(self, runs, watches, launched) -> None:
+        per: dict[str, list[dict[str, Any]]] = {k: [] for k in self.plan["recovery"]}
+        per["torchrun"] = []
+        for r, w in zip(runs, watches, strict=True):
+            if w.begin is None:
+                continue
+            lines = launched.lines_after(w.begin)
+            per[r["key"]] += analyze.recoveries(analyze.events(w.run_dir), w.kills, lines, "ray")
+            self.cleanup(w)
+        for _ in range(self.plan["reps"]):
+            w, tl = self.torchrun(
+                self.plan["recovery_steps"],
+                {},
+                "recovery-torchrun",
+                kill=KillPlan(self.plan["kill_after_s"]),
+            )
+            per["torchrun"] += analyze.recoveries(
+                analyze.events(w.run_dir), w.kills, tl.lines, "torchrun"
+            )
+            self.cleanup(w)
+        labels = {
+            **{k: v[0] for k, v in RECOVERY.items()},
+            "torchrun": "torchrun --max-restarts (monitor 0.1 s)",
+        }
+        phases = [
+            "detect_s",
+            "restart_s",
+            "init_load_s",
+            "first_step_s",
+            "redo_s",
+            "total_s",
+            "back_to_kill_point_s",
+            "steps_redone",
+            "restore_s",
+        ]
+        rows = []
+        for key, recs in per.items():
+            if not recs:
+                self.failures.append(f"recovery {key}: no recovery could be measured")
+            rows.append(
+                {
+                    "key": key,
+                    "label": labels[key],
+                    "n": len(recs),
+                    **{p: stats([x.get(p) for x in recs]) for p in phases},
+                    "runs": recs,
+                }
+            )
+        self.results["recovery"] = rows
+
+    def ray_scenarios(self) -> None:
+        groups = {
+            "cadence": self.cadence_runs(),
+            "stall": self.stall_runs(),
+            "recovery": self.recovery_runs(),
+        }
+        runs = [r for g in groups.values() for r in g]
+        watches, launched = self.session(runs, "ray-session")
+        by_run = dict(zip([id(r) for r in runs], watches, strict=True))
+        for scenario, group in groups.items():
+            print(f"== analyse {scenario} ({time.strftime('%H:%M:%S')})", flush=True)
+            try:
+                getattr(self, scenario)(group, [by_run[id(r)] for r in group], launched)
+            except Exception:
+                traceback.print_exc()
+                self.failures.append(f"scenario {scenario} raised (see traceback)")
+
+    def goodput(self) -> None:
+        rows = []
+        cadence = {row["key"]: row for row in self.results.get("cadence", [])}
+        rates = {
+            # local.yaml cadence: from the session run if measured, else the CLI runs
+            "ray": (cadence.get("local_yaml", {}).get("steps_per_s") or {}).get("median")
+            or (self.results.get("overhead", {}).get("ray", {}).get("steps_per_s") or {}).get(
+                "median"
+            ),
+            "torchrun": (
+                self.results.get("overhead", {}).get("torchrun", {}).get("steps_per_s") or {}
+            ).get("median"),
+        }
+        for kind, every, target in self.plan["goodput"]:
+            rate = rates.get(kind) or 50.0
+            steps = int(rate * target)
+            extra = {"failure.max_failures": -1}
+            kill = KillPlan(every, every)
+            if kind == "ray":
+                run = {
+                    "tag": f"goodput-ray-T{every}",
+                    "steps": steps,
+                    "overrides": extra,
+                    "kill": kill,
+                }
+                watches, _ = self.session([run], f"goodput-ray-T{every}")
+                w = watches[0]
+            else:
+                w, _ = self.torchrun(steps, extra, f"goodput-torchrun-T{every}", kill=kill)
+            g = analyze.goodput(analyze.events(w.run_dir), w.kills)
+            if not g:
+                self.failures.append(f"goodput {kind} T={every}: not measurable")
+            rows.append(
+                {
+                    "launcher": kind,
+                    "every_s": every,
+                    "steps": steps,
+                    "no_fault_steps_per_s": rate,
+                    **g,
+                    "cycle_goodput_stats": stats(g.get("cycle_goodput", [])),
+                    "retained": _ratio(g.get("effective_steps_per_s"), rate),
+                }
+            )
+            self.cleanup(w)
+            self.results["goodput"] = rows
+
+    # ---- driver ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        started = time.time()
+        self.results["machine"] = report.machine()
+        self.results["started"] = started
+        if self.workdir.exists():
+            shutil.rmtree(self.workdir)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.logs_dir.glob("*.log"):
+            stale.unlink()
+        from training.config import StorageSection
+        from training.data import write_demo_dataset
+
+        write_demo_dataset(str(self.data_path), StorageSection(), rows=8192)
+        scenarios = [self.floor, self.overhead, self.ray_scenarios]
+        if self.plan["goodput"]:
+            scenarios.append(self.goodput)
+        for scenario in scenarios:
+            print(f"== {scenario.__name__} ({time.strftime('%H:%M:%S')})", flush=True)
+            try:
+                scenario()
+            except Exception:
+                traceback.print_exc()
+                self.failures.append(f"scenario {scenario.__name__} raised (see traceback)")
+            self.write(started)
+        self.results["machine"]["loadavg_end"] = os.getloadavg()
+        self.write(started)
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        print(
+            f"Wrote {self.out}/results.md, results.json, results.png "
+            f"in {time.time() - started:.0f} s",
+            flush=True,
+        )
+        for failure in self.failures:
+            print(f"FAILED: {failure}", file=sys.stderr)
+        return 1 if self.failures else 0
+
+    def write(self, started: float) -> None:
+        self.results["duration_s"] = time.time() - started
+        self.results["failures"] = self.failures
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
+        (self.out / "results.md").write_text(report.markdown(self.results))
+        report.plot(self.results, self.out / "results.png")
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if not a or not b else a / b
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="CI smoke: tiny sizes, 1 rep.")
+    parser.add_argument(
+        "--workdir",
+        default="/tmp/elastic-trainer-bench",
+        help="Scratch space for data, runs and checkpoints (deleted at start).",
+    )
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    bench = Bench("quick" if args.quick else "full", Path(args.workdir), Path(args.out))
+    return bench.run()

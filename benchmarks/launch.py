@@ -1,0 +1,223 @@
+"""Start a measured process, timestamp every line it prints, and SIGKILL its workers on a schedule.
+
+Kills are aimed at world rank 1 of the run in progress: for Ray the PID comes from the
+controller's "pid=N) world_rank=1" line, for torchrun from ``<run dir>/pids/rank1``. Only
+descendants of the process started here are ever signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RAY_RANK1 = re.compile(r"pid=(\d+)\) world_rank=1\b")
+BEGIN = re.compile(r"^BENCH-RUN begin (\S+) ([\d.]+)")
+END = re.compile(r"^BENCH-RUN end (\S+) ([\d.]+) (\S+)")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@dataclass
+class KillPlan:
+    first_after_s: float  # after the run's first step
+    every_s: float | None = None  # None: kill once
+
+
+@dataclass
+class Watch:
+    """One run inside a launched process: where its run log is and when to kill its workers."""
+
+    name: str
+    run_dir: Path
+    kind: str  # "ray" or "torchrun"
+    kill: KillPlan | None = None
+    begin: float | None = None
+    end: float | None = None
+    status: str | None = None
+    first_step: float | None = None
+    kills: list[dict] = field(default_factory=list)
+    _killed_attempt: str | None = None
+
+
+class Launched:
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path):
+        self.cmd = cmd
+        self.lines: list[tuple[float, str]] = []
+        self.log_path = log_path
+        self.launched_at = time.time()
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,  # its own process group, ended as one on timeout
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        with self.log_path.open("w") as log:
+            for raw in self.proc.stdout:
+                now = time.time()
+                text = ANSI.sub("", raw.rstrip("\n"))
+                self.lines.append((now, text))
+                log.write(f"{now:.3f} {text}\n")
+                log.flush()
+
+    def lines_after(self, since: float) -> list[tuple[float, str]]:
+        return [(t, s) for t, s in list(self.lines) if t >= since]
+
+    def first_match(self, pattern: str, since: float, until: float | None = None):
+        regex = re.compile(pattern)
+        for t, text in self.lines_after(since):
+            if until is not None and t > until:
+                return None
+            if regex.search(text):
+                return t
+        return None
+
+    def stop(self) -> None:
+        """End what was started here: the process group, then any descendant left over."""
+        pids = descendants(self.proc.pid)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                continue
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def run(launched: Launched, watches: list[Watch], timeout_s: float) -> int:
+    """Supervise until the process exits; returns its exit code (124 on timeout)."""
+    deadline = time.time() + timeout_s
+    single = len(watches) == 1 and watches[0].kind == "torchrun"
+    if single:
+        watches[0].begin = launched.launched_at
+    while launched.proc.poll() is None:
+        if time.time() > deadline:
+            launched.stop()
+            return 124
+        _track_markers(launched, watches)
+        current = next((w for w in watches if w.begin and w.end is None), None)
+        if current is not None:
+            _progress(launched, current)
+        time.sleep(0.1)
+    launched._reader.join(timeout=10)
+    _track_markers(launched, watches)
+    if single:
+        watches[0].end = time.time()
+        watches[0].status = "ok" if launched.proc.returncode == 0 else "failed"
+    return launched.proc.returncode
+
+
+def _track_markers(launched: Launched, watches: list[Watch]) -> None:
+    by_name = {w.name: w for w in watches}
+    for _, text in list(launched.lines):
+        if match := BEGIN.match(text):
+            watch = by_name.get(match.group(1))
+            if watch and watch.begin is None:
+                watch.begin = float(match.group(2))
+        elif match := END.match(text):
+            watch = by_name.get(match.group(1))
+            if watch and watch.end is None:
+                watch.end, watch.status = float(match.group(2)), match.group(3)
+
+
+def _newest_attempt(run_dir: Path) -> tuple[str | None, dict | None, int]:
+    """(attempt id, its last step event, its number of step lines seen) of the newest log."""
+    logs = sorted((run_dir / "runlog").glob("*.jsonl")) if (run_dir / "runlog").is_dir() else []
+    if not logs:
+        return None, None, 0
+    newest = logs[-1]
+    try:
+        with newest.open("rb") as f:
+            f.seek(max(0, newest.stat().st_size - 65536))
+            tail = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return newest.stem, None, 0
+    for line in reversed(tail):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "step":
+            return newest.stem, event, 1
+    return newest.stem, None, 0
+
+
+def _progress(launched: Launched, watch: Watch) -> None:
+    attempt, last_step, _ = _newest_attempt(watch.run_dir)
+    if last_step is None:
+        return
+    if watch.first_step is None:
+        watch.first_step = time.time()
+    plan = watch.kill
+    if plan is None:
+        return
+    if watch.kills:
+        if plan.every_s is None:
+            return
+        due = watch.kills[-1]["time"] + plan.every_s
+    else:
+        due = watch.first_step + plan.first_after_s
+    if time.time() < due or attempt == watch._killed_attempt:
+        return  # not yet, or the killed attempt has not been replaced by a training one
+    pid = _rank1_pid(launched, watch)
+    if pid is None or pid not in descendants(launched.proc.pid):
+        return
+    killed_at = time.time()
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    watch.kills.append(
+        {"time": killed_at, "pid": pid, "attempt": attempt, "last_step": last_step["global_step"]}
+    )
+    watch._killed_attempt = attempt
+
+
+def _rank1_pid(launched: Launched, watch: Watch) -> int | None:
+    if watch.kind == "torchrun":
+        try:
+            return int((watch.run_dir / "pids" / "rank1").read_text())
+        except (OSError, ValueError):
+            return None
+    pid = None
+    for _, text in launched.lines_after(watch.begin or 0):
+        if match := RAY_RANK1.search(text):
+            pid = int(match.group(1))
+    return pid

@@ -1,0 +1,323 @@
+"""The machine statement, the Markdown table and the plot."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "python": platform.python_version(),
+        "torch": metadata.version("torch"),
+        "ray": metadata.version("ray"),
+        "kernel": platform.release(),
+        "git_commit": commit,
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _s(st: dict[str, Any] | None, digits: int = 2) -> str:
+    """median [min-max] (n)"""
+    if not st or not st.get("n"):
+        return "n/a"
+    if st["n"] == 1:
+        return _f(st["median"], digits)
+    return (
+        f"{_f(st['median'], digits)} [{_f(st['min'], digits)}-{_f(st['max'], digits)}] "
+        f"(n={st['n']})"
+    )
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r.get("machine", {})
+    out = [
+        f"# elastic-trainer benchmarks ({r.get('mode')} mode)",
+        "",
+        f"- Date: {m.get('date')}; duration {_f(r.get('duration_s'), 0)} s; "
+        f"commit {m.get('git_commit')}",
+        f"- Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB; "
+        f"Python {m.get('python')}, torch {m.get('torch')}, ray {m.get('ray')}; "
+        f"load average at start {_load(m.get('loadavg_start'))}, at end "
+        f"{_load(m.get('loadavg_end'))}",
+        "- The machine is shared (other jobs, Docker builds and Ray tests ran at the same "
+        "time): compare ratios measured alternately in this run, not absolute numbers across "
+        "runs.",
+        "- Cells: median [min-max] (n = runs, or checkpoints/kills where stated). Model: the "
+        "demo MLP [128, 128] on 32 features, global batch 64, 2 CPU workers (gloo) unless "
+        "stated.",
+        "",
+    ]
+    if r.get("failures"):
+        out += ["**Failures:** " + "; ".join(r["failures"]), ""]
+    if "overhead" in r:
+        o = r["overhead"]
+        out += [
+            f"## Overhead when nothing fails ({o['steps']} steps, launched alternately)",
+            "",
+            "| | start-up: command -> first step (s) | steady steps/s | step-only steps/s "
+            "| wall (s) |",
+            "|---|---|---|---|---|",
+        ]
+        for kind, label in (("torchrun", "plain torchrun DDP"), ("ray", "Ray Train (CLI)")):
+            s = o.get(kind, {})
+            out.append(
+                f"| {label} | {_s(s.get('startup_s'), 1)} | {_s(s.get('steps_per_s'), 1)} | "
+                f"{_s(s.get('compute_steps_per_s'), 1)} | {_s(s.get('wall_s'), 1)} |"
+            )
+        out += [
+            "",
+            f"- Ratio Ray/torchrun, steady steps/s (pairs): **{_s(o.get('ratio_steps_per_s'))}**;"
+            f" step-only: {_s(o.get('ratio_compute_steps_per_s'))}; start-up: "
+            f"{_s(o.get('ratio_startup'))}",
+            "- steady steps/s: end to end after a 10% warm-up, report/checkpoint/log stalls "
+            "included (local.yaml cadence: report and checkpoint every 100). step-only: the "
+            "step's own timer (forward, backward, all-reduce, optimizer; Ray's loop also "
+            "all-gathers the ledger).",
+            "",
+        ]
+    if "cadence" in r:
+        out += [
+            "## Cost of the report/checkpoint cadence (Ray, one warm Ray instance)",
+            "",
+            "| cadence | steps | steady steps/s | vs never | pause per metrics report (s) | "
+            "pause per checkpoint (s) | report call with checkpoint, blocked_s (s) | "
+            "fit() -> first step (s) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in r["cadence"]:
+            out.append(
+                f"| {row['label']} | {row.get('steps')} | {_s(row['steps_per_s'], 1)} | "
+                f"{_s(row['ratio_vs_never'])} | {_s(row.get('report_paused_s'), 3)} | "
+                f"{_s(row['checkpoint_paused_s'], 3)} | "
+                f"{_s(row['checkpoint_blocked_s'], 3)} | {_s(row['fit_to_first_step_s'], 1)} |"
+            )
+        out += [""]
+    if "stall" in r or "floor" in r:
+        out += [
+            "## Checkpoint stall vs state size (model + AdamW state)",
+            "",
+            "| state | upload | training paused per checkpoint (s) | report blocked_s (s) |",
+            "|---|---|---|---|",
+        ]
+        for row in r.get("stall", []):
+            out.append(
+                f"| {row['size']} | {row['mode']} | {_s(row['paused_s'], 3)} | "
+                f"{_s(row['blocked_s'], 3)} |"
+            )
+        out += [
+            "",
+            "- paused: gap between the step before and after the checkpoint minus a normal "
+            "step interval (includes evaluation, torch.save + SHA-256 manifest on rank 0, and "
+            "the report call); n = checkpoints in one run. blocked_s: only the "
+            "`ray.train.report` call, as the loop logs it.",
+            "",
+            "Floor, measured in-process on the same disk:",
+            "",
+            "| state | size (MB) | copy in memory (s) | torch.save to memory (s) | write, page "
+            "cache (s) | write + fsync (s) | load (s) | write MB/s | write+fsync MB/s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in r.get("floor", []):
+            out.append(
+                f"| {row['label']} | {_f(row['state_mb'], 1)} | {_s(row['copy_s'], 3)} | "
+                f"{_s(row['serialize_s'], 3)} | {_s(row['write_s'], 3)} | "
+                f"{_s(row['write_fsync_s'], 3)} | {_s(row['load_s'], 3)} | "
+                f"{_f(row['write_mb_per_s'], 0)} | {_f(row['write_fsync_mb_per_s'], 0)} |"
+            )
+        out += [""]
+    if "recovery" in r:
+        out += [
+            "## Recovery: SIGKILL of world rank 1 -> training again",
+            "",
+            "| launcher | detect (s) | restart group (s) | init + checkpoint load (s) | "
+            "first step (s) | kill -> first step (s) | steps redone | kill -> back at the "
+            "killed step (s) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in r["recovery"]:
+            out.append(
+                f"| {row['label']} | {_s(row['detect_s'])} | {_s(row['restart_s'])} | "
+                f"{_s(row['init_load_s'])} | {_s(row['first_step_s'], 3)} | "
+                f"**{_s(row['total_s'])}** | {_s(row['steps_redone'], 0)} | "
+                f"{_s(row['back_to_kill_point_s'])} |"
+            )
+        out += [
+            "",
+            "- detect: kill -> Ray's `[FailurePolicy] RETRY` line (torchrun: the agent's "
+            "restart line when printed, otherwise folded into restart). restart: -> "
+            "`Started training worker group` (torchrun: the new worker process began). "
+            "init + load: -> the attempt's `start` event (data, model, DDP, newest valid "
+            "checkpoint). Driver-output times can trail the event by up to ~0.5 s.",
+            "",
+        ]
+    if r.get("goodput"):
+        out += [
+            "## Goodput with a worker killed every T seconds",
+            "",
+            "| launcher | T (s) | kills | wall (s) | goodput (share of wall on counted steps) "
+            "| per kill cycle | effective steps/s | vs no-failure steps/s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in r["goodput"]:
+            out.append(
+                f"| {row['launcher']} | {row['every_s']} | {row.get('kills', 'n/a')} | "
+                f"{_f(row.get('wall_s'), 0)} | **{_f(row.get('goodput'), 3)}** | "
+                f"{_s(row.get('cycle_goodput_stats'), 3)} | "
+                f"{_f(row.get('effective_steps_per_s'), 1)} | {_f(row.get('retained'), 2)} |"
+            )
+        out += [
+            "",
+            "- goodput: the step timer of every step in the effective history "
+            "(`training.runlog.effective_history`), over wall time from the first attempt's "
+            "start to the end; restarts, redone steps, checkpoints and reports count as lost. "
+            "vs no-failure: effective steps/s over the no-failure steady steps/s above.",
+            "",
+        ]
+    return "\n".join(out) + "\n"
+
+
+def _load(value: Any) -> str:
+    return "n/a" if not value else "/".join(f"{v:.1f}" for v in value)
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    m = r.get("machine", {})
+    fig.suptitle(
+        f"elastic-trainer benchmarks ({r.get('mode')}), {m.get('date')}\n"
+        f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB, "
+        f"torch {m.get('torch')}, ray {m.get('ray')} (shared, noisy machine)",
+        fontsize=10,
+    )
+
+    ax = axes[0][0]
+    labels, values, lo, hi = [], [], [], []
+    o = r.get("overhead", {})
+    for kind, label in (("torchrun", "torchrun"), ("ray", "Ray CLI\n(local.yaml)")):
+        _bar_item(o.get(kind, {}).get("steps_per_s"), label, labels, values, lo, hi)
+    for row in r.get("cadence", []):
+        _bar_item(row["steps_per_s"], row["key"].replace("_", "\n"), labels, values, lo, hi)
+    _bars(ax, labels, values, lo, hi, "steady steps/s (higher is better)")
+
+    ax = axes[0][1]
+    phases = ["detect_s", "restart_s", "init_load_s", "redo_s"]
+    rows = r.get("recovery", [])
+    bottom = [0.0] * len(rows)
+    for phase in phases:
+        heights = [(row.get(phase) or {}).get("median") or 0.0 for row in rows]
+        ax.bar([row["key"] for row in rows], heights, bottom=bottom, label=phase[:-2])
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    for kind, label in (("torchrun", "torchrun\nstart-up"), ("ray", "ray CLI\nstart-up")):
+        st = o.get(kind, {}).get("startup_s") or {}
+        if st.get("median"):
+            ax.bar(label, st["median"], color="grey")
+    ax.set_ylabel("seconds (median)")
+    ax.set_title("recovery after SIGKILL by phase; cold start-up", fontsize=10)
+    ax.legend(fontsize=8)
+
+    ax = axes[1][0]
+    for mode, marker in (("sync", "o"), ("async", "s")):
+        pts = [
+            (_mb(r, row["size"]), row["paused_s"].get("median"))
+            for row in r.get("stall", [])
+            if row["mode"] == mode and row["paused_s"].get("median") is not None
+        ]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=marker, label=f"paused, {mode}")
+    fl = r.get("floor", [])
+    if fl:
+        xs = [row["state_mb"] for row in fl]
+        for key, label in (
+            ("copy_s", "floor: copy in memory"),
+            ("write_s", "floor: write (page cache)"),
+            ("write_fsync_s", "floor: write + fsync"),
+        ):
+            ax.plot(xs, [row[key]["median"] for row in fl], linestyle="--", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("checkpoint state (MB)")
+    ax.set_ylabel("seconds per checkpoint (median)")
+    ax.set_title("checkpoint stall vs floor", fontsize=10)
+    ax.legend(fontsize=8)
+
+    ax = axes[1][1]
+    rows = r.get("goodput", [])
+    if rows:
+        ax.bar(
+            [f"{row['launcher']}\nT={row['every_s']}s" for row in rows],
+            [row.get("goodput") or 0 for row in rows],
+        )
+        ax.set_ylim(0, 1)
+    ax.set_ylabel("share of wall time on counted steps")
+    ax.set_title("goodput with a worker killed every T s (full mode)", fontsize=10)
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _mb(r: dict[str, Any], label: str) -> float:
+    for row in r.get("floor", []):
+        if row["label"] == label:
+            return row["state_mb"]
+    return float(label.split()[0])
+
+
+def _bar_item(st, label, labels, values, lo, hi) -> None:
+    if not st or st.get("median") is None:
+        return
+    labels.append(label)
+    values.append(st["median"])
+    lo.append(st["median"] - st["min"])
+    hi.append(st["max"] - st["median"])
+
+
+def _bars(ax, labels, values, lo, hi, title) -> None:
+    if labels:
+        ax.bar(labels, values, yerr=[lo, hi], capsize=3)
+        ax.tick_params(axis="x", labelsize=7)
+    ax.set_title(title + "; bars: median, whiskers: min-max", fontsize=10)

@@ -1,0 +1,218 @@
+"""The comparison point: the same model, data, global batch and steps in a plain torchrun script.
+
+    torchrun --standalone --nproc-per-node 2 [--max-restarts N] benchmarks/torchrun_baseline.py \
+        --config training/configs/local.yaml --set KEY=VALUE ... --run-dir DIR
+
+It reuses the project's config, ``training.models.build_model`` and the ``training.data`` order
+functions, so each global step consumes exactly the samples the Ray loop's step does, with the
+same optimizer and LR schedule (both mirrored from ``training/loop.py`` so this script does not
+import Ray). It deliberately leaves out what the project adds on top of plain DDP: the per-step
+ledger all-gather, the sample ids in the run log, Prometheus gauges, evaluation, the checkpoint
+manifest and ``ray.train.report``.
+
+It has its own simple checkpointing (rank 0 ``torch.save`` + rename every
+``checkpoint.every_n_steps``) and resumes from the newest one, so ``torchrun --max-restarts``
+can recover from a killed worker. Rank 0 writes the same JSON-lines events as the project's run
+log (``<run dir>/runlog/<attempt>.jsonl``: start/step/checkpoint/end), so one analysis serves
+both; ``start`` also carries ``process_started`` (before torch was imported) and ``restore_s``.
+"""
+
+from __future__ import annotations
+
+import time
+
+PROCESS_STARTED = time.time()  # before the heavy imports: start-up includes them
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+
+from training import data  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.models import build_model  # noqa: E402
+
+CKPT = re.compile(r"^checkpoint_(\d{9})\.pt$")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--run-dir", required=True)
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+
+    run_dir = Path(args.run_dir)
+    # A fresh file rendezvous per torchrun restart: with the agent's shared TCP store, gloo's
+    # full-mesh connect of a restarted worker group hung here (torch 2.13, --standalone).
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    (run_dir / "rdzv").mkdir(parents=True, exist_ok=True)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{run_dir / 'rdzv' / f'attempt-{restart}'}",
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+    )
+    rank, world = dist.get_rank(), dist.get_world_size()
+    (run_dir / "pids").mkdir(parents=True, exist_ok=True)
+    (run_dir / "pids" / f"rank{rank}").write_text(str(os.getpid()))
+
+    splits = data.load_splits(cfg.data, cfg.storage)
+    per_epoch = data.steps_per_epoch(len(splits.train), cfg.training.global_batch_size)
+    total = per_epoch * cfg.training.epochs
+    if cfg.training.max_steps is not None:
+        total = min(total, cfg.training.max_steps)
+
+    torch.manual_seed(data.derive_seed(cfg.training.seed, "init"))
+    model = nn.parallel.DistributedDataParallel(
+        build_model(cfg.model, splits.num_features, splits.num_classes)
+    )
+    opt_cfg = cfg.training.optimizer
+    if opt_cfg.name == "sgd":
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=opt_cfg.lr,
+            momentum=opt_cfg.momentum,
+            weight_decay=opt_cfg.weight_decay,
+        )
+    else:
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay
+        )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, schedule(cfg.training.lr_schedule, total)
+    )
+
+    ckpt_dir = run_dir / "ckpt"
+    restore_started = time.perf_counter()
+    start_step, resumed_attempt = 0, None
+    newest = newest_checkpoint(ckpt_dir)
+    if newest is not None:
+        state = torch.load(newest, map_location="cpu", weights_only=True)
+        model.module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, resumed_attempt = state["global_step"], state["attempt"]
+    restore_s = time.perf_counter() - restore_started
+
+    box = [f"{time.time_ns()}-{uuid.uuid4().hex[:6]}" if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    attempt = box[0]
+    log = RunLog(run_dir, attempt) if rank == 0 else None
+    if log:
+        log.write(
+            "start",
+            world_size=world,
+            resumed_from_step=start_step if newest is not None else None,
+            resumed_from_attempt=resumed_attempt,
+            steps_per_epoch=per_epoch,
+            total_steps=total,
+            global_batch_size=cfg.training.global_batch_size,
+            train_samples=len(splits.train),
+            process_started=PROCESS_STARTED,
+            restore_s=restore_s,
+        )
+
+    orders: dict[int, torch.Tensor] = {}
+    batch_size = cfg.training.global_batch_size
+    for global_step in range(start_step + 1, total + 1):
+        started = time.perf_counter()
+        epoch, step_in_epoch = divmod(global_step - 1, per_epoch)
+        if epoch not in orders:
+            orders = {epoch: data.epoch_order(cfg.training.seed, epoch, len(splits.train))}
+        batch = data.global_batch(orders[epoch], step_in_epoch, batch_size)
+        ids = data.rank_slice(batch, rank, world)
+        torch.manual_seed(data.derive_seed(cfg.training.seed, "step", global_step, rank))
+        model.train()
+        logits = model(splits.train.features[ids])
+        loss = nn.functional.cross_entropy(logits, splits.train.labels[ids])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.training.grad_clip_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.training.grad_clip_norm)
+        optimizer.step()
+        scheduler.step()
+        elapsed = time.perf_counter() - started
+        if log:
+            log.write(
+                "step",
+                global_step=global_step,
+                epoch=epoch,
+                loss=float(loss.detach()),
+                samples_per_s=batch_size / elapsed,
+                world_size=world,
+            )
+        if rank == 0 and (global_step % cfg.checkpoint.every_n_steps == 0 or global_step == total):
+            blocked = time.perf_counter()
+            save(ckpt_dir, model.module, optimizer, scheduler, global_step, attempt)
+            log.write(
+                "checkpoint", global_step=global_step, blocked_s=time.perf_counter() - blocked
+            )
+    if log:
+        log.write("end", global_step=total)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def schedule(cfg, total_steps: int):
+    """The LR factor of ``training.loop.build_scheduler``, mirrored without importing Ray."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.name == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.name == "cosine" else 1 - progress
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+    return factor
+
+
+def newest_checkpoint(ckpt_dir: Path) -> Path | None:
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted(p for p in ckpt_dir.iterdir() if CKPT.match(p.name))
+    return found[-1] if found else None
+
+
+def save(ckpt_dir: Path, model, optimizer, scheduler, global_step: int, attempt: str) -> None:
+    """torch.save to a temp name, then rename: a kill mid-write never leaves a torn file."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    target = ckpt_dir / f"checkpoint_{global_step:09d}.pt"
+    tmp = target.with_suffix(".tmp")
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "global_step": global_step,
+        "attempt": attempt,
+    }
+    torch.save(state, tmp)
+    os.replace(tmp, target)
+    for old in sorted(p for p in ckpt_dir.iterdir() if CKPT.match(p.name))[:-2]:
+        old.unlink(missing_ok=True)
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, attempt: str):
+        path = run_dir / "runlog" / f"{attempt}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.attempt = attempt
+        self.file = path.open("a", buffering=1)  # line-buffered, like the project's run log
+
+    def write(self, event: str, **fields) -> None:
+        line = {"event": event, "attempt": self.attempt, "time": time.time(), **fields}
+        self.file.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()
