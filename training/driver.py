@@ -29,8 +29,11 @@ class RunState:
     run_dir: str
     resume_from: checkpoint.CheckpointInfo | None
     existed: bool
+    finished: bool = False
 
     def describe(self, name: str) -> str:
+        if self.finished:
+            return f"Run '{name}' already finished at step {self.resume_from.step}; nothing to do"
         if self.resume_from is not None:
             return (
                 f"Resuming run '{name}' from step {self.resume_from.step} ({self.resume_from.path})"
@@ -67,7 +70,16 @@ def prepare_run(cfg: Config) -> RunState:
             )
     else:
         storage.write_bytes(fs, config_path, cfg.model_dump_json(indent=1).encode())
-    return RunState(fs, run_dir, checkpoint.newest_valid(fs, run_dir), existed)
+    newest = checkpoint.newest_valid(fs, run_dir)
+    return RunState(fs, run_dir, newest, existed, finished=_finished_at(fs, run_dir, newest))
+
+
+def _finished_at(fs: pafs.FileSystem, run_dir: str, newest: checkpoint.CheckpointInfo | None):
+    """True when an attempt ended the run at the step of the newest valid checkpoint."""
+    if newest is None:
+        return False
+    ends = [e for e in runlog.read_events(fs, run_dir) if e["event"] == "end"]
+    return any(e["global_step"] == newest.step for e in ends)
 
 
 def ensure_data(cfg: Config) -> None:
@@ -137,6 +149,8 @@ def train(cfg: Config, on_connected: Callable[[], None] = lambda: None) -> dict[
     cfg = with_absolute_paths(cfg)
     run = prepare_run(cfg)
     print(run.describe(cfg.run.name), flush=True)
+    if run.finished:
+        return run_summary(run.fs, run.run_dir)
     connect_ray(cfg)
     on_connected()
     build_trainer(cfg, run).fit()

@@ -39,6 +39,12 @@ def test_stopped_run_resumes_bitwise_equal(tmp_path, ray_address):
     assert report.attempts == 2 and report.resumed_from_steps == [None, 40]
     assert report.completed and report.final_step == TOTAL_STEPS
 
+    # A finished run started again says so and starts nothing.
+    result = train_cli(stopped, address=ray_address)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Run 'resumed' already finished at step {TOTAL_STEPS}" in result.stdout
+    assert runlog.check_ledger(events(tmp_path, "resumed")).attempts == 2
+
 
 def test_demo_task_learns(tmp_path, ray_address):
     config = write_config(
