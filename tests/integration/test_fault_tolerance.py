@@ -187,3 +187,28 @@ def test_driver_stopped_then_killed_and_resubmitted(tmp_path, ray_address, refer
     assert report.attempts == 3 and report.completed
     assert report.resumed_from_steps[1] >= 50 and report.resumed_from_steps[2] >= 150
     assert_bitwise_equal(reference, final_state(tmp_path, "driver"))
+
+
+def test_checkpoint_reported_just_before_a_crash_is_not_lost(tmp_path, ray_address, reference):
+    """Ray can drop a checkpoint reported within ~2 s of a crash from its registry; the run must
+    still resume from it (it is valid on storage), and leftovers must not pile up."""
+    config = slow_config(
+        tmp_path,
+        "orphan",
+        failure={"max_failures": 2},
+        chaos={"faults": [{"kind": "kill", "rank": 1, "step": 101}]},  # ~0.1 s after ckpt 100
+    )
+    result = train_cli(config, address=ray_address)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = runlog.check_ledger(events(tmp_path, "orphan"))
+    assert report.ok, report.errors
+    assert report.resumed_from_steps == [None, 100]
+    assert_bitwise_equal(reference, final_state(tmp_path, "orphan"))
+    left = checkpoint.scan(pafs.LocalFileSystem(), run_dir(tmp_path, "orphan"))
+    assert all(c.valid for c in left)
+    assert len(left) <= 2 * SLOW_RUN["checkpoint"]["num_to_keep"], [c.path for c in left]
+    registered = checkpoint.ray_registered(pafs.LocalFileSystem(), run_dir(tmp_path, "orphan"))
+    print(
+        f"orphan: Ray's registry holds {sorted(registered)}; storage holds "
+        f"{[posixpath.basename(c.path) for c in left]}"
+    )
