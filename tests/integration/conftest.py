@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-import ray
 import yaml
+from ray.cluster_utils import Cluster
 
 from training import checkpoint, runlog
 
@@ -20,12 +21,27 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_address():
-    """A real local Ray (with its dashboard, for the state API) shared by one test module."""
-    context = ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
-    yield context.address_info["gcs_address"]
-    ray.shutdown()
+    """A real Ray head (4 CPUs, dashboard for the state API) in its own processes.
+
+    The pytest process never calls ray.init itself: the tests drive Ray only through the CLI
+    (RAY_ADDRESS) and the state API, as a user would. (ray.init/shutdown cycles in one process
+    also crashed the interpreter.)
+    """
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 4, "include_dashboard": True, "dashboard_port": free_port()},
+    )
+    cluster.wait_for_nodes()
+    yield cluster.address
+    cluster.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def write_config(path: Path, storage: Path, **sections) -> Path:

@@ -5,7 +5,7 @@ grows again. The exactly-once ledger must hold over the whole run."""
 from __future__ import annotations
 
 import pytest
-from conftest import events, start_cli, wait_for, write_config
+from conftest import events, free_port, start_cli, wait_for, write_config
 from ray.cluster_utils import Cluster
 
 from training import runlog
@@ -14,7 +14,9 @@ from training import runlog
 @pytest.fixture
 def cluster():
     """A head with no CPUs (no training worker lands there) and two 1-CPU worker nodes."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_port": free_port()}
+    )
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     yield cluster, workers
