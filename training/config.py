@@ -167,12 +167,19 @@ class CheckpointSection(Section):
     every_n_steps: PositiveInt = Field(50, description="Checkpoint every N global steps.")
     num_to_keep: PositiveInt = Field(3, description="Newest valid checkpoints kept on storage.")
     upload: Literal["sync", "async"] = Field(
-        "sync", description="async: training continues while the checkpoint uploads."
+        "async",
+        description="async: training continues while the checkpoint uploads (measured: 1.98 s "
+        "-> 0.05 s pause per 10 MB checkpoint); sync: report() returns after the upload.",
     )
 
 
 class FailureSection(Section):
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts allowed; -1 = no limit.")
+    health_check_interval_s: PositiveFloat = Field(
+        0.5,
+        description="How often Ray Train's controller polls the workers (Ray's default: 2). It "
+        "bounds failure detection and how long every ray.train.report waits.",
+    )
 
 
 class Fault(Section):

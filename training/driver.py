@@ -107,7 +107,12 @@ def connect_ray(cfg: Config) -> None:
     needed = cfg.scaling.max_workers * cfg.scaling.cpus_per_worker
     # A laptop with fewer cores than workers still runs the demo: CPUs here are a scheduling
     # unit, not a reservation of physical cores.
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=True)
+    # address="local": never join a cluster that `ray start` left running on this machine.
+    ray.init(
+        address="local",
+        num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+        include_dashboard=True,
+    )
 
 
 def build_trainer(cfg: Config, run: RunState):
@@ -123,6 +128,8 @@ def build_trainer(cfg: Config, run: RunState):
         else (scaling.min_workers, scaling.max_workers)
     )
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
+    # Ray Train reads this when the trainer is built and passes it to its controller and workers.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.failure.health_check_interval_s)
     return TorchTrainer(
         train_loop_per_worker=train_func,
         train_loop_config=cfg.model_dump(),

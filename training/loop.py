@@ -90,6 +90,7 @@ def train_func(config_dict: dict[str, Any]) -> None:
 
 
 def start_attempt(config_dict: dict[str, Any]) -> tuple[Worker, Progress]:
+    began = time.time()  # for the recovery timeline: worker up -> state restored -> first step
     cfg = Config.model_validate(config_dict)
     context = ray.train.get_context()  # Ray: rank, world size and the run's storage
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -104,6 +105,7 @@ def start_attempt(config_dict: dict[str, Any]) -> tuple[Worker, Progress]:
     optimizer = build_optimizer(cfg.training.optimizer, model)
     scheduler = build_scheduler(cfg.training.lr_schedule, optimizer, plan.total_steps)
 
+    restore_started = time.perf_counter()
     progress, resumed_from = resume(
         fs, run_dir, rank, cfg.checkpoint.num_to_keep, unwrap(model), optimizer, scheduler
     )
@@ -124,7 +126,8 @@ def start_attempt(config_dict: dict[str, Any]) -> tuple[Worker, Progress]:
         attempt=attempt,
         runlog=RunLog(fs, run_dir, attempt) if rank == 0 else None,
     )
-    announce_start(worker, progress, resumed_from)
+    timing = {"began": began, "restore_s": time.perf_counter() - restore_started}
+    announce_start(worker, progress, resumed_from, timing)
     return worker, progress
 
 
@@ -150,7 +153,9 @@ def resume(
     return progress, path
 
 
-def announce_start(worker: Worker, progress: Progress, resumed_from: str | None) -> None:
+def announce_start(
+    worker: Worker, progress: Progress, resumed_from: str | None, timing: dict[str, float]
+) -> None:
     if worker.runlog is None:
         return
     worker.runlog.write(
@@ -162,6 +167,7 @@ def announce_start(worker: Worker, progress: Progress, resumed_from: str | None)
         total_steps=worker.plan.total_steps,
         global_batch_size=worker.cfg.training.global_batch_size,
         train_samples=len(worker.splits.train),
+        **timing,
     )
     worker.runlog.flush()
     where = f"resuming from step {progress.global_step}" if resumed_from else "starting at step 0"
@@ -276,6 +282,7 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
     """Checkpoint (rank 0 writes, Ray uploads) and report; every rank calls report."""
     epoch, done_in_epoch = divmod(global_step, worker.plan.steps_per_epoch)
     progress = Progress(global_step, epoch, done_in_epoch, worker.attempt)
+    started = time.perf_counter()  # the whole pause: eval, write, report (and sync upload)
     reported = public(step_metrics)
     local_dir = None
     if worker.rank == 0:
@@ -300,7 +307,6 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
             global_step,
             "checkpoint",
         )
-    started = time.perf_counter()
     report_checkpoint(worker, global_step, reported, local_dir)
     if worker.rank == 0:
         blocked = time.perf_counter() - started

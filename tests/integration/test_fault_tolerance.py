@@ -137,7 +137,10 @@ def test_worker_killed_while_uploading_a_checkpoint(tmp_path, ray_address, refer
 
 def test_corrupted_newest_checkpoint_is_skipped_on_resume(tmp_path, ray_address, reference):
     config = slow_config(
-        tmp_path, "corrupt", chaos={"faults": [{"kind": "raise", "rank": 1, "step": 110}]}
+        tmp_path,
+        "corrupt",
+        chaos={"faults": [{"kind": "raise", "rank": 1, "step": 110}]},
+        failure={"max_failures": 0},
     )
     assert train_cli(config, address=ray_address).returncode == 1  # stopped after checkpoint 100
     newest = checkpoint.scan(pafs.LocalFileSystem(), run_dir(tmp_path, "corrupt"))[0]
@@ -166,6 +169,7 @@ def test_driver_stopped_then_killed_and_resubmitted(tmp_path, ray_address, refer
     assert proc.wait(timeout=60) == 130, log.read_text()[-3000:]
     assert "Interrupted. Run the same command again to resume" in log.read_text()
     wait_for(lambda: not alive_train_workers(ray_address), 60, "Ray to stop the old workers")
+    expected = [None, newest_valid_step(tmp_path, "driver")]
 
     # SIGKILL: no chance to clean up at all.
     proc = start_cli(config, log, address=ray_address)
@@ -178,6 +182,7 @@ def test_driver_stopped_then_killed_and_resubmitted(tmp_path, ray_address, refer
     proc.kill()
     proc.wait(timeout=30)
     wait_for(lambda: not alive_train_workers(ray_address), 60, "Ray to stop the orphaned workers")
+    expected.append(newest_valid_step(tmp_path, "driver"))
 
     proc = start_cli(config, log, address=ray_address)
     finish(proc, log)
@@ -185,7 +190,8 @@ def test_driver_stopped_then_killed_and_resubmitted(tmp_path, ray_address, refer
     report = runlog.check_ledger(events(tmp_path, "driver"))
     assert report.ok, report.errors  # no sample repeated or skipped in the effective history
     assert report.attempts == 3 and report.completed
-    assert report.resumed_from_steps[1] >= 50 and report.resumed_from_steps[2] >= 150
+    # Each resume starts at the newest checkpoint that was complete when the driver died.
+    assert report.resumed_from_steps == expected and expected[1] >= 50 and expected[2] >= 125
     assert_bitwise_equal(reference, final_state(tmp_path, "driver"))
 
 
@@ -212,3 +218,8 @@ def test_checkpoint_reported_just_before_a_crash_is_not_lost(tmp_path, ray_addre
         f"orphan: Ray's registry holds {sorted(registered)}; storage holds "
         f"{[posixpath.basename(c.path) for c in left]}"
     )
+
+
+def newest_valid_step(storage, name):
+    newest = checkpoint.newest_valid(pafs.LocalFileSystem(), run_dir(storage, name))
+    return newest.step if newest else None
