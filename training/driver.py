@@ -40,7 +40,7 @@ class RunState:
             )
         if self.existed:
             return f"Restarting run '{name}' from step 0: it has no valid checkpoint yet"
-        return f"Starting fresh run '{name}' at {self.run_dir}"
+        return f"Starting fresh run '{name}' at {storage.display(self.fs, self.run_dir)}"
 
 
 def with_absolute_paths(cfg: Config) -> Config:
@@ -168,7 +168,7 @@ def run_summary(fs: pafs.FileSystem, run_dir: str) -> dict[str, Any]:
     summary = runlog.summarize(runlog.read_events(fs, run_dir))
     kept = checkpoint.scan(fs, run_dir)
     summary["checkpoints"] = [{"step": c.step, "valid": c.valid, "path": c.path} for c in kept]
-    summary["run_dir"] = run_dir
+    summary["run_dir"] = storage.display(fs, run_dir)
     return summary
 
 

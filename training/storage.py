@@ -43,6 +43,11 @@ def run_location(storage: StorageSection, run_name: str) -> tuple[pafs.FileSyste
     return fs, posixpath.join(root, run_name)
 
 
+def display(fs: pafs.FileSystem, path: str) -> str:
+    """A path as the user wrote it: object-store paths get their scheme back."""
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
+
+
 def is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
 

@@ -44,11 +44,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def write_config(path: Path, storage: Path, **sections) -> Path:
-    """A small, fast run: 1843 training rows, batch 32, 57 steps/epoch."""
+def write_config(path: Path, root: Path, **sections) -> Path:
+    """A small, fast run under ``root``: 1843 training rows, batch 32, 57 steps/epoch."""
     raw = {
         "run": {"name": "run"},
-        "storage": {"path": str(storage / "runs")},
+        "storage": {"path": str(root / "runs")},
         "scaling": {"min_workers": 2, "max_workers": 2},
         "training": {
             "epochs": 2,
@@ -58,7 +58,7 @@ def write_config(path: Path, storage: Path, **sections) -> Path:
             "lr_schedule": {"warmup_steps": 5},
         },
         "data": {
-            "path": str(storage / "data.parquet"),
+            "path": str(root / "data.parquet"),
             "create_demo_if_missing": True,
             "demo_rows": 2048,
         },
