@@ -178,7 +178,8 @@ class FailureSection(Section):
     health_check_interval_s: PositiveFloat = Field(
         0.5,
         description="How often Ray Train's controller polls the workers (Ray's default: 2). It "
-        "bounds failure detection and how long every ray.train.report waits.",
+        "bounds failure detection and how long every ray.train.report waits. An exported "
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S takes precedence.",
     )
 
 

@@ -129,7 +129,10 @@ def build_trainer(cfg: Config, run: RunState):
     )
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
     # Ray Train reads this when the trainer is built and passes it to its controller and workers.
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.failure.health_check_interval_s)
+    # A value the user exported wins, as it would with plain Ray Train.
+    os.environ.setdefault(
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(cfg.failure.health_check_interval_s)
+    )
     return TorchTrainer(
         train_loop_per_worker=train_func,
         train_loop_config=cfg.model_dump(),
