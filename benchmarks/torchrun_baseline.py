@@ -25,7 +25,6 @@ PROCESS_STARTED = time.time()  # before the heavy imports: start-up includes the
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import uuid  # noqa: E402
@@ -38,6 +37,7 @@ from torch import nn  # noqa: E402
 from training import data  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.models import build_model  # noqa: E402
+from training.optim import build_optimizer, build_scheduler  # noqa: E402
 
 CKPT = re.compile(r"^checkpoint_(\d{9})\.pt$")
 
@@ -75,21 +75,8 @@ def main() -> None:
     model = nn.parallel.DistributedDataParallel(
         build_model(cfg.model, splits.num_features, splits.num_classes)
     )
-    opt_cfg = cfg.training.optimizer
-    if opt_cfg.name == "sgd":
-        optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=opt_cfg.lr,
-            momentum=opt_cfg.momentum,
-            weight_decay=opt_cfg.weight_decay,
-        )
-    else:
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay
-        )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, schedule(cfg.training.lr_schedule, total)
-    )
+    optimizer = build_optimizer(cfg.training.optimizer, model)
+    scheduler = build_scheduler(cfg.training.lr_schedule, optimizer, total)
 
     ckpt_dir = run_dir / "ckpt"
     restore_started = time.perf_counter()
@@ -160,21 +147,6 @@ def main() -> None:
         log.write("end", global_step=total)
     dist.barrier()
     dist.destroy_process_group()
-
-
-def schedule(cfg, total_steps: int):
-    """The LR factor of ``training.loop.build_scheduler``, mirrored without importing Ray."""
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.name == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.name == "cosine" else 1 - progress
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
-
-    return factor
 
 
 def newest_checkpoint(ckpt_dir: Path) -> Path | None:

@@ -11,7 +11,6 @@ Ray-specific calls are marked ``# Ray:``.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import posixpath
 import shutil
@@ -31,8 +30,9 @@ from torch import nn
 
 from training import chaos, checkpoint, data, metrics
 from training.checkpoint import Progress
-from training.config import Config, LRScheduleSection, OptimizerSection
+from training.config import Config
 from training.models import build_model
+from training.optim import build_optimizer, build_scheduler
 from training.runlog import RunLog
 
 # Ray Train routes worker logging to the driver's console; print() would be shown twice.
@@ -185,9 +185,7 @@ def run_steps(worker: Worker, progress: Progress) -> None:
     cfg = worker.cfg
     last_step = worker.plan.total_steps
     for global_step in range(progress.global_step + 1, last_step + 1):
-        chaos.maybe_inject(
-            cfg.chaos.faults, worker.fs, worker.run_dir, worker.rank, global_step, "step"
-        )
+        inject_faults(worker, global_step, "step")
         step_metrics = train_step(worker, global_step)
         if worker.runlog is not None:
             record_step(worker, global_step, step_metrics)
@@ -299,14 +297,7 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
             worker.config_dict,
         )
     else:
-        chaos.maybe_inject(
-            worker.cfg.chaos.faults,
-            worker.fs,
-            worker.run_dir,
-            worker.rank,
-            global_step,
-            "checkpoint",
-        )
+        inject_faults(worker, global_step, "checkpoint")
     report_checkpoint(worker, global_step, reported, local_dir)
     if worker.rank == 0:
         blocked = time.perf_counter() - started
@@ -347,14 +338,7 @@ def make_uploader(worker: Worker, global_step: int):
         names = sorted(p for p in os.listdir(local.path) if p != checkpoint.MANIFEST_FILE)
         for name in names:
             _copy_file(posixpath.join(local.path, name), worker.fs, posixpath.join(target, name))
-        chaos.maybe_inject(
-            worker.cfg.chaos.faults,
-            worker.fs,
-            worker.run_dir,
-            worker.rank,
-            global_step,
-            "checkpoint",
-        )
+        inject_faults(worker, global_step, "checkpoint")
         manifest = posixpath.join(local.path, checkpoint.MANIFEST_FILE)
         _copy_file(manifest, worker.fs, posixpath.join(target, checkpoint.MANIFEST_FILE))
         return ray.train.Checkpoint(target, filesystem=worker.fs)
@@ -392,27 +376,10 @@ def public(step_metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in step_metrics.items() if k != "samples"}
 
 
-def build_optimizer(cfg: OptimizerSection, model: nn.Module) -> torch.optim.Optimizer:
-    if cfg.name == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def build_scheduler(
-    cfg: LRScheduleSection, optimizer: torch.optim.Optimizer, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.name == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.name == "cosine" else 1 - progress
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def inject_faults(worker: Worker, global_step: int, during: str) -> None:
+    chaos.maybe_inject(
+        worker.cfg.chaos.faults, worker.fs, worker.run_dir, worker.rank, global_step, during
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:

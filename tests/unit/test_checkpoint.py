@@ -11,8 +11,8 @@ import torch
 from training import checkpoint
 from training.checkpoint import InvalidCheckpoint, Progress
 from training.config import Config
-from training.loop import build_optimizer, build_scheduler
 from training.models import build_model
+from training.optim import build_optimizer, build_scheduler
 
 FS = pafs.LocalFileSystem()
 
