@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -49,19 +50,6 @@ FAST_RUN = {
 CLUSTER_UP_TIMEOUT_S = 240
 JOB_TIMEOUT_S = 420
 PROGRESS_TIMEOUT_S = 240
-
-
-def run(cmd: list[str], *, timeout: float = 120, check: bool = True, **kwargs):
-    """Run a command, capture its text output; fail the test with that output on error."""
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, check=False, **kwargs
-    )
-    if check and proc.returncode != 0:
-        pytest.fail(
-            f"command failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
-        )
-    return proc
 
 
 def train_command(config: str, name: str, **overrides: Any) -> str:

@@ -14,7 +14,6 @@ import pytest
 from kuberay_invariants import (
     KUBERAY_DIR,
     TRAIN_CONFIG,
-    all_manifests,
     apply_dir_errors,
     auth_errors,
     built_image_tag,
@@ -24,7 +23,6 @@ from kuberay_invariants import (
     image_errors,
     kubectl_apply_files,
     name_errors,
-    one,
     pinned_ray_version,
     ray_start_param_errors,
     ray_version_errors,
@@ -41,21 +39,6 @@ from kuberay_schema import core_errors
 
 # The one project image: docker/build-image.sh builds it, CI tests it, both pods run it.
 PROJECT_IMAGE = "elastic-trainer:0.1.0"
-
-
-@pytest.fixture(scope="module")
-def manifests() -> list[dict[str, Any]]:
-    return all_manifests()
-
-
-@pytest.fixture
-def cluster(manifests: list[dict[str, Any]]) -> dict[str, Any]:
-    return copy.deepcopy(one("RayCluster", manifests))
-
-
-@pytest.fixture
-def job(manifests: list[dict[str, Any]]) -> dict[str, Any]:
-    return copy.deepcopy(one("RayJob", manifests))
 
 
 @pytest.fixture

@@ -11,8 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import pytest
-from kuberay_invariants import all_manifests, groups, ident, manifest_files, one, pod_specs
+from kuberay_invariants import groups, ident, manifest_files, one, pod_specs
 from kuberay_schema import (
     CRD_FILES,
     KUBERNETES_VERSION,
@@ -25,21 +24,6 @@ from kuberay_schema import (
 )
 
 RAY_KINDS = set(CRD_FILES)
-
-
-@pytest.fixture(scope="module")
-def manifests() -> list[dict[str, Any]]:
-    return all_manifests()
-
-
-@pytest.fixture
-def cluster(manifests: list[dict[str, Any]]) -> dict[str, Any]:
-    return copy.deepcopy(one("RayCluster", manifests))
-
-
-@pytest.fixture
-def job(manifests: list[dict[str, Any]]) -> dict[str, Any]:
-    return copy.deepcopy(one("RayJob", manifests))
 
 
 def test_the_expected_objects_are_there(manifests: list[dict[str, Any]]) -> None:
