@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from e2e_support import run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IMAGE_TAG = "elastic-trainer:0.1.0"
@@ -21,21 +22,6 @@ BUILD_SCRIPT = REPO_ROOT / "docker" / "build-image.sh"
 
 # Set to 1 to test whatever image is already tagged instead of (re)building it first.
 SKIP_BUILD_ENV = "E2E_SKIP_IMAGE_BUILD"
-
-
-def run(
-    cmd: list[str], *, timeout: float = 120, check: bool = True, **kwargs
-) -> subprocess.CompletedProcess[str]:
-    """Run a command, capture its output as text, and fail the test with that output on error."""
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, check=False, **kwargs
-    )
-    if check and proc.returncode != 0:
-        pytest.fail(
-            f"command failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
-        )
-    return proc
 
 
 def image_exists(tag: str) -> bool:

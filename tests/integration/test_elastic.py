@@ -5,8 +5,8 @@ grows again. The exactly-once ledger must hold over the whole run."""
 from __future__ import annotations
 
 import pytest
-from conftest import events, free_port, start_cli, wait_for, write_config
 from ray.cluster_utils import Cluster
+from ray_runs import events, free_port, start_cli, wait_for, write_config
 
 from training import runlog
 

@@ -12,7 +12,7 @@ import time
 
 import pyarrow.fs as pafs
 import pytest
-from conftest import (
+from ray_runs import (
     alive_train_workers,
     assert_bitwise_equal,
     events,

@@ -3,7 +3,7 @@ ends bitwise equal to an uninterrupted run of the same config (2 CPU workers, gl
 
 from __future__ import annotations
 
-from conftest import assert_bitwise_equal, events, final_state, train_cli, write_config
+from ray_runs import assert_bitwise_equal, events, final_state, train_cli, write_config
 
 from training import runlog
 

@@ -14,7 +14,7 @@ import time
 
 import pyarrow.fs as pafs
 import pytest
-from conftest import REPO, write_config
+from ray_runs import REPO, write_config
 
 from training import checkpoint, runlog
 
