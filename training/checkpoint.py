@@ -148,32 +148,27 @@ def newest_valid(fs: pafs.FileSystem, run_dir: str) -> CheckpointInfo | None:
     return None
 
 
-def prune(
-    fs: pafs.FileSystem, run_dir: str, keep: int, uploads_in_flight: bool = True
-) -> list[str]:
+def prune(fs: pafs.FileSystem, run_dir: str, keep: int, attempt: str) -> list[str]:
     """Delete checkpoints beyond the ``keep`` newest valid ones, and broken leftovers.
 
-    Directories Ray Train has registered are never touched: Ray deletes those itself
-    (``CheckpointConfig.num_to_keep``) and refuses to start a run whose registered checkpoints
-    are gone. Left to us is what Ray does not know about: checkpoints it lost from its registry
-    and partial uploads. A broken directory newer than the newest valid one may be an upload
-    still in progress; it is only deleted when ``uploads_in_flight`` is False (at the start of an
-    attempt, when the workers that could have been writing it are gone).
+    Never touched: directories Ray Train has registered (Ray deletes those itself through
+    ``CheckpointConfig.num_to_keep``, and refuses to start a run whose registered checkpoints are
+    gone), and directories of the running ``attempt`` (an async upload may be in flight, and Ray
+    registers it later than its snapshot file shows). What is left to us are the leftovers of
+    dead attempts: checkpoints Ray lost from its registry and partial uploads.
     """
     registered = ray_registered(fs, run_dir)
     if registered is None:
         return []
     infos = scan(fs, run_dir, full=False)  # sizes only: cheap enough to run at every checkpoint
-    valid_steps = [i.step for i in infos if i.valid]
-    kept, newest = set(valid_steps[:keep]), (valid_steps[0] if valid_steps else -1)
+    kept = {i.step for i in infos if i.valid}
+    kept = set(sorted(kept, reverse=True)[:keep])
     doomed = [
         i.path
         for i in infos
         if posixpath.basename(i.path) not in registered
-        and (
-            (i.valid and i.step not in kept)
-            or (not i.valid and (i.step < newest or not uploads_in_flight))
-        )
+        and not posixpath.basename(i.path).endswith(f"_{attempt}")
+        and not (i.valid and i.step in kept)
     ]
     for path in doomed:
         storage.delete_dir(fs, path)

@@ -106,10 +106,10 @@ def start_attempt(config_dict: dict[str, Any]) -> tuple[Worker, Progress]:
     scheduler = build_scheduler(cfg.training.lr_schedule, optimizer, plan.total_steps)
 
     restore_started = time.perf_counter()
-    progress, resumed_from = resume(
-        fs, run_dir, rank, cfg.checkpoint.num_to_keep, unwrap(model), optimizer, scheduler
-    )
     attempt = broadcast(uuid.uuid4().hex[:8] if rank == 0 else None)
+    progress, resumed_from = resume(
+        fs, run_dir, rank, cfg.checkpoint.num_to_keep, attempt, unwrap(model), optimizer, scheduler
+    )
     worker = Worker(
         cfg=cfg,
         config_dict=config_dict,
@@ -136,6 +136,7 @@ def resume(
     run_dir: str,
     rank: int,
     keep: int,
+    attempt: str,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -148,8 +149,7 @@ def resume(
         progress = checkpoint.restore(checkpoint.load(fs, path), model, optimizer, scheduler)
     barrier()  # everyone has loaded before rank 0 deletes anything
     if rank == 0:
-        # No upload can be in flight now: the workers of earlier attempts are gone.
-        checkpoint.prune(fs, run_dir, keep=keep, uploads_in_flight=False)
+        checkpoint.prune(fs, run_dir, keep=keep, attempt=attempt)
     return progress, path
 
 
@@ -307,7 +307,9 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
             blocked_s=blocked,
             path=posixpath.join(worker.run_dir, checkpoint.dir_name(global_step, worker.attempt)),
         )
-        checkpoint.prune(worker.fs, worker.run_dir, worker.cfg.checkpoint.num_to_keep)
+        checkpoint.prune(
+            worker.fs, worker.run_dir, worker.cfg.checkpoint.num_to_keep, worker.attempt
+        )
 
 
 def report_checkpoint(

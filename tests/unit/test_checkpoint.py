@@ -109,13 +109,17 @@ def test_no_checkpoint_at_all(tmp_path):
 def test_prune_keeps_newest_valid_and_removes_leftovers(tmp_path):
     for step in (10, 20, 30, 40):
         save(tmp_path, step)
-    (tmp_path / checkpoint.dir_name(25)).mkdir()  # a partial, older than the newest valid
-    (tmp_path / checkpoint.dir_name(50)).mkdir()  # newer partial: maybe an upload in flight
-    deleted = checkpoint.prune(FS, str(tmp_path), keep=2)
+    (tmp_path / checkpoint.dir_name(25, "dead0001")).mkdir()  # partial of a dead attempt
+    (tmp_path / checkpoint.dir_name(50, "cafe0001")).mkdir()  # the running attempt's upload
+    deleted = checkpoint.prune(FS, str(tmp_path), keep=2, attempt="cafe0001")
     remaining = sorted(p.name for p in tmp_path.iterdir())
-    assert remaining == [checkpoint.dir_name(s) for s in (30, 40, 50)]
+    assert remaining == [
+        checkpoint.dir_name(30),
+        checkpoint.dir_name(40),
+        checkpoint.dir_name(50, "cafe0001"),
+    ]
     assert len(deleted) == 3
-    checkpoint.prune(FS, str(tmp_path), keep=2, uploads_in_flight=False)
+    checkpoint.prune(FS, str(tmp_path), keep=2, attempt="beef0002")
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.dir_name(s) for s in (30, 40)]
 
 
@@ -127,12 +131,12 @@ def test_prune_never_deletes_what_ray_registered(tmp_path):
     registered = [checkpoint.dir_name(10), checkpoint.dir_name(30)]
     snapshot = {"checkpoint_results": [{"checkpoint_dir_name": n} for n in registered]}
     (tmp_path / checkpoint.RAY_SNAPSHOT_FILE).write_text(json.dumps(snapshot))
-    checkpoint.prune(FS, str(tmp_path), keep=1, uploads_in_flight=False)
+    checkpoint.prune(FS, str(tmp_path), keep=1, attempt="x")
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
         checkpoint.dir_name(s) for s in (10, 20, 30)
     ]
     (tmp_path / checkpoint.RAY_SNAPSHOT_FILE).write_text(json.dumps({"checkpoint_results": []}))
-    checkpoint.prune(FS, str(tmp_path), keep=1, uploads_in_flight=False)
+    checkpoint.prune(FS, str(tmp_path), keep=1, attempt="x")
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [checkpoint.dir_name(20)]
 
 
@@ -140,7 +144,7 @@ def test_prune_deletes_nothing_if_rays_snapshot_is_unreadable(tmp_path):
     save(tmp_path, 10)
     (tmp_path / checkpoint.dir_name(5)).mkdir()
     (tmp_path / checkpoint.RAY_SNAPSHOT_FILE).write_text("{torn")
-    assert checkpoint.prune(FS, str(tmp_path), keep=1, uploads_in_flight=False) == []
+    assert checkpoint.prune(FS, str(tmp_path), keep=1, attempt="x") == []
 
 
 def test_attempt_suffix_keeps_step_order():
