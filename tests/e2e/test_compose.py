@@ -122,6 +122,14 @@ class ComposeCluster:
         runs = json.loads(proc.stdout or "[]")
         return next((r for r in runs if r.get("name") == name), None)
 
+    def up(self, workers: int) -> None:
+        """Head plus ``workers`` workers; returns once every healthcheck passes (Ray is ready)."""
+        self.compose(
+            "up", "--detach", "--no-build", "--scale", f"worker={workers}", "--wait",
+            "--wait-timeout", str(CLUSTER_UP_TIMEOUT_S), "head", "worker",
+            timeout=CLUSTER_UP_TIMEOUT_S + 60,
+        )  # fmt: skip
+
     def verify(self, name: str) -> dict[str, Any]:
         proc = self.training("verify", "--storage", STORAGE, "--name", name, "--json", check=False)
         assert proc.stdout.strip(), f"verify printed nothing: {proc.stderr[-2000:]}"
@@ -161,11 +169,7 @@ def cluster(
     failed_before = request.session.testsfailed
     try:
         # --wait: returns once every started container's healthcheck passes (Ray is ready).
-        c.compose(
-            "up", "--detach", "--no-build", "--scale", "worker=2", "--wait",
-            "--wait-timeout", str(CLUSTER_UP_TIMEOUT_S), "head", "worker",
-            timeout=CLUSTER_UP_TIMEOUT_S + 60,
-        )  # fmt: skip
+        c.up(workers=2)
         c.mark(f"cluster up: head + {len(c.workers())} workers healthy ({c.project})")
         yield c
     finally:
@@ -274,11 +278,7 @@ def test_running_job_grows_when_workers_are_added(cluster: ComposeCluster) -> No
     cluster.mark(f"submitted {name} ({job_id}) with --working-dir on {before} worker(s)")
     wait_for_step(cluster, name, step=10, with_checkpoint=False)
 
-    cluster.compose(
-        "up", "--detach", "--no-build", "--scale", "worker=3", "--wait",
-        "--wait-timeout", str(CLUSTER_UP_TIMEOUT_S), "head", "worker",
-        timeout=CLUSTER_UP_TIMEOUT_S + 60,
-    )  # fmt: skip
+    cluster.up(workers=3)
     cluster.mark(f"scaled to {len(cluster.workers())} healthy workers")
 
     def grown() -> dict | None:
