@@ -17,7 +17,8 @@ import pytest
 from e2e_support import run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-IMAGE_TAG = "elastic-trainer:0.1.0"
+# The tag docker/build-image.sh and cluster/compose.yaml use; IMAGE overrides it in all three.
+IMAGE_TAG = os.environ.get("IMAGE", "elastic-trainer:0.1.0")
 BUILD_SCRIPT = REPO_ROOT / "docker" / "build-image.sh"
 
 # Set to 1 to test whatever image is already tagged instead of (re)building it first.
