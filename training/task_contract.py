@@ -39,7 +39,10 @@ def run_contract(name: str, options: dict[str, Any], source: tasks.DataSource) -
     first, second = (_totals(task, model, task.batch(train, ids, seed)) for _ in range(2))
     if not _equal(first, second):
         failures.append("step(model, batch) is not deterministic under a fixed seed")
-    metrics = task.metrics({k: float(v) for k, v in first.items()})
+    try:
+        metrics = task.metrics({k: float(v) for k, v in first.items()})
+    except Exception as exc:  # a user's task: report, do not crash the checker
+        return [*failures, f"metrics(totals) raised {type(exc).__name__}: {exc}"]
     if "loss" not in metrics:
         failures.append(f"metrics(totals) has no 'loss' (has: {sorted(metrics)})")
     return failures

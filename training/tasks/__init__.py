@@ -134,12 +134,12 @@ def parse_options(cls: type[Task], raw: dict[str, Any]) -> Options:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"])
+            where = ".".join(["task.options", *(str(p) for p in err["loc"])])
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 allowed = ", ".join(sorted(cls.Options.model_fields)) or "none"
                 message = f"unknown option; allowed options: {allowed}"
-            lines.append(f"task.options.{where}: {message}")
+            lines.append(f"{where}: {message}")
         raise TaskError("\n".join(lines)) from None
 
 
