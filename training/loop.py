@@ -244,14 +244,17 @@ def run_steps(worker: Worker, progress: Progress) -> None:
     worker.interval = Interval()
     for global_step in range(progress.global_step + 1, last_step + 1):
         inject_faults(worker, global_step, "step")
+        started = time.perf_counter()
         lr = train_step(worker, global_step)
+        # The step's own timer, without a device sync: exact on CPU, launch time on GPU.
+        step_s = time.perf_counter() - started
         checkpoint_due = global_step % cfg.checkpoint.every_n_steps == 0 or global_step == last_step
         report_due = global_step % cfg.training.report_every_n_steps == 0
         step_metrics: dict[str, Any] = {}
         if checkpoint_due or report_due or global_step % cfg.training.log_every_n_steps == 0:
             step_metrics = close_interval(worker, global_step, lr)  # raises on a non-finite loss
         if worker.runlog is not None:
-            record_step(worker, global_step, step_metrics)
+            record_step(worker, global_step, step_s, step_metrics)
         if step_metrics and eval_due(cfg, global_step, checkpoint_due):
             step_metrics.update(evaluate(worker, global_step))
         if checkpoint_due:
@@ -375,7 +378,9 @@ def close_interval(worker: Worker, global_step: int, lr: float) -> dict[str, Any
     return step_metrics
 
 
-def record_step(worker: Worker, global_step: int, step_metrics: dict[str, Any]) -> None:
+def record_step(
+    worker: Worker, global_step: int, step_s: float, step_metrics: dict[str, Any]
+) -> None:
     """The ledger: the global batch this step consumed, computed on rank 0 from the same pure
     function every rank slices its share from (nothing is communicated); on log steps also the
     interval's metrics."""
@@ -387,6 +392,7 @@ def record_step(worker: Worker, global_step: int, step_metrics: dict[str, Any]) 
         epoch=epoch,
         step_in_epoch=step_in_epoch + 1,
         world_size=worker.world_size,
+        step_s=step_s,
         **{k: v for k, v in step_metrics.items() if k not in LEDGER_FIELDS},
         samples=ids.tolist(),
     )
