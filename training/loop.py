@@ -346,7 +346,8 @@ def reduce_totals(
     small device tensor (NCCL on GPU, gloo on CPU), and one host sync."""
     keys = sorted(totals)
     bad = first_bad if first_bad is not None else torch.tensor(math.inf, device=device)
-    local = torch.stack([*(totals[k].float() for k in keys), bad.float()])
+    # A task may count on the CPU while its loss lives on the GPU: one device for the collective.
+    local = torch.stack([*(totals[k].to(device).float() for k in keys), bad.to(device).float()])
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, local)
