@@ -429,5 +429,33 @@ def write_demo_dataset(fs, path: str, rows: int = 8192, seed: int = 0) -> None:
     storage.write_bytes(fs, path, sink.getvalue().to_pybytes())
 
 
+def write_sharded_demo(
+    fs, path: str, rows: int, features: int, row_group_rows: int, seed: int = 0
+) -> None:
+    """The demo's teacher task at any size, written one row group at a time (memory bounded by
+    a row group): data for streaming tests and benchmarks, larger than a worker's memory."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((features, 8)).astype(np.float32) / np.sqrt(features)
+    w2 = rng.standard_normal((8, DEMO_CLASSES)).astype(np.float32)
+    schema = pa.schema(
+        [*(pa.field(f"x{i}", pa.float32()) for i in range(features)), ("label", pa.int64())]
+    )
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    # Random floats neither compress nor dictionary-encode: both off, and statistics only for
+    # the label (its maximum gives the class count from the footers): a much faster write.
+    with (
+        fs.open_output_stream(path) as sink,
+        pq.ParquetWriter(
+            sink, schema, compression="none", use_dictionary=False, write_statistics=["label"]
+        ) as writer,
+    ):
+        for first in range(0, rows, row_group_rows):
+            x = rng.standard_normal((min(row_group_rows, rows - first), features), np.float32)
+            labels = np.argmax(np.tanh(x @ w1) @ w2, axis=1).astype(np.int64)
+            columns = [pa.array(column) for column in np.ascontiguousarray(x.T)]
+            columns.append(pa.array(labels))
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema), row_group_rows)
+
+
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
