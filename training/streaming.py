@@ -200,7 +200,11 @@ class StreamingRows:
     def _read(self, group: int) -> tuple[np.ndarray, ...]:
         started = time.perf_counter()
         spec = self.groups[group]
-        table = self._file(spec.file).read_row_group(spec.index, columns=self.columns)
+        # One decoding thread: the training thread keeps the other cores, and Arrow holds one
+        # column's buffers at a time, not one per core.
+        table = self._file(spec.file).read_row_group(
+            spec.index, columns=self.columns, use_threads=False
+        )
         arrays = self.decode(table.slice(spec.skip, spec.rows))
         self.stats.row_groups_read += 1
         self.stats.bytes_decoded += sum(a.nbytes for a in arrays)

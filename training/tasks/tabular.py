@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset  # noqa: F401  (ParquetDataset's backend: imported with the task, once)
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
