@@ -214,7 +214,10 @@ class StreamingRows:
     def _file(self, path: str) -> pq.ParquetFile:
         files = self._handles.__dict__.setdefault("files", {})
         if path not in files:
-            files[path] = pq.ParquetFile(self.fs.open_input_file(path))
+            # From an object store, one coalesced ranged read per row group rather than one
+            # request per column chunk.
+            remote = not isinstance(self.fs, pafs.LocalFileSystem)
+            files[path] = pq.ParquetFile(self.fs.open_input_file(path), pre_buffer=remote)
         return files[path]
 
     # ---- the training thread ------------------------------------------------------------

@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 MB = 2**20
 # 400k rows x 256 float32 features = 417 MB of Parquet (98 row groups of 4096 rows, 4.2 MB
 # decoded each); once it starts loading data a worker may allocate 160 MB (reader, model,
-# optimizer, DDP, checkpoints: everything), 2.6x less than the table.
+# optimizer, DDP, checkpoints: everything), 2.5x less than the table.
 ROWS, FEATURES, GROUP_ROWS = 400_000, 256, 4096
 LIMIT = 160 * MB
 WINDOW = 2  # at most 2 x 2 row groups (17 MB decoded) held per worker
@@ -39,7 +39,7 @@ TASK = "limited_tasks:MemoryLimitedTabular"
 def big_table(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("big") / "table.parquet"
     tabular.write_sharded_demo(pafs.LocalFileSystem(), str(path), ROWS, FEATURES, GROUP_ROWS)
-    assert path.stat().st_size > 2.5 * LIMIT
+    assert path.stat().st_size > 2.4 * LIMIT
     return path
 
 
@@ -188,3 +188,29 @@ def test_the_same_table_loaded_whole_is_killed_by_the_same_limit(
     assert kills >= 1, text
     assert not [e for e in events(tmp_path, "whole") if e["event"] == "step"]  # died loading
     print(f"loaded whole: {text}")
+
+
+def test_streamed_from_s3_survives_a_worker_kill_mid_epoch(
+    tmp_path, big_table, limits, cluster, request
+):
+    ray_cluster, _ = cluster
+    endpoint = request.getfixturevalue("s3_endpoint")
+    fs = s3(endpoint)
+    pafs.copy_files(str(big_table), "training/big/table.parquet", destination_filesystem=fs)
+    config = streamed_config(
+        tmp_path,
+        "on-s3",
+        "s3://training/big/table.parquet",
+        storage={"path": "s3://training/runs", "endpoint_override": endpoint, "scheme": "http"},
+        chaos={"faults": [{"kind": "kill", "rank": 1, "step": 200}]},  # SIGKILL, mid-epoch
+    )
+    log = tmp_path / "s3.log"
+    assert finish(start(config, log, ray_cluster.address), log, 600) == 0, log.read_text()[-5000:]
+    report = runlog.check_ledger(runlog.read_events(fs, "training/runs/on-s3"))
+    assert report.ok and report.completed, (report.errors, report)
+    assert report.final_step == STEPS_PER_EPOCH
+    resumed = report.resumed_from_steps
+    assert len(resumed) == 2 and 0 < resumed[1] < 200, resumed  # resumed mid-epoch from S3
+    kills, rss, text = memory_report(limits, log.read_text())
+    assert kills == 0 and len(rss) == 2, text
+    print(f"streamed from S3, worker killed at step 200: resumed from {resumed}; {text}")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset  # noqa: F401  (ParquetDataset's backend: imported with the task, once)
+import pyarrow.dataset  # ParquetDataset's backend: imported with the task, not at load
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
