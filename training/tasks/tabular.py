@@ -3,6 +3,10 @@
     task: {name: tabular, options: {label_column: label, model: mlp}}
     data: {path: ./data/demo.parquet}   # a Parquet file or a directory of them, local or s3://
 
+With ``options.stream: true`` the table is read one row group at a time in the background
+(``training/streaming.py``) instead of whole, for tables larger than a worker's memory; the
+order then follows the row groups (``training.data.shard_order``, window ``options.window``).
+
 The last ``data.val_fraction`` of rows is held out. ``options.model`` is ``mlp``,
 ``transformer`` or your own ``package.module:factory`` called as
 ``factory(in_features=F, num_classes=C, **model_kwargs)``.
