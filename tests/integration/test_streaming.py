@@ -25,10 +25,11 @@ from training.tasks import tabular
 HERE = Path(__file__).resolve().parent
 MB = 2**20
 # 400k rows x 256 float32 features = 417 MB of Parquet (98 row groups of 4096 rows, 4.2 MB
-# decoded each); once it starts loading data a worker may allocate 160 MB (reader, model,
-# optimizer, DDP, checkpoints: everything), 2.5x less than the table.
+# decoded each); once it starts loading data a worker may allocate 256 MB (reader, model,
+# optimizer, DDP, checkpoints, modules imported late: everything), 1.5x less than the table,
+# about half of what loading it whole takes (the control test is OOM-killed).
 ROWS, FEATURES, GROUP_ROWS = 400_000, 256, 4096
-LIMIT = 160 * MB
+LIMIT = 256 * MB
 WINDOW = 2  # at most 2 x 2 row groups (17 MB decoded) held per worker
 BATCH = 1024  # 351 steps per epoch over the 360k training rows
 STEPS_PER_EPOCH = 351
@@ -39,7 +40,7 @@ TASK = "limited_tasks:MemoryLimitedTabular"
 def big_table(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("big") / "table.parquet"
     tabular.write_sharded_demo(pafs.LocalFileSystem(), str(path), ROWS, FEATURES, GROUP_ROWS)
-    assert path.stat().st_size > 2.4 * LIMIT
+    assert path.stat().st_size > 1.5 * LIMIT
     return path
 
 
