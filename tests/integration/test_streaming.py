@@ -146,11 +146,17 @@ def test_streamed_table_shrinks_and_grows_mid_epoch_within_the_memory_limit(
     tmp_path, big_table, limits, cluster
 ):
     ray_cluster, nodes = cluster
-    config = streamed_config(tmp_path, "elastic", str(big_table), training={"epochs": 2})
+    # A step takes ~15 ms and an epoch seconds, a resize here a minute: the only worker left
+    # stalls before step 300 (once) so that the cluster can grow back mid-epoch; the grow
+    # restarts the group and ends the stall.
+    stall = {"kind": "stall", "rank": 0, "step": 300, "seconds": 400}
+    config = streamed_config(
+        tmp_path, "elastic", str(big_table), training={"epochs": 2}, chaos={"faults": [stall]}
+    )
     log = tmp_path / "elastic.log"
     proc = start(config, log, ray_cluster.address)
     try:
-        wait_for(lambda: running_on(tmp_path, "elastic", 2, 60), 300, "60 steps on 2", proc)
+        wait_for(lambda: running_on(tmp_path, "elastic", 2, 30), 300, "30 steps on 2", proc)
         ray_cluster.remove_node(nodes[1])
         wait_for(lambda: running_on(tmp_path, "elastic", 1, 40), 300, "40 steps on 1", proc)
         shrunk_at = attempt_state(tmp_path, "elastic")[0]
@@ -169,6 +175,8 @@ def test_streamed_table_shrinks_and_grows_mid_epoch_within_the_memory_limit(
     sizes, resumed = report.world_sizes, report.resumed_from_steps
     assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes
     assert all(step % STEPS_PER_EPOCH for step in resumed[1:]), resumed  # resized mid-epoch
+    shrunk = sizes.index(1)
+    assert resumed[shrunk + 1] < 300, resumed  # the 1-worker attempt reached the stall
     kills, rss, text = memory_report(limits, log.read_text())
     assert kills == 0 and len(limits.children()) >= 5, text  # 2, then 1, then 2 workers
     assert len(rss) == 2, log.read_text()[-3000:]  # both workers of the last attempt finished
