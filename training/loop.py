@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training import chaos, checkpoint, data, metrics
+from training import chaos, checkpoint, data, metrics, pace
 from training.checkpoint import Progress
 from training.config import Config
 from training.models import build_model
@@ -264,7 +264,7 @@ def record_step(worker: Worker, global_step: int, step_metrics: dict[str, Any]) 
     metrics.record(step_metrics)
     if global_step % worker.cfg.training.log_every_n_steps == 0:
         log.info(
-            "step %d/%d epoch %d loss %.4f acc %.3f lr %.2e %.0f samples/s world %d",
+            "step %d/%d epoch %d loss %.4f acc %.3f lr %.2e %.0f samples/s world %d, %s",
             global_step,
             worker.plan.total_steps,
             step_metrics["epoch"],
@@ -273,6 +273,7 @@ def record_step(worker: Worker, global_step: int, step_metrics: dict[str, Any]) 
             step_metrics["lr"],
             step_metrics["samples_per_s"],
             worker.world_size,
+            pace.describe(global_step, worker.plan.total_steps),
         )
 
 

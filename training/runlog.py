@@ -6,6 +6,9 @@ Rank 0 writes ``<run dir>/runlog/<attempt>.jsonl``. Events:
 - ``checkpoint`` and ``eval``: what was saved, held-out accuracy;
 - ``end``: the attempt finished the run.
 
+Rank 0 also mirrors every event into TensorBoard event files (training/tensorboard.py), flushed
+with the run log.
+
 "Exactly once" is about the effective history, the steps the final model contains: steps an
 attempt ran after the checkpoint the next attempt resumed from were rolled back. Each ``start``
 names the attempt that wrote the checkpoint it resumed from, so the history can be rebuilt by
@@ -23,7 +26,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from training import storage
+from training import storage, tensorboard
 
 RUNLOG_DIR = "runlog"
 
@@ -40,21 +43,26 @@ class RunLog:
         # flush (one object per attempt keeps that bounded).
         self._file = open(self.path, "a", buffering=1) if storage.is_local(fs) else None  # noqa: SIM115
         self._lines: list[str] = []
+        self._board = tensorboard.EventWriter(fs, run_dir, attempt)
 
     def write(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"event": event, "attempt": self.attempt, "time": time.time(), **fields})
+        record = {"event": event, "attempt": self.attempt, "time": time.time(), **fields}
+        line = json.dumps(record)
         if self._file is not None:
             self._file.write(line + "\n")
         else:
             self._lines.append(line)
+        self._board.add(record)
 
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
         else:
             storage.write_bytes(self.fs, self.path, ("\n".join(self._lines) + "\n").encode())
+        self._board.flush()
 
     def close(self) -> None:
+        self._board.close()  # first: its final upload, then flush() has nothing left to do
         self.flush()
         if self._file is not None:
             self._file.close()

@@ -1,0 +1,104 @@
+"""TensorBoard event files for a run, written by rank 0 through the run log.
+
+    pip install 'elastic-trainer[tensorboard]'     # the viewer
+    tensorboard --logdir <storage.path>/<run.name>/tensorboard
+
+Every run-log event becomes scalars (see training/events.py): ``train/<metric>`` from ``step``
+events, ``eval/<metric>`` from ``eval`` events, ``checkpoint/blocked_s`` (the training pause of
+each checkpoint) and ``run/world_size`` at each (re)start.
+
+No zig-zags after a restart: all attempts write into ONE directory (one TensorBoard run, one
+curve per tag), and each attempt opens its event file with ``purge_step`` = the first step it
+redoes (the checkpoint's step + 1). TensorBoard reads the files in name (= time) order and, at
+that marker, drops every earlier point at or after the step: the steps the failed attempt ran
+after its last checkpoint were rolled back, so they vanish and the curve is the history the
+final model contains. (One directory per attempt would keep them: overlapping curves in
+different colours, and the reader has to work out which one counts.)
+
+Storage: on a local or shared filesystem the writer writes in place. On an object store
+(pyarrow.fs, e.g. S3) it writes to a local temporary directory and uploads its whole event file
+at every run-log flush (checkpoints, the end): one object per attempt, like the run log.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import tempfile
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from training import events, storage
+
+TENSORBOARD_DIR = "tensorboard"
+# How often tensorboardX writes queued events on its own, so a live TensorBoard on a shared
+# filesystem follows training between run-log flushes.
+FLUSH_SECS = 10
+
+
+class EventWriter:
+    """Scalars for one attempt; the event file is opened at the attempt's ``start`` event."""
+
+    def __init__(self, fs: pafs.FileSystem, run_dir: str, attempt: str):
+        self.fs = fs
+        self.target = posixpath.join(run_dir, TENSORBOARD_DIR)
+        self.attempt = attempt
+        self._local = storage.is_local(fs)
+        self._logdir = self.target if self._local else tempfile.mkdtemp(prefix="et-tensorboard-")
+        self._writer: Any = None
+
+    def add(self, event: dict[str, Any]) -> None:
+        """Turn one run-log event into scalars (events without a step are ignored)."""
+        if event["event"] == "start":
+            self._open(events.first_step(event))
+            self._scalar("run/world_size", event.get("world_size"), events.first_step(event), event)
+        elif event["event"] in events.METRIC_EVENTS and "global_step" in event:
+            prefix = "train" if event["event"] == "step" else "eval"
+            for name, value in events.scalar_fields(event).items():
+                self._scalar(f"{prefix}/{name}", value, event["global_step"], event)
+        elif event["event"] == "checkpoint":
+            step = event["global_step"]
+            self._scalar("checkpoint/blocked_s", event.get("blocked_s"), step, event)
+
+    def flush(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.flush()
+        if not self._local:
+            self._upload()
+
+    def close(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        if not self._local:
+            self._upload()
+            shutil.rmtree(self._logdir, ignore_errors=True)
+        self._writer = None
+
+    def _open(self, purge_step: int) -> None:
+        from tensorboardX import SummaryWriter  # installed with ray[train]
+
+        if self._writer is not None:
+            self._writer.close()
+        os.makedirs(self._logdir, exist_ok=True)
+        self._writer = SummaryWriter(
+            self._logdir,
+            purge_step=purge_step,
+            flush_secs=FLUSH_SECS,
+            # The attempt in the name: two attempts never share a file, and the name says whose.
+            filename_suffix=f".{self.attempt}",
+        )
+
+    def _scalar(self, tag: str, value: Any, step: int, event: dict[str, Any]) -> None:
+        if self._writer is None:
+            self._open(purge_step=1)  # a step before any start: nothing to purge
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            self._writer.add_scalar(tag, float(value), step, walltime=event.get("time"))
+
+    def _upload(self) -> None:
+        for name in sorted(os.listdir(self._logdir)):
+            with open(os.path.join(self._logdir, name), "rb") as source:
+                storage.write_bytes(self.fs, posixpath.join(self.target, name), source.read())
