@@ -73,8 +73,10 @@ def write(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: Progress,
     config: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write the state into a local directory; the manifest goes last."""
+    """Write the state into a local directory; the manifest goes last. ``extra``: the grad
+    scaler's and the task's registered state."""
     directory = Path(directory)
     state = {
         "format": FORMAT_VERSION,
@@ -83,6 +85,7 @@ def write(
         "scheduler": scheduler.state_dict(),
         "progress": asdict(progress),
         "config": config,
+        "extra": extra or {},
     }
     torch.save(state, directory / STATE_FILE)
     files = {p.name: _describe_file(p.read_bytes()) for p in sorted(directory.iterdir())}

@@ -1,34 +1,35 @@
-"""Per-step metrics to Ray's metrics system (Prometheus), without a report() barrier.
+"""Training metrics to Ray's metrics system (Prometheus), without a report() barrier.
 
 Ray exports them from every node's metrics agent (``--metrics-export-port``) as
-``ray_elastic_trainer_*``; the dashboard's Grafana integration and any Prometheus can scrape them.
+``ray_elastic_trainer_<name>``: ``loss``, ``global_step``, ``world_size``, ``lr``,
+``samples_per_s`` and whatever else the task reports (``accuracy``, ``perplexity``, ...).
+The dashboard's Grafana integration and any Prometheus can scrape them.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+import re
+from functools import cache
 from typing import Any
 
 from ray.util import metrics as ray_metrics
 
-GAUGES = {
-    "loss": "Training loss of the last global step",
-    "accuracy": "Training accuracy of the last global step",
-    "samples_per_s": "Global samples per second of the last step",
+DESCRIPTIONS = {
+    "loss": "Training loss over the last log interval",
+    "samples_per_s": "Global samples per second over the last log interval",
     "global_step": "Global steps completed",
     "world_size": "Training workers in use",
     "lr": "Learning rate of the last step",
 }
 
 
-@lru_cache(maxsize=1)
-def _gauges() -> dict[str, ray_metrics.Gauge]:
-    return {
-        name: ray_metrics.Gauge(f"elastic_trainer_{name}", description=text)
-        for name, text in GAUGES.items()
-    }
+@cache
+def _gauge(name: str) -> ray_metrics.Gauge:
+    description = DESCRIPTIONS.get(name, f"Task metric '{name}' over the last log interval")
+    return ray_metrics.Gauge(f"elastic_trainer_{name}", description=description)
 
 
 def record(step_metrics: dict[str, Any]) -> None:
-    for name, gauge in _gauges().items():
-        gauge.set(float(step_metrics[name]))
+    for name, value in step_metrics.items():
+        if isinstance(value, (int, float)) and re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+            _gauge(name).set(float(value))

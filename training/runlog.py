@@ -2,8 +2,10 @@
 
 Rank 0 writes ``<run dir>/runlog/<attempt>.jsonl``. Events:
 - ``start``: attempt id, world size, the checkpoint step and attempt it resumed from;
-- ``step``: global step, epoch, loss, throughput, and the sample ids the global batch held;
-- ``checkpoint`` and ``eval``: what was saved, held-out accuracy;
+- ``step``: global step, epoch, and the sample ids the global batch held; on log steps also the
+  task's metrics over the interval (loss, accuracy, ...), LR and throughput;
+- ``checkpoint`` and ``eval``: what was saved and its pause, held-out metrics (``val_*``);
+- ``stopped``: a non-finite loss stopped the run for good;
 - ``end``: the attempt finished the run.
 
 Rank 0 also mirrors every event into TensorBoard event files (training/tensorboard.py), flushed
@@ -171,17 +173,40 @@ def _abbreviate(values: list[int], limit: int = 10) -> str:
 
 
 def summarize(events: list[dict[str, Any]]) -> dict[str, Any]:
-    """The numbers a user wants after a run: steps, final loss/accuracy, restarts."""
+    """The numbers a user wants after a run: steps, restarts, and the task's latest train and
+    held-out metrics (whatever the task reports)."""
     steps = [e for e in events if e["event"] == "step"]
+    logged = [e for e in steps if "loss" in e]
     evals = [e for e in events if e["event"] == "eval"]
     starts = [e for e in events if e["event"] == "start"]
     return {
         "final_step": max((e["global_step"] for e in steps), default=0),
-        "train_loss": steps[-1]["loss"] if steps else None,
-        "train_accuracy": steps[-1]["accuracy"] if steps else None,
-        "val_loss": evals[-1]["val_loss"] if evals else None,
-        "val_accuracy": evals[-1]["val_accuracy"] if evals else None,
+        "train": _metric_fields(logged[-1]) if logged else {},
+        "val": _metric_fields(evals[-1]) if evals else {},
         "attempts": len(starts),
         "restarts": max(len(starts) - 1, 0),
         "world_sizes": [s["world_size"] for s in starts],
+    }
+
+
+# Fields of step/eval events that are bookkeeping, not the task's metrics.
+NOT_METRICS = {
+    "event",
+    "attempt",
+    "time",
+    "global_step",
+    "epoch",
+    "step_in_epoch",
+    "world_size",
+    "samples",
+    "lr",
+    "samples_per_s",
+}
+
+
+def _metric_fields(event: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: v
+        for k, v in event.items()
+        if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
     }

@@ -29,7 +29,13 @@ from training import checkpoint, runlog
 
 EVERY = 25  # checkpoint cadence of these runs
 SLOW_RUN = {  # ~0.1 s a step on this machine: long enough to kill things mid-run
-    "model": {"name": "transformer", "transformer": {"d_model": 128, "n_layers": 4}},
+    "task": {
+        "options": {
+            "demo_rows": 2048,
+            "model": "transformer",
+            "transformer": {"d_model": 128, "n_layers": 4},
+        }
+    },
     "training": {
         "epochs": 12,
         "global_batch_size": 64,
