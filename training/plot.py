@@ -21,6 +21,8 @@ from typing import Any
 from training.events import Point, Series, split_history
 
 FIRST_METRICS = ("loss",)
+# The framework's own fields: drawn after the task's metrics, whatever order they came in.
+LAST_METRICS = ("lr", "samples_per_s", "step_s", "world_size")
 PANEL_COLUMNS = 2
 PANEL_SIZE_IN = (6.0, 2.6)
 
@@ -76,8 +78,14 @@ def restarts(events: list[dict[str, Any]]) -> list[Restart]:
 
 
 def _names(series: Series) -> list[str]:
-    seen = dict.fromkeys(n for p in series.kept + series.rolled_back for n in p.values)
-    return sorted(seen, key=lambda n: (n not in FIRST_METRICS, list(seen).index(n)))
+    seen = list(dict.fromkeys(n for p in series.kept + series.rolled_back for n in p.values))
+
+    def rank(name: str) -> tuple[int, int]:
+        if name in LAST_METRICS:
+            return 2, LAST_METRICS.index(name)
+        return (0 if name in FIRST_METRICS else 1), seen.index(name)
+
+    return sorted(seen, key=rank)
 
 
 def _matching_panel(eval_name: str, train_names: list[str]) -> str:

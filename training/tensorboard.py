@@ -26,6 +26,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import time
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -33,13 +34,18 @@ import pyarrow.fs as pafs
 from training import events, storage
 
 TENSORBOARD_DIR = "tensorboard"
-# How often tensorboardX writes queued events on its own, so a live TensorBoard on a shared
-# filesystem follows training between run-log flushes.
+# How often a local event file is flushed between run-log flushes, so a live TensorBoard on a
+# shared filesystem follows training.
 FLUSH_SECS = 10
 
 
 class EventWriter:
-    """Scalars for one attempt; the event file is opened at the attempt's ``start`` event."""
+    """Scalars for one attempt; the event file is opened at the attempt's ``start`` event.
+
+    Events are written synchronously (tensorboardX's EventsWriter, not its SummaryWriter): the
+    SummaryWriter queues events for a background thread and its flush() does not wait for that
+    queue, so an upload right after a flush could miss the last steps before a checkpoint.
+    """
 
     def __init__(self, fs: pafs.FileSystem, run_dir: str, attempt: str):
         self.fs = fs
@@ -48,12 +54,14 @@ class EventWriter:
         self._local = storage.is_local(fs)
         self._logdir = self.target if self._local else tempfile.mkdtemp(prefix="et-tensorboard-")
         self._writer: Any = None
+        self._flushed = time.monotonic()
 
     def add(self, event: dict[str, Any]) -> None:
         """Turn one run-log event into scalars (events without a step are ignored)."""
         if event["event"] == "start":
-            self._open(events.first_step(event))
-            self._scalar("run/world_size", event.get("world_size"), events.first_step(event), event)
+            first = events.first_step(event)
+            self._open(purge_step=first)
+            self._scalar("run/world_size", event.get("world_size"), first, event)
         elif event["event"] in events.METRIC_EVENTS and "global_step" in event:
             prefix = "train" if event["event"] == "step" else "eval"
             for name, value in events.scalar_fields(event).items():
@@ -61,11 +69,14 @@ class EventWriter:
         elif event["event"] == "checkpoint":
             step = event["global_step"]
             self._scalar("checkpoint/blocked_s", event.get("blocked_s"), step, event)
+        if self._local and time.monotonic() - self._flushed > FLUSH_SECS:
+            self.flush()
 
     def flush(self) -> None:
         if self._writer is None:
             return
         self._writer.flush()
+        self._flushed = time.monotonic()
         if not self._local:
             self._upload()
 
@@ -79,24 +90,29 @@ class EventWriter:
         self._writer = None
 
     def _open(self, purge_step: int) -> None:
-        from tensorboardX import SummaryWriter  # installed with ray[train]
+        from tensorboardX.event_file_writer import EventsWriter  # installed with ray[train]
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
 
         if self._writer is not None:
             self._writer.close()
         os.makedirs(self._logdir, exist_ok=True)
-        self._writer = SummaryWriter(
-            self._logdir,
-            purge_step=purge_step,
-            flush_secs=FLUSH_SECS,
-            # The attempt in the name: two attempts never share a file, and the name says whose.
-            filename_suffix=f".{self.attempt}",
-        )
+        # The attempt in the name: two attempts never share a file, and the name says whose.
+        # EventsWriter writes the file-version record first, which purging needs.
+        self._writer = EventsWriter(posixpath.join(self._logdir, "events"), f".{self.attempt}")
+        restart = Event(wall_time=time.time(), step=purge_step)
+        restart.session_log.status = SessionLog.START  # TensorBoard purges steps >= this one
+        self._writer.write_event(restart)
 
     def _scalar(self, tag: str, value: Any, step: int, event: dict[str, Any]) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
         if self._writer is None:
             self._open(purge_step=1)  # a step before any start: nothing to purge
         if isinstance(value, int | float) and not isinstance(value, bool):
-            self._writer.add_scalar(tag, float(value), step, walltime=event.get("time"))
+            summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])
+            wall_time = event.get("time") or time.time()
+            self._writer.write_event(Event(wall_time=wall_time, step=step, summary=summary))
 
     def _upload(self) -> None:
         for name in sorted(os.listdir(self._logdir)):

@@ -44,10 +44,10 @@ def write_attempt(
             global_step=step,
             epoch=0,
             step_in_epoch=step,
+            world_size=world_size,  # the framework's fields come first, as the loop writes them
             loss=loss(attempt, step),
             perplexity=2.0 * step,  # a task-defined metric nobody told the readers about
             lr=0.001,
-            world_size=world_size,
             samples=[1, 2, 3],
             converged=False,
             extra={"nested": 1.0},

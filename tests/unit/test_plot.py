@@ -33,6 +33,7 @@ def test_kept_history_is_one_value_per_step_and_the_redo_wins(events):
 
 def test_panels_are_the_task_metrics_loss_first_and_evals_join_their_metric(events):
     picture = plot.describe(events)
+    # The task's metrics first (loss leading), the framework's own fields after them.
     assert picture.panels == ["loss", "perplexity", "lr", "world_size"]
     assert picture.eval_panel == {"val_loss": "loss"}
 
