@@ -170,14 +170,15 @@ def page(browser, request: pytest.FixtureRequest) -> Iterator:
 
 
 def step_events(run_dir: Path) -> list[dict]:
-    """The run log's step events (a copied-out local directory: plain files)."""
+    """The run log's step events that carry a loss (steps that closed a log interval), read
+    from a copied-out local directory: plain files."""
     events = [
         json.loads(line)
         for log in sorted((run_dir / "runlog").glob("*.jsonl"))
         for line in log.read_text().splitlines()
         if line.strip()
     ]
-    return [e for e in events if e.get("event") == "step"]
+    return [e for e in events if e.get("event") == "step" and "loss" in e]
 
 
 def test_prometheus_graph_page_shows_the_training_loss(cluster, job_id, page, request) -> None:
@@ -197,11 +198,19 @@ def test_prometheus_graph_page_shows_the_training_loss(cluster, job_id, page, re
     shown = float(row.split()[-1])
     cluster.mark(f"graph page row: {row.strip()[:100]}... -> {shown}")
 
-    # Ray's own Train metrics, labelled with our run, from the same server.
-    state = cluster.query(f'ray_train_controller_state{{ray_train_run_name="{RUN_NAME}"}}')
-    assert state, "no ray_train_controller_state series for the run"
-    states = {s["metric"].get("ray_train_controller_state"): s["value"][1] for s in state}
-    cluster.mark(f"Prometheus API: ray_train_controller_state{{run={RUN_NAME}}}: {states}")
+    # Ray's own Train metrics, labelled with our run, from the same server. Over a window:
+    # the controller's series go stale the moment the run ends, which may be before this.
+    ray_train = wait_for(
+        "ray_train_* metrics of the run in Prometheus",
+        lambda: cluster.query(
+            "count by (__name__) (last_over_time("
+            f'{{__name__=~"ray_train_.+",ray_train_run_name="{RUN_NAME}"}}[30m]))'
+        ),
+        SERIES_TIMEOUT_S,
+    )
+    names = sorted(s["metric"]["__name__"] for s in ray_train)
+    cluster.mark(f"Prometheus API: ray_train_* series of {RUN_NAME}: {names}")
+    assert "ray_train_controller_state" in names, names
 
     # The value the page showed is one the run really logged (read once the run is done).
     losses = [e["loss"] for e in step_events(request.getfixturevalue("finished_run"))]
