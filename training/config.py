@@ -115,8 +115,11 @@ class TrainingSection(Section):
     log_every_n_steps: PositiveInt = Field(
         10, description="Metrics are reduced over the ranks and logged every N steps."
     )
-    report_every_n_steps: PositiveInt = Field(
-        50, description="ray.train.report every N steps; it is a ~2 s barrier, keep N large."
+    report_every_n_steps: PositiveInt | None = Field(
+        None,
+        description="Metrics-only ray.train.report every N steps; null: only with checkpoints. "
+        "Each call is a cluster-wide barrier and Ray Train V2 keeps only the metrics reported "
+        "with a checkpoint, so use it only if a tool of yours reads them.",
     )
 
 

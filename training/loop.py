@@ -233,6 +233,7 @@ def announce_start(
         **timing,
     )
     worker.runlog.flush()
+    metrics.attempt_started(worker.cfg.run.name)
     where = f"resuming from step {progress.global_step}" if resumed_from else "starting at step 0"
     log.info(
         "[attempt %s] world size %d, %s of %d (%d steps/epoch)",
@@ -255,7 +256,8 @@ def run_steps(worker: Worker, progress: Progress) -> None:
         # The step's own timer, without a device sync: exact on CPU, launch time on GPU.
         step_s = time.perf_counter() - started
         checkpoint_due = global_step % cfg.checkpoint.every_n_steps == 0 or global_step == last_step
-        report_due = global_step % cfg.training.report_every_n_steps == 0
+        every_report = cfg.training.report_every_n_steps
+        report_due = every_report is not None and global_step % every_report == 0
         step_metrics: dict[str, Any] = {}
         if checkpoint_due or report_due or global_step % cfg.training.log_every_n_steps == 0:
             step_metrics = close_interval(worker, global_step, lr)  # raises on a non-finite loss
@@ -381,6 +383,8 @@ def close_interval(worker: Worker, global_step: int, lr: float) -> dict[str, Any
         "samples_per_s": interval.samples / elapsed if elapsed > 0 else 0.0,
         "world_size": worker.world_size,
     }
+    if worker.runlog is not None:
+        metrics.record(worker.cfg.run.name, step_metrics, interval.steps, interval.samples)
     worker.interval = Interval()
     return step_metrics
 
@@ -404,7 +408,6 @@ def record_step(
         samples=ids.tolist(),
     )
     if step_metrics:
-        metrics.record(step_metrics)
         log_progress(worker, step_metrics)
 
 
