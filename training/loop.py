@@ -258,12 +258,14 @@ def run_steps(worker: Worker, progress: Progress) -> None:
         checkpoint_due = global_step % cfg.checkpoint.every_n_steps == 0 or global_step == last_step
         every_report = cfg.training.report_every_n_steps
         report_due = every_report is not None and global_step % every_report == 0
+        evaluate_now = eval_due(cfg, global_step, checkpoint_due)
+        log_due = global_step % cfg.training.log_every_n_steps == 0
         step_metrics: dict[str, Any] = {}
-        if checkpoint_due or report_due or global_step % cfg.training.log_every_n_steps == 0:
+        if checkpoint_due or report_due or evaluate_now or log_due:
             step_metrics = close_interval(worker, global_step, lr)  # raises on a non-finite loss
         if worker.runlog is not None:
             record_step(worker, global_step, step_s, step_metrics)
-        if step_metrics and eval_due(cfg, global_step, checkpoint_due):
+        if evaluate_now:
             step_metrics.update(evaluate(worker, global_step))
         if checkpoint_due:
             save_and_report(worker, global_step, step_metrics)
