@@ -169,12 +169,13 @@ USER_TASK = textwrap.dedent('''
             x, y = samples[ids]
             poison = self.options.poison_id
             poisoned = poison is not None and seed is not None and bool((ids == poison).any())
-            return x, y, torch.tensor(poisoned)
+            return x, y, poisoned
 
         def step(self, model, batch):
             x, y, poisoned = batch
             loss = nn.functional.mse_loss(model(x).squeeze(1), y)
-            loss = torch.where(poisoned, loss * float("nan"), loss)
+            if poisoned:  # (torch.where would make every step's gradient NaN: 0 * nan)
+                loss = loss * float("nan")
             return StepOutput(loss, {"loss": loss.detach() * len(y),
                                      "count": torch.tensor(float(len(y)))})
 ''')
@@ -239,7 +240,8 @@ def test_non_finite_loss_stops_the_run_before_a_checkpoint(tmp_path, ray_address
     assert all(s < bad_step for s in state_steps), (state_steps, bad_step)
     again = user_cli(config, root, ray_address)  # refused before Ray, with what to do
     assert again.returncode == 1
-    assert f"run 'diverges' stopped at step {bad_step}" in again.stderr
+    assert "run 'diverges' was stopped: the loss or the gradients became NaN" in again.stderr
+    assert f"NaN/infinite at step {bad_step}" in again.stderr
     assert "start a new run.name" in again.stderr and "Resuming run" not in again.stdout
 
 
