@@ -202,6 +202,7 @@ NOT_METRICS = {
     "samples",
     "lr",
     "samples_per_s",
+    "step_s",
 }
 
 

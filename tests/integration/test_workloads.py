@@ -196,7 +196,12 @@ def user_task_run(root: Path, name: str, retries: int = 2, **options) -> tuple[P
         run={"name": name},
         task={"name": "my_tasks:CsvRegression", "options": options},
         data={"path": str(root / "points.csv"), "create_demo_if_missing": False},
-        training={"epochs": 3, "global_batch_size": 32, "log_every_n_steps": 5},
+        training={
+            "epochs": 10,
+            "global_batch_size": 32,
+            "log_every_n_steps": 5,
+            "optimizer": {"lr": 0.01},
+        },
         checkpoint={"every_n_steps": 5, "num_to_keep": 2},
         failure={"max_failures": retries},
     )
@@ -231,7 +236,7 @@ def test_non_finite_loss_stops_the_run_before_a_checkpoint(tmp_path, ray_address
     poison = 7
     order = data.epoch_order(0, 0, 540)  # 600 rows, 10% held out; seed 0, epoch 0
     bad_step = int((order == poison).nonzero()) // 32 + 1
-    assert bad_step <= 16  # within epoch 0's 16 steps
+    assert bad_step <= 16  # within epoch 0's 16 steps (the run has 10 epochs)
     config, root = user_task_run(tmp_path, "diverges", retries=1, poison_id=poison)
     result = user_cli(config, root, ray_address)
     assert result.returncode == 1, result.stdout + result.stderr
