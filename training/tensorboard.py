@@ -15,9 +15,11 @@ after its last checkpoint were rolled back, so they vanish and the curve is the 
 final model contains. (One directory per attempt would keep them: overlapping curves in
 different colours, and the reader has to work out which one counts.)
 
-Storage: on a local or shared filesystem the writer writes in place. On an object store
-(pyarrow.fs, e.g. S3) it writes to a local temporary directory and uploads its whole event file
-at every run-log flush (checkpoints, the end): one object per attempt, like the run log.
+Storage: on a local or shared filesystem the writer appends to one event file per attempt in
+place. An object store (pyarrow.fs, e.g. S3) cannot append: like the run log, each flush
+(checkpoints, the end) uploads what was written since the last one as a new event file, a
+segment, staged in a local temporary directory. TensorBoard reads a directory's files in name
+order (start time, host, ``<attempt>-<segment>``), which is the order they were written in.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class EventWriter:
         self._local = storage.is_local(fs)
         self._logdir = self.target if self._local else tempfile.mkdtemp(prefix="et-tensorboard-")
         self._writer: Any = None
+        self._segments = 0
         self._flushed = time.monotonic()
 
     def add(self, event: dict[str, Any]) -> None:
@@ -73,48 +76,56 @@ class EventWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Local: flush the file. Object store: upload the segment; the next event starts one."""
         if self._writer is None:
             return
-        self._writer.flush()
         self._flushed = time.monotonic()
-        if not self._local:
-            self._upload()
-
-    def close(self) -> None:
-        if self._writer is None:
+        if self._local:
+            self._writer.flush()
             return
         self._writer.close()
-        if not self._local:
-            self._upload()
-            shutil.rmtree(self._logdir, ignore_errors=True)
         self._writer = None
+        for name in os.listdir(self._logdir):
+            path = os.path.join(self._logdir, name)
+            with open(path, "rb") as source:
+                storage.write_bytes(self.fs, posixpath.join(self.target, name), source.read())
+            os.remove(path)
 
-    def _open(self, purge_step: int) -> None:
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if not self._local:
+            shutil.rmtree(self._logdir, ignore_errors=True)
+
+    def _open(self, purge_step: int | None) -> None:
         from tensorboardX.event_file_writer import EventsWriter  # installed with ray[train]
         from tensorboardX.proto.event_pb2 import Event, SessionLog
 
         if self._writer is not None:
-            self._writer.close()
+            self.flush()
         os.makedirs(self._logdir, exist_ok=True)
-        # The attempt in the name: two attempts never share a file, and the name says whose.
-        # EventsWriter writes the file-version record first, which purging needs.
-        self._writer = EventsWriter(posixpath.join(self._logdir, "events"), f".{self.attempt}")
-        restart = Event(wall_time=time.time(), step=purge_step)
-        restart.session_log.status = SessionLog.START  # TensorBoard purges steps >= this one
-        self._writer.write_event(restart)
+        # The attempt (and segment) in the name: never two writers on one file, and the name
+        # says whose. EventsWriter writes the file-version record first, which purging needs.
+        suffix = f".{self.attempt}" if self._local else f".{self.attempt}-{self._segments:06d}"
+        self._segments += 1
+        self._writer = EventsWriter(posixpath.join(self._logdir, "events"), suffix)
+        if purge_step is not None:
+            restart = Event(wall_time=time.time(), step=purge_step)
+            restart.session_log.status = SessionLog.START  # TensorBoard purges steps >= this
+            self._writer.write_event(restart)
 
     def _scalar(self, tag: str, value: Any, step: int, event: dict[str, Any]) -> None:
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.proto.summary_pb2 import Summary
 
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return
         if self._writer is None:
-            self._open(purge_step=1)  # a step before any start: nothing to purge
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])
-            wall_time = event.get("time") or time.time()
-            self._writer.write_event(Event(wall_time=wall_time, step=step, summary=summary))
-
-    def _upload(self) -> None:
-        for name in sorted(os.listdir(self._logdir)):
-            with open(os.path.join(self._logdir, name), "rb") as source:
-                storage.write_bytes(self.fs, posixpath.join(self.target, name), source.read())
+            # A later segment continues the attempt (no purge); a step before any start has
+            # nothing to purge either.
+            self._open(purge_step=None)
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])
+        wall_time = event.get("time") or time.time()
+        self._writer.write_event(Event(wall_time=wall_time, step=step, summary=summary))

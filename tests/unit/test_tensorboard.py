@@ -53,9 +53,9 @@ def test_sparse_step_events_keep_their_global_steps(tmp_path):
     assert steps == list(range(5, 41, 5))
 
 
-def test_object_store_gets_the_event_file_at_every_flush(tmp_path):
+def test_object_store_gets_a_new_segment_at_every_flush(tmp_path):
     # Not a LocalFileSystem, so the writer takes the object-store path (S3 in production):
-    # events go to a local temp dir and are uploaded through pyarrow.fs at each flush.
+    # events are staged in a local temp dir and each flush uploads them as a new event file.
     store = tmp_path / "bucket"
     store.mkdir()
     fs = pafs.SubTreeFileSystem(str(store), pafs.LocalFileSystem())
@@ -63,7 +63,23 @@ def test_object_store_gets_the_event_file_at_every_flush(tmp_path):
     # write_attempt flushed at step 20 (its checkpoint): the steps so far are on the store.
     uploaded = store / "runs" / "r" / TENSORBOARD_DIR
     assert [s for s, _ in scalars(str(uploaded))["train/loss"]] == list(range(1, 21))
+    before = sorted(p.name for p in uploaded.iterdir())
     local_dir = log._board._logdir
     log.close()
+    after = sorted(p.name for p in uploaded.iterdir())
+    # Nothing re-uploaded: the close added one segment (the checkpoint event) to the old ones.
+    assert after[: len(before)] == before and len(after) == len(before) + 1
+    assert all(name.endswith(f".a-{i:06d}") for i, name in enumerate(after))
     assert not os.path.exists(local_dir), "the local staging dir is removed at close"
     assert [s for s, _ in scalars(str(uploaded))["checkpoint/blocked_s"]] == [20]
+
+
+def test_segments_of_two_attempts_still_draw_one_curve(tmp_path):
+    store = tmp_path / "bucket"
+    store.mkdir()
+    fs = pafs.SubTreeFileSystem(str(store), pafs.LocalFileSystem())
+    two_attempt_run(fs, "runs/r")
+
+    shown = scalars(str(store / "runs" / "r" / TENSORBOARD_DIR))
+    assert [s for s, _ in shown["train/loss"]] == list(range(1, 41))
+    assert dict(shown["train/loss"])[25] == pytest.approx(loss("b", 25))
