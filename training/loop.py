@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training import chaos, checkpoint, data, metrics, stops, storage, tasks
+from training import chaos, checkpoint, data, metrics, pace, stops, storage, tasks
 from training.checkpoint import Progress
 from training.config import Config
 from training.optim import build_optimizer, build_scheduler
@@ -423,7 +423,7 @@ def log_progress(worker: Worker, step_metrics: dict[str, Any]) -> None:
         if k not in ("global_step", "epoch", "step_in_epoch", "lr", "samples_per_s", "world_size")
     )
     log.info(
-        "step %d/%d epoch %d %s lr %.2e %.0f samples/s world %d",
+        "step %d/%d epoch %d %s lr %.2e %.0f samples/s world %d, %s",
         step_metrics["global_step"],
         worker.plan.total_steps,
         step_metrics["epoch"],
@@ -431,6 +431,7 @@ def log_progress(worker: Worker, step_metrics: dict[str, Any]) -> None:
         step_metrics["lr"],
         step_metrics["samples_per_s"],
         worker.world_size,
+        pace.describe(step_metrics["global_step"], worker.plan.total_steps),
     )
 
 

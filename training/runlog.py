@@ -9,6 +9,9 @@ Rank 0 writes ``<run dir>/runlog/<attempt>.jsonl`` (on object stores: segments
 - ``stopped``: a non-finite loss stopped the run for good;
 - ``end``: the attempt finished the run.
 
+Rank 0 also mirrors every event into TensorBoard event files (training/tensorboard.py), flushed
+with the run log.
+
 "Exactly once" is about the effective history, the steps the final model contains: steps an
 attempt ran after the checkpoint the next attempt resumed from were rolled back. Each ``start``
 names the attempt that wrote the checkpoint it resumed from, so the history can be rebuilt by
@@ -26,7 +29,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from training import storage
+from training import storage, tensorboard
 
 RUNLOG_DIR = "runlog"
 
@@ -48,13 +51,16 @@ class RunLog:
         self._file = open(self.path, "a", buffering=1) if storage.is_local(fs) else None  # noqa: SIM115
         self._lines: list[str] = []
         self._segments = 0
+        self._board = tensorboard.EventWriter(fs, run_dir, attempt)
 
     def write(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"event": event, "attempt": self.attempt, "time": time.time(), **fields})
+        record = {"event": event, "attempt": self.attempt, "time": time.time(), **fields}
+        line = json.dumps(record)
         if self._file is not None:
             self._file.write(line + "\n")
         else:
             self._lines.append(line)
+        self._board.add(record)
 
     def flush(self) -> None:
         if self._file is not None:
@@ -64,8 +70,10 @@ class RunLog:
             storage.write_bytes(self.fs, segment, ("\n".join(self._lines) + "\n").encode())
             self._segments += 1
             self._lines = []
+        self._board.flush()
 
     def close(self) -> None:
+        self._board.close()  # first: its final upload, then flush() has nothing left to do
         self.flush()
         if self._file is not None:
             self._file.close()
