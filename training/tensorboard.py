@@ -65,6 +65,8 @@ class EventWriter:
             first = events.first_step(event)
             self._open(purge_step=first)
             self._scalar("run/world_size", event.get("world_size"), first, event)
+        elif event["event"] == "step" and "loss" not in event:
+            pass  # a ledger-only step between log lines: nothing per step on the hot path
         elif event["event"] in events.METRIC_EVENTS and "global_step" in event:
             prefix = "train" if event["event"] == "step" else "eval"
             for name, value in events.scalar_fields(event).items():
