@@ -10,8 +10,8 @@ training run on it; in file order:
   2. the Ray dashboard asks for the token, and once given it lists the job as SUCCEEDED;
   3. TensorBoard, started on the host on the finished run's event files (copied out of the
      volume), shows the train/loss card at the run's final step and loss.
-A failing page leaves a screenshot under test-artifacts/browser/. Traffic goes only to ports
-published on 127.0.0.1.
+A failing page leaves a screenshot under test-artifacts/browser/ (or $E2E_ARTIFACTS). Traffic
+goes only to ports published on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 PROMETHEUS_IMAGE = os.environ.get("PROMETHEUS_IMAGE", "elastic-trainer-prometheus:0.1.0")
-ARTIFACTS = REPO_ROOT / "test-artifacts" / "browser"
+# Screenshots of failed pages (.ci/run points this into the checkout it was started from).
+ARTIFACTS = Path(os.environ.get("E2E_ARTIFACTS", REPO_ROOT / "test-artifacts" / "browser"))
 RUN_NAME = "e2e-browser"
 PAGE_TIMEOUT_MS = 60_000
 SERIES_TIMEOUT_S = 180
