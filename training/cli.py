@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {train,status,verify,demo-data,check-task}``.
+"""Command line: ``python -m training {train,status,verify,plot,demo-data,check-task}``.
 
 Exit codes: 0 success, 1 training failed (or the ledger check failed), 2 bad config or usage,
 130 interrupted (the run can be resumed by running the same command again).
@@ -114,6 +114,39 @@ def verify(storage_path: str | None, name: str, config_path: str | None, as_json
     sys.exit(0 if report.ok else EXIT_FAILED)
 
 
+@main.command()
+@click.option("--storage", "storage_path", help="Storage path holding the run.")
+@click.option("--name", required=True, help="Run name.")
+@click.option("--config", "config_path", type=click.Path(), help="Take storage settings from here.")
+@click.option("--out", "out_path", help="PNG file to write (default: ./<name>.png).")
+def plot(
+    storage_path: str | None, name: str, config_path: str | None, out_path: str | None
+) -> None:
+    """PNG of loss and the task's metrics over global steps, with restarts, resizes and
+    checkpoints marked, read from the run log (local or s3:// storage). Needs matplotlib:
+    pip install 'elastic-trainer[plot]'.
+
+    Example: python -m training plot --storage ./runs --name demo --out demo.png
+    """
+    from training import plot as plotting
+
+    storage_cfg = _storage_section(config_path, storage_path)
+    fs, run_dir = storage.run_location(storage_cfg, name)
+    events = runlog.read_events(fs, run_dir)
+    if not events:
+        _fail(EXIT_FAILED, f"No run log under {storage.display(fs, run_dir)}")
+    out_path = out_path or f"{name}.png"
+    try:
+        picture = plotting.write_png(events, out_path, title=f"run {name!r}")
+    except plotting.PlotUnavailable as exc:
+        _fail(EXIT_USAGE, f"error: {exc}")
+    click.echo(
+        f"Wrote {out_path}: {len(picture.panels)} metrics ({', '.join(picture.panels)}), "
+        f"{len(picture.train.kept)} kept and {len(picture.train.rolled_back)} rolled-back step "
+        f"points, {len(picture.restarts)} restarts, {len(picture.checkpoints.kept)} checkpoints"
+    )
+
+
 @main.command("demo-data")
 @click.option(
     "--task",
@@ -219,13 +252,17 @@ def _metrics_line(run: dict[str, Any]) -> str:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     kept = ", ".join(str(c["step"]) for c in summary["checkpoints"] if c["valid"]) or "none"
-    lines = ["", "Training finished", f"  {'steps:':<18}{summary['final_step']}"]
-    lines += [f"  {'train ' + k + ':':<18}{_fmt(v)}" for k, v in summary["train"].items()]
-    lines += [f"  {k.replace('_', ' ', 1) + ':':<18}{_fmt(v)}" for k, v in summary["val"].items()]
-    lines += [
-        f"  {'restarts:':<18}{summary['restarts']} (world sizes {summary['world_sizes']})",
-        f"  {'checkpoints kept:':<18}steps {kept}",
-        f"  {'run files:':<18}{summary['run_dir']}",
+    rows = [("steps", summary["final_step"])]
+    rows += [(f"train {k}", _fmt(v)) for k, v in summary["train"].items()]
+    rows += [(k.replace("_", " ", 1), _fmt(v)) for k, v in summary["val"].items()]
+    rows += [
+        ("restarts", f"{summary['restarts']} (world sizes {summary['world_sizes']})"),
+        ("checkpoints kept", f"steps {kept}"),
+        ("run files", summary["run_dir"]),
+    ]
+    width = max(18, *(len(label) + 2 for label, _ in rows))
+    lines = ["", "Training finished"] + [
+        f"  {label + ':':<{width}}{value}" for label, value in rows
     ]
     click.echo("\n".join(lines))
 

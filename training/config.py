@@ -115,8 +115,11 @@ class TrainingSection(Section):
     log_every_n_steps: PositiveInt = Field(
         10, description="Metrics are reduced over the ranks and logged every N steps."
     )
-    report_every_n_steps: PositiveInt = Field(
-        50, description="ray.train.report every N steps; it is a ~2 s barrier, keep N large."
+    report_every_n_steps: PositiveInt | None = Field(
+        None,
+        description="Metrics-only ray.train.report every N steps; null: only with checkpoints. "
+        "Each call is a cluster-wide barrier and Ray Train V2 keeps only the metrics reported "
+        "with a checkpoint, so use it only if a tool of yours reads them.",
     )
 
 
@@ -177,8 +180,11 @@ class Fault(Section):
     )
     rank: NonNegativeInt = Field(0, description="World rank that fails.")
     step: PositiveInt = Field(description="Global step at which the fault fires.")
-    during: Literal["step", "checkpoint"] = Field(
-        "step", description="Fire before the step runs, or while its checkpoint is being written."
+    during: Literal["step", "serialize", "checkpoint"] = Field(
+        "step",
+        description="step: before the step runs; serialize: rank 0, in the background save, "
+        "before the staged state is written; checkpoint: while the checkpoint is uploaded "
+        "(rank 0: after the state file, before the manifest).",
     )
     seconds: PositiveFloat = Field(30, description="Stall length (stall only).")
 
@@ -216,6 +222,8 @@ class Config(Section):
     @model_validator(mode="after")
     def _faults_target_existing_ranks(self) -> Config:
         for i, fault in enumerate(self.chaos.faults):
+            if fault.during == "serialize" and fault.rank != 0:
+                raise ValueError(f"chaos.faults[{i}]: during 'serialize' happens on rank 0 only")
             if fault.rank >= self.scaling.max_workers:
                 raise ValueError(
                     f"chaos.faults[{i}].rank ({fault.rank}) must be < scaling.max_workers "

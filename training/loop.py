@@ -25,6 +25,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training import chaos, checkpoint, data, metrics, stops, storage, tasks
+from training import chaos, checkpoint, data, metrics, pace, stops, storage, tasks
 from training.checkpoint import Progress
 from training.config import Config
 from training.optim import build_optimizer, build_scheduler
@@ -115,6 +116,11 @@ class Worker:
     attempt: str
     runlog: RunLog | None  # rank 0 only
     interval: Interval = field(default_factory=Interval)
+    stager: checkpoint.Stager = field(default_factory=checkpoint.Stager)
+    save_done: threading.Event = field(default_factory=threading.Event)  # no save in flight
+
+    def __post_init__(self) -> None:
+        self.save_done.set()
 
 
 def train_func(config_dict: dict[str, Any]) -> None:
@@ -231,6 +237,7 @@ def announce_start(
         **timing,
     )
     worker.runlog.flush()
+    metrics.attempt_started(worker.cfg.run.name)
     where = f"resuming from step {progress.global_step}" if resumed_from else "starting at step 0"
     log.info(
         "[attempt %s] world size %d, %s of %d (%d steps/epoch)",
@@ -253,13 +260,16 @@ def run_steps(worker: Worker, progress: Progress) -> None:
         # The step's own timer, without a device sync: exact on CPU, launch time on GPU.
         step_s = time.perf_counter() - started
         checkpoint_due = global_step % cfg.checkpoint.every_n_steps == 0 or global_step == last_step
-        report_due = global_step % cfg.training.report_every_n_steps == 0
+        every_report = cfg.training.report_every_n_steps
+        report_due = every_report is not None and global_step % every_report == 0
+        evaluate_now = eval_due(cfg, global_step, checkpoint_due)
+        log_due = global_step % cfg.training.log_every_n_steps == 0
         step_metrics: dict[str, Any] = {}
-        if checkpoint_due or report_due or global_step % cfg.training.log_every_n_steps == 0:
+        if checkpoint_due or report_due or evaluate_now or log_due:
             step_metrics = close_interval(worker, global_step, lr)  # raises on a non-finite loss
         if worker.runlog is not None:
             record_step(worker, global_step, step_s, step_metrics)
-        if step_metrics and eval_due(cfg, global_step, checkpoint_due):
+        if evaluate_now:
             step_metrics.update(evaluate(worker, global_step))
         if checkpoint_due:
             save_and_report(worker, global_step, step_metrics)
@@ -391,6 +401,8 @@ def close_interval(worker: Worker, global_step: int, lr: float) -> dict[str, Any
         "samples_per_s": interval.samples / elapsed if elapsed > 0 else 0.0,
         "world_size": worker.world_size,
     }
+    if worker.runlog is not None:
+        metrics.record(worker.cfg.run.name, step_metrics, interval.steps, interval.samples)
     worker.interval = Interval()
     return step_metrics
 
@@ -414,7 +426,6 @@ def record_step(
         samples=ids.tolist(),
     )
     if step_metrics:
-        metrics.record(step_metrics)
         log_progress(worker, step_metrics)
 
 
@@ -428,7 +439,7 @@ def log_progress(worker: Worker, step_metrics: dict[str, Any]) -> None:
         if k not in ("global_step", "epoch", "step_in_epoch", "lr", "samples_per_s", "world_size")
     )
     log.info(
-        "step %d/%d epoch %d %s lr %.2e %.0f samples/s world %d",
+        "step %d/%d epoch %d %s lr %.2e %.0f samples/s world %d, %s",
         step_metrics["global_step"],
         worker.plan.total_steps,
         step_metrics["epoch"],
@@ -436,6 +447,7 @@ def log_progress(worker: Worker, step_metrics: dict[str, Any]) -> None:
         step_metrics["lr"],
         step_metrics["samples_per_s"],
         worker.world_size,
+        pace.describe(step_metrics["global_step"], worker.plan.total_steps),
     )
 
 
@@ -466,26 +478,34 @@ def evaluate(worker: Worker, global_step: int) -> dict[str, float]:
 
 
 def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, Any]) -> None:
-    """Checkpoint (rank 0 writes, Ray uploads) and report; every rank calls report."""
+    """Checkpoint in two phases and report; every rank calls report.
+
+    On the training thread rank 0 only copies the state into reusable CPU buffers (the pause);
+    serialising, checksumming and uploading the copy run in Ray's upload thread (async mode),
+    one save at a time, the manifest last.
+    """
     epoch, done_in_epoch = divmod(global_step, worker.plan.steps_per_epoch)
     progress = Progress(global_step, epoch, done_in_epoch, worker.attempt)
-    started = time.perf_counter()  # the pause: write, report (and a sync upload)
-    local_dir = None
+    started = time.perf_counter()  # the pause: wait for the previous save, stage, report
+    local_dir, staged = None, None
     if worker.rank == 0:
         worker.runlog.flush()  # the ledger reaches storage before the checkpoint that needs it
-        local_dir = tempfile.mkdtemp(prefix="elastic-trainer-ckpt-")
-        checkpoint.write(
-            local_dir,
-            unwrap(worker.model),
-            worker.optimizer,
-            worker.scheduler,
-            progress,
-            worker.config_dict,
-            extra={"scaler": worker.scaler.state_dict(), "task": worker.task.state_dict()},
+        wait_for_previous_save(worker)
+        staged = worker.stager.stage(
+            checkpoint.build_state(
+                unwrap(worker.model),
+                worker.optimizer,
+                worker.scheduler,
+                progress,
+                worker.config_dict,
+                extra={"scaler": worker.scaler.state_dict(), "task": worker.task.state_dict()},
+            )
         )
+        local_dir = tempfile.mkdtemp(prefix="elastic-trainer-ckpt-")
+        worker.save_done.clear()
     else:
         inject_faults(worker, global_step, "checkpoint")
-    report_checkpoint(worker, global_step, step_metrics, local_dir)
+    report_checkpoint(worker, global_step, step_metrics, local_dir, staged)
     if worker.rank == 0:
         blocked = time.perf_counter() - started
         worker.runlog.write(
@@ -499,8 +519,22 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
         )
 
 
+def wait_for_previous_save(worker: Worker) -> None:
+    """The staging buffers are reused: the previous save must have finished with them."""
+    waited = time.perf_counter()
+    while not worker.save_done.wait(timeout=60):
+        log.warning(
+            "still waiting for the previous checkpoint's upload (%.0f s)",
+            time.perf_counter() - waited,
+        )
+
+
 def report_checkpoint(
-    worker: Worker, global_step: int, reported: dict[str, Any], local_dir: str | None
+    worker: Worker,
+    global_step: int,
+    reported: dict[str, Any],
+    local_dir: str | None,
+    staged: dict[str, Any] | None,
 ) -> None:
     asynchronous = worker.cfg.checkpoint.upload == "async"
     ray.train.report(  # Ray: registers the checkpoint; our upload writes the manifest last
@@ -512,25 +546,33 @@ def report_checkpoint(
             if asynchronous
             else ray.train.CheckpointUploadMode.SYNC
         ),
-        checkpoint_upload_fn=make_uploader(worker, global_step) if local_dir else None,
+        checkpoint_upload_fn=make_uploader(worker, global_step, staged) if local_dir else None,
         delete_local_checkpoint_after_upload=bool(local_dir),
     )
 
 
-def make_uploader(worker: Worker, global_step: int):
-    """Copy a local checkpoint to storage with the manifest last, so a crash mid-upload leaves
-    a directory that validation rejects rather than one that looks complete."""
+def make_uploader(worker: Worker, global_step: int, staged: dict[str, Any]):
+    """Serialise the staged state into the (empty) local directory, checksumming as it writes,
+    then copy it to storage with the manifest last, so a crash at any point leaves either no
+    directory or one that validation rejects, never one that looks complete."""
 
     def upload(local: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
-        target = posixpath.join(worker.run_dir, dir_name)
-        worker.fs.create_dir(target, recursive=True)
-        names = sorted(p for p in os.listdir(local.path) if p != checkpoint.MANIFEST_FILE)
-        for name in names:
-            _copy_file(posixpath.join(local.path, name), worker.fs, posixpath.join(target, name))
-        inject_faults(worker, global_step, "checkpoint")
-        manifest = posixpath.join(local.path, checkpoint.MANIFEST_FILE)
-        _copy_file(manifest, worker.fs, posixpath.join(target, checkpoint.MANIFEST_FILE))
-        return ray.train.Checkpoint(target, filesystem=worker.fs)
+        try:
+            inject_faults(worker, global_step, "serialize")
+            checkpoint.write_state(local.path, staged)
+            target = posixpath.join(worker.run_dir, dir_name)
+            worker.fs.create_dir(target, recursive=True)
+            names = sorted(p for p in os.listdir(local.path) if p != checkpoint.MANIFEST_FILE)
+            for name in names:
+                _copy_file(
+                    posixpath.join(local.path, name), worker.fs, posixpath.join(target, name)
+                )
+            inject_faults(worker, global_step, "checkpoint")
+            manifest = posixpath.join(local.path, checkpoint.MANIFEST_FILE)
+            _copy_file(manifest, worker.fs, posixpath.join(target, checkpoint.MANIFEST_FILE))
+            return ray.train.Checkpoint(target, filesystem=worker.fs)
+        finally:
+            worker.save_done.set()
 
     return upload
 

@@ -43,7 +43,7 @@ def read(fs: pafs.FileSystem, run_dir: str) -> str | None:
         return None
     marker = json.loads(storage.read_bytes(fs, path))
     return (
-        f"stopped at step {marker['step']}: {marker['message']}. Resuming would repeat it: "
+        f"was stopped: {marker['message']}. Resuming would repeat it: "
         f"start a new run.name (e.g. with a lower learning rate), or delete "
         f"{storage.display(fs, path)} to retry"
     )

@@ -169,12 +169,13 @@ USER_TASK = textwrap.dedent('''
             x, y = samples[ids]
             poison = self.options.poison_id
             poisoned = poison is not None and seed is not None and bool((ids == poison).any())
-            return x, y, torch.tensor(poisoned)
+            return x, y, poisoned
 
         def step(self, model, batch):
             x, y, poisoned = batch
             loss = nn.functional.mse_loss(model(x).squeeze(1), y)
-            loss = torch.where(poisoned, loss * float("nan"), loss)
+            if poisoned:  # (torch.where would make every step's gradient NaN: 0 * nan)
+                loss = loss * float("nan")
             return StepOutput(loss, {"loss": loss.detach() * len(y),
                                      "count": torch.tensor(float(len(y)))})
 ''')
@@ -195,7 +196,12 @@ def user_task_run(root: Path, name: str, retries: int = 2, **options) -> tuple[P
         run={"name": name},
         task={"name": "my_tasks:CsvRegression", "options": options},
         data={"path": str(root / "points.csv"), "create_demo_if_missing": False},
-        training={"epochs": 3, "global_batch_size": 32, "log_every_n_steps": 5},
+        training={
+            "epochs": 10,
+            "global_batch_size": 32,
+            "log_every_n_steps": 5,
+            "optimizer": {"lr": 0.01},
+        },
         checkpoint={"every_n_steps": 5, "num_to_keep": 2},
         failure={"max_failures": retries},
     )
@@ -230,7 +236,7 @@ def test_non_finite_loss_stops_the_run_before_a_checkpoint(tmp_path, ray_address
     poison = 7
     order = data.epoch_order(0, 0, 540)  # 600 rows, 10% held out; seed 0, epoch 0
     bad_step = int((order == poison).nonzero()) // 32 + 1
-    assert bad_step <= 16  # within epoch 0's 16 steps
+    assert bad_step <= 16  # within epoch 0's 16 steps (the run has 10 epochs)
     config, root = user_task_run(tmp_path, "diverges", retries=1, poison_id=poison)
     result = user_cli(config, root, ray_address)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -239,7 +245,8 @@ def test_non_finite_loss_stops_the_run_before_a_checkpoint(tmp_path, ray_address
     assert all(s < bad_step for s in state_steps), (state_steps, bad_step)
     again = user_cli(config, root, ray_address)  # refused before Ray, with what to do
     assert again.returncode == 1
-    assert f"run 'diverges' stopped at step {bad_step}" in again.stderr
+    assert "run 'diverges' was stopped: the loss or the gradients became NaN" in again.stderr
+    assert f"NaN/infinite at step {bad_step}" in again.stderr
     assert "start a new run.name" in again.stderr and "Resuming run" not in again.stdout
 
 

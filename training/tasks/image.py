@@ -181,9 +181,9 @@ class SmallCNN(nn.Module):
             nn.Conv2d(2 * width, 2 * width, 3, padding=1),
             nn.GroupNorm(8, 2 * width),
             nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
+            nn.AdaptiveAvgPool2d(4),  # keeps a coarse layout: where the strokes are matters
         )
-        self.head = nn.Linear(2 * width, num_classes)
+        self.head = nn.Linear(2 * width * 16, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images).flatten(1))

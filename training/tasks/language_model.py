@@ -189,6 +189,9 @@ class BytesGPT(nn.Module):
     def __init__(self, cfg: LanguageModelOptions):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, cfg.d_model)
+        # Small init (GPT-2's 0.02): the tied head starts near uniform (loss ~ ln 256), not at
+        # logits with a standard deviation of sqrt(d_model).
+        nn.init.normal_(self.embed.weight, std=0.02)
         self.position = nn.Parameter(torch.zeros(cfg.block_size, cfg.d_model))
         nn.init.normal_(self.position, std=0.02)
         layer = nn.TransformerEncoderLayer(
