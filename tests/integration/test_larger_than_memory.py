@@ -162,7 +162,14 @@ def test_streamed_table_shrinks_and_grows_mid_epoch_within_the_memory_limit(
     log = tmp_path / "elastic.log"
     proc = start(config, log, ray_cluster.address)
     try:
-        wait_for(lambda: checkpointed(tmp_path, "elastic", 30), 300, "checkpoint 30", proc)
+        wait_for(
+            lambda: (
+                running_on(tmp_path, "elastic", 2, 39) and checkpointed(tmp_path, "elastic", 30)
+            ),
+            300,
+            "the stall at step 40, with checkpoint 30 on storage",
+            proc,
+        )
         ray_cluster.remove_node(nodes[1])
         wait_for(lambda: running_on(tmp_path, "elastic", 1, 40), 300, "40 steps on 1", proc)
         shrunk_at = attempt_state(tmp_path, "elastic")[0]
