@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from training import checkpoint, data, runlog, storage
+from training import checkpoint, data, lease, runlog, storage
 from training.config import Config, ConfigError, identity_diff
 
 RUN_CONFIG_FILE = "run_config.json"
@@ -133,6 +133,8 @@ def build_trainer(cfg: Config, run: RunState):
     os.environ.setdefault(
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(cfg.failure.health_check_interval_s)
     )
+    # How soon Ray Train notices a node being drained (Ray's default: 5 s of a ~30 s window).
+    os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
     return TorchTrainer(
         train_loop_per_worker=train_func,
         train_loop_config=cfg.model_dump(),
@@ -154,16 +156,23 @@ def build_trainer(cfg: Config, run: RunState):
     )
 
 
-def train(cfg: Config, on_connected: Callable[[], None] = lambda: None) -> dict[str, Any]:
-    """Run (or resume) training to the end; returns the run summary."""
+def train(
+    cfg: Config, on_connected: Callable[[], None] = lambda: None, wait_for_lease: bool = False
+) -> dict[str, Any]:
+    """Run (or resume) training to the end; returns the run summary.
+
+    Raises lease.LeaseHeld (before Ray is touched) when another driver trains the same run,
+    unless ``wait_for_lease``."""
     cfg = with_absolute_paths(cfg)
-    run = prepare_run(cfg)
-    print(run.describe(cfg.run.name), flush=True)
-    if run.finished:
-        return run_summary(run.fs, run.run_dir)
-    connect_ray(cfg)
-    on_connected()
-    build_trainer(cfg, run).fit()
+    fs, run_dir = storage.run_location(cfg.storage, cfg.run.name)
+    with lease.hold(fs, run_dir, wait=wait_for_lease):  # one writer per run
+        run = prepare_run(cfg)
+        print(run.describe(cfg.run.name), flush=True)
+        if run.finished:
+            return run_summary(run.fs, run.run_dir)
+        connect_ray(cfg)
+        on_connected()
+        build_trainer(cfg, run).fit()
     return run_summary(run.fs, run.run_dir)
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training import chaos, checkpoint, data, metrics
+from training import chaos, checkpoint, data, drain, metrics
 from training.checkpoint import Progress
 from training.config import Config
 from training.models import build_model
@@ -189,8 +189,12 @@ def run_steps(worker: Worker, progress: Progress) -> None:
         step_metrics = train_step(worker, global_step)
         if worker.runlog is not None:
             record_step(worker, global_step, step_metrics)
-        if global_step % cfg.checkpoint.every_n_steps == 0 or global_step == last_step:
+        # Node drain (training/drain.py): checkpoint now, then take no further step.
+        draining = drain.requested(global_step, worker.world_size, cfg.training.log_every_n_steps)
+        if draining or global_step % cfg.checkpoint.every_n_steps == 0 or global_step == last_step:
             save_and_report(worker, global_step, step_metrics)
+            if draining and global_step < last_step:
+                drain.hold(global_step)
         elif global_step % cfg.training.report_every_n_steps == 0:
             ray.train.report(public(step_metrics))  # Ray: a barrier, hence only every N steps
     if worker.runlog is not None:
