@@ -41,12 +41,20 @@ def main() -> None:
     is_flag=True,
     help="If another driver is training this run, wait until it stops (default: exit 2).",
 )
+@click.option(
+    "--lease-dead-job",
+    "dead_jobs",
+    multiple=True,
+    metavar="SUBMISSION_ID",
+    help="A Ray job known to have ended: its lease on the run is free at once (supervisor).",
+)
 def train(
     config_path: str | None,
     overrides: tuple[str, ...],
     name: str | None,
     storage_path: str | None,
     wait_for_lease: bool,
+    dead_jobs: tuple[str, ...],
 ) -> None:
     """Train, or resume the run named by storage.path + run.name.
 
@@ -58,7 +66,10 @@ def train(
     cfg = _load_or_exit(config_path, [*overrides, *extra])
     try:
         summary = driver.train(
-            cfg, on_connected=_exit_cleanly_on_sigterm, wait_for_lease=wait_for_lease
+            cfg,
+            on_connected=_exit_cleanly_on_sigterm,
+            wait_for_lease=wait_for_lease,
+            dead_jobs=dead_jobs,
         )
     except ConfigError as exc:
         _fail(EXIT_USAGE, f"error: {exc}")

@@ -157,7 +157,10 @@ def build_trainer(cfg: Config, run: RunState):
 
 
 def train(
-    cfg: Config, on_connected: Callable[[], None] = lambda: None, wait_for_lease: bool = False
+    cfg: Config,
+    on_connected: Callable[[], None] = lambda: None,
+    wait_for_lease: bool = False,
+    dead_jobs: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run (or resume) training to the end; returns the run summary.
 
@@ -165,7 +168,7 @@ def train(
     unless ``wait_for_lease``."""
     cfg = with_absolute_paths(cfg)
     fs, run_dir = storage.run_location(cfg.storage, cfg.run.name)
-    with lease.hold(fs, run_dir, wait=wait_for_lease):  # one writer per run
+    with lease.hold(fs, run_dir, wait=wait_for_lease, dead_jobs=dead_jobs):  # one writer per run
         run = prepare_run(cfg)
         print(run.describe(cfg.run.name), flush=True)
         if run.finished:

@@ -100,9 +100,10 @@ def read(fs: pafs.FileSystem, run_dir: str) -> Holder | None:
         return None
 
 
-def is_alive(holder: Holder, now: float, ttl: float) -> bool:
-    """Fresh heartbeat, unless the holder provably died on this machine."""
-    if now - holder.heartbeat >= ttl:
+def is_alive(holder: Holder, now: float, ttl: float, dead_jobs: tuple[str, ...] = ()) -> bool:
+    """Fresh heartbeat, unless the holder provably died: on this machine, or as a Ray job that
+    the caller knows has ended (the supervisor after a head loss)."""
+    if now - holder.heartbeat >= ttl or (holder.job is not None and holder.job in dead_jobs):
         return False
     same_namespace = holder.boot_id == _read("/proc/sys/kernel/random/boot_id") and (
         holder.pid_ns == _pid_namespace()
@@ -151,10 +152,12 @@ class Lease:
                 self.fs.delete_file(self.path)
 
 
-def try_acquire(fs: pafs.FileSystem, run_dir: str, ttl: float, settle_s: float) -> Lease:
+def try_acquire(
+    fs: pafs.FileSystem, run_dir: str, ttl: float, settle_s: float, dead_jobs: tuple[str, ...] = ()
+) -> Lease:
     """Take the lease or raise LeaseHeld naming the live holder."""
     current = read(fs, run_dir)
-    if current is not None and is_alive(current, time.time(), ttl):
+    if current is not None and is_alive(current, time.time(), ttl, dead_jobs):
         raise LeaseHeld(current.describe(time.time()))
     holder = me(uuid.uuid4().hex, since=time.time())
     path = posixpath.join(run_dir, LEASE_FILE)
@@ -168,13 +171,18 @@ def try_acquire(fs: pafs.FileSystem, run_dir: str, ttl: float, settle_s: float) 
 
 @contextlib.contextmanager
 def hold(
-    fs: pafs.FileSystem, run_dir: str, wait: bool, settle_s: float = SETTLE_S
+    fs: pafs.FileSystem,
+    run_dir: str,
+    wait: bool,
+    settle_s: float = SETTLE_S,
+    dead_jobs: tuple[str, ...] = (),
 ) -> Iterator[Lease]:
-    """Hold the run's lease for the block; wait for it (polling) or raise LeaseHeld."""
+    """Hold the run's lease for the block; wait for it (polling) or raise LeaseHeld.
+    A lease held by one of ``dead_jobs`` (Ray submission ids known to have ended) is free."""
     ttl = ttl_s()
     while True:
         try:
-            lease = try_acquire(fs, run_dir, ttl, settle_s)
+            lease = try_acquire(fs, run_dir, ttl, settle_s, dead_jobs)
             break
         except LeaseHeld as held:
             if not wait:

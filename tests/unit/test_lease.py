@@ -117,3 +117,10 @@ def test_wait_for_lease_waits_until_the_holder_expires(run_dir, monkeypatch):
 def test_unreadable_lease_file_counts_as_free(run_dir):
     storage.write_bytes(FS, f"{run_dir}/{lease.LEASE_FILE}", b"{not json")
     lease.try_acquire(FS, run_dir, ttl=30, settle_s=0).release()
+
+
+def test_lease_of_a_job_known_dead_is_taken_over_at_once(run_dir):
+    write_holder(run_dir, elsewhere())  # fresh heartbeat, job raysubmit_abc
+    with pytest.raises(lease.LeaseHeld):
+        lease.try_acquire(FS, run_dir, ttl=30, settle_s=0, dead_jobs=("raysubmit_other",))
+    lease.try_acquire(FS, run_dir, ttl=30, settle_s=0, dead_jobs=("raysubmit_abc",)).release()
