@@ -1,6 +1,6 @@
 """Offline schema validation of the manifests in kuberay/, as the API server would do it.
 
-- RayCluster / RayJob: the KubeRay v1.7.0 CRDs (../shared/kuberay/crds/). Their
+- RayCluster / RayJob: the KubeRay v1.7.0 CRDs (schemas/kuberay-v1.7.0/crds/). Their
   openAPIV3Schema is turned into a JSON Schema and checked with `jsonschema`, after applying
   the schema's defaults the way the API server does. Unknown fields are rejected, as
   `kubectl apply` (field validation Strict) does: every object schema without
@@ -25,11 +25,11 @@ import kubernetes_validate
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# The shared reference folder sits next to the project root (here and in CI).
-SHARED_KUBERAY = REPO_ROOT.parent / "shared" / "kuberay"
+# Upstream KubeRay files carried in the repository (source and refresh: its README.md).
+KUBERAY_SCHEMAS = Path(__file__).resolve().parent / "schemas" / "kuberay-v1.7.0"
 CRD_FILES = {
-    "RayCluster": SHARED_KUBERAY / "crds" / "ray.io_rayclusters.yaml",
-    "RayJob": SHARED_KUBERAY / "crds" / "ray.io_rayjobs.yaml",
+    "RayCluster": KUBERAY_SCHEMAS / "crds" / "ray.io_rayclusters.yaml",
+    "RayJob": KUBERAY_SCHEMAS / "crds" / "ray.io_rayjobs.yaml",
 }
 CRD_VERSION = "v1"
 # Oldest Kubernetes minor the manifests must be valid for (kubernetes-validate picks the newest

@@ -24,12 +24,12 @@ from kuberay_pods import (
     quantity_value,
     ray_start_params,
 )
-from kuberay_schema import CRD_FILES, SHARED_KUBERAY
+from kuberay_schema import CRD_FILES, KUBERAY_SCHEMAS
 
 CHART_VERSION = "1.7.0"
 INSTALL_SCRIPT = KUBERAY_DIR / "install-operator.sh"
 OPERATOR_VALUES = KUBERAY_DIR / "helm" / "values.kuberay-operator.yaml"
-CHART_DIR = SHARED_KUBERAY / "charts" / "kuberay-operator"
+CHART_DIR = KUBERAY_SCHEMAS / "charts" / "kuberay-operator"
 # Chart values passed straight to Kubernetes objects (toYaml): any content is fine there.
 FREE_FORM_VALUES = {"resources", "env", "nodeSelector", "affinity", "annotations", "labels"}
 
