@@ -129,3 +129,21 @@ def _password_errors(who, container, requirepass, options) -> list[str]:
 def gcs_ft_errors(cluster: dict[str, Any], manifests: list[dict[str, Any]]) -> list[str]:
     errors = options_errors(cluster)
     return errors or redis_errors(cluster, manifests)
+
+
+# Ray's default RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S: how long `ray start` drains on SIGTERM.
+RAY_DRAIN_WINDOW_S = 30
+
+
+def drain_grace_errors(manifest: dict[str, Any]) -> list[str]:
+    """Worker pods must outlive Ray's drain window, or a drained node is killed mid-checkpoint."""
+    spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+    errors = []
+    for group in spec["workerGroupSpecs"]:
+        grace = group["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+        if grace <= RAY_DRAIN_WINDOW_S:
+            errors.append(
+                f"{ident(manifest)} group {group['groupName']}: terminationGracePeriodSeconds "
+                f"{grace} must exceed Ray's {RAY_DRAIN_WINDOW_S} s drain window"
+            )
+    return errors

@@ -11,7 +11,7 @@ import copy
 from typing import Any
 
 import pytest
-from kuberay_gcs_ft import REDIS_NAME, by_kind, gcs_ft_errors
+from kuberay_gcs_ft import REDIS_NAME, by_kind, drain_grace_errors, gcs_ft_errors
 from kuberay_invariants import rayjob_errors, same_cluster_errors
 from kuberay_schema import core_errors, crd_errors, pod_template_errors
 
@@ -124,3 +124,9 @@ def test_hand_set_redis_env_or_old_annotation_is_rejected(cluster, objects) -> N
 def test_rayjob_without_retries_is_rejected(job) -> None:
     job["spec"]["backoffLimit"] = 0
     assert any("backoffLimit" in e for e in rayjob_errors(job))
+
+
+def test_worker_pods_outlive_the_drain_window(cluster, job) -> None:
+    assert drain_grace_errors(cluster) == [] and drain_grace_errors(job) == []
+    del cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert any("must exceed Ray's 30 s" in e for e in drain_grace_errors(cluster))
