@@ -58,6 +58,10 @@ class WeedServer:
                 f"-s3.config={self.root / 's3.json'}",
                 "-ip=127.0.0.1",
                 "-ip.bind=127.0.0.1",
+                # Catalog listeners on fixed ports (8181, 9101) would collide with any other
+                # SeaweedFS on the machine; this test needs plain S3 only.
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
                 *self.ports,
             ],
             stdout=(self.root / "weed.log").open("a"),
@@ -126,8 +130,8 @@ def test_s3_outage_mid_run_loses_nothing(tmp_path, weed):
         assert time.monotonic() < deadline, "no checkpoint at step 30 within 300 s"
         time.sleep(0.5)
     before = newest_checkpoint_step(weed.endpoint)
-    weed.stop()
     assert driver.poll() is None, f"the run ended before the outage: {driver.stdout.read()[-5000:]}"
+    weed.stop()
     stopped = time.monotonic()
     time.sleep(OUTAGE_S)  # the outage itself: S3 stays down this long
     weed.start()
