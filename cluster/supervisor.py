@@ -86,9 +86,16 @@ def submit(address: str, entrypoint: list[str], dead_job: str | None, attempt: i
     return job_id
 
 
+def backoff_s(attempt: int) -> float:
+    """Seconds before submission `attempt`: the first retry at once (a lost head is back already
+    when we see its job failed), then longer while jobs keep failing (storage still down)."""
+    return min(60.0, 5.0 * max(0, attempt - 2))
+
+
 def supervise(address: str, entrypoint: list[str], max_submissions: int) -> int:
     dead_job = None
     for attempt in range(1, max_submissions + 1):
+        time.sleep(backoff_s(attempt))
         try:
             job_id = submit(address, entrypoint, dead_job, attempt)
         except Exception as exc:  # e.g. the head died between connect and submit

@@ -135,8 +135,6 @@ def build_trainer(cfg: Config, run: RunState):
     )
     # How soon Ray Train notices a node being drained (Ray's default: 5 s of a ~30 s window).
     os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
-    # The run's own storage calls (controller, workers) ride out brief outages (storage.py).
-    run_fs, _ = storage.run_location(cfg.storage, cfg.run.name, patient=True)
     return TorchTrainer(
         train_loop_per_worker=train_func,
         train_loop_config=cfg.model_dump(),
@@ -149,7 +147,7 @@ def build_trainer(cfg: Config, run: RunState):
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=posixpath.dirname(run.run_dir),
-            storage_filesystem=run_fs,
+            storage_filesystem=run.fs,
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
             # Ray deletes the checkpoints it registered beyond num_to_keep; checkpoint.prune
             # deletes what Ray does not know about (lost from its registry, partial uploads).

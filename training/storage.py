@@ -15,24 +15,15 @@ import pyarrow.fs as pafs
 
 from training.config import StorageSection
 
-# S3 calls of a running run (its controller and workers) retry network errors and 5xx with
-# exponential backoff: 11 attempts span ~50 s, so a brief storage outage is ridden out instead of
-# failing the run. The driver's own checks keep the SDK default and fail fast on a bad endpoint.
-PATIENT_S3_ATTEMPTS = 11
 
-
-def resolve(
-    uri: str, storage: StorageSection, patient: bool = False
-) -> tuple[pafs.FileSystem, str]:
+def resolve(uri: str, storage: StorageSection) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or an s3:// URI, with the section's S3 options."""
     if uri.startswith("s3://"):
-        retries = {"retry_strategy": pafs.AwsDefaultS3RetryStrategy(PATIENT_S3_ATTEMPTS)}
         fs = pafs.S3FileSystem(
             endpoint_override=storage.endpoint_override,
             scheme=storage.scheme,
             region=storage.region,
             allow_bucket_creation=storage.allow_bucket_creation,
-            **(retries if patient else {}),
         )
         return fs, uri.removeprefix("s3://").rstrip("/")
     if "://" in uri:
@@ -46,11 +37,9 @@ def absolute(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 
-def run_location(
-    storage: StorageSection, run_name: str, patient: bool = False
-) -> tuple[pafs.FileSystem, str]:
+def run_location(storage: StorageSection, run_name: str) -> tuple[pafs.FileSystem, str]:
     """Filesystem and directory of one run: ``<storage.path>/<run.name>``."""
-    fs, root = resolve(storage.path, storage, patient)
+    fs, root = resolve(storage.path, storage)
     return fs, posixpath.join(root, run_name)
 
 

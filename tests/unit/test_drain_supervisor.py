@@ -55,6 +55,7 @@ def test_supervisor_resubmits_until_done(monkeypatch, outcomes, code, dead_jobs)
         return f"job-{attempt}"
 
     results = iter(outcomes)
+    monkeypatch.setattr(sup, "backoff_s", lambda attempt: 0)
     monkeypatch.setattr(sup, "submit", submit)
     monkeypatch.setattr(sup, "follow", lambda address, job_id: next(results))
     assert (
@@ -80,3 +81,8 @@ def test_supervisor_passes_the_dead_job_to_the_driver(monkeypatch):
 def test_supervisor_needs_an_entrypoint():
     with pytest.raises(SystemExit):
         load_supervisor().main(["--address", "http://head:8265"])
+
+
+def test_supervisor_backs_off_only_when_jobs_keep_failing():
+    backoff = load_supervisor().backoff_s
+    assert [backoff(a) for a in (1, 2, 3, 4, 20)] == [0, 0, 5, 10, 60]
