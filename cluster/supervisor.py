@@ -78,10 +78,20 @@ def follow(address: str, job_id: str) -> tuple[str, int | None]:
 
 
 def submit(address: str, entrypoint: list[str], dead_job: str | None, attempt: int) -> str:
+    """Submit once the head accepts jobs (a restarting head refuses for a while: 'No available
+    agent', connection resets); such refusals are waited out, not counted as attempts."""
     extra = ["--wait-for-lease"] + (["--lease-dead-job", dead_job] if dead_job else [])
     command = " ".join([*entrypoint, *extra])
     job_id = f"supervised-{attempt}-{uuid.uuid4().hex[:8]}"
-    connect(address).submit_job(entrypoint=command, submission_id=job_id)
+    while True:
+        try:
+            connect(address).submit_job(entrypoint=command, submission_id=job_id)
+            break
+        except Exception as exc:
+            if "already exists" in str(exc):  # accepted, but the answer was lost on the way
+                break
+            log(f"head refused the submission ({type(exc).__name__}: {str(exc)[:120]}); retrying")
+            time.sleep(POLL_S)
     log(f"submitted {job_id}: {command}")
     return job_id
 
@@ -96,11 +106,7 @@ def supervise(address: str, entrypoint: list[str], max_submissions: int) -> int:
     dead_job = None
     for attempt in range(1, max_submissions + 1):
         time.sleep(backoff_s(attempt))
-        try:
-            job_id = submit(address, entrypoint, dead_job, attempt)
-        except Exception as exc:  # e.g. the head died between connect and submit
-            log(f"submission failed ({type(exc).__name__}: {exc}); retrying")
-            continue
+        job_id = submit(address, entrypoint, dead_job, attempt)
         status, code = follow(address, job_id)
         log(f"{job_id} ended: {status} (driver exit code {code})")
         if status == "SUCCEEDED":
