@@ -40,9 +40,9 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/shellcheck $$(git ls-files '*.sh' .ci/run)
-	$(BIN)/hadolint docker/Dockerfile
+	$(BIN)/hadolint docker/Dockerfile docker/prometheus/Dockerfile
 	$(BIN)/actionlint
-	$(BIN)/yamllint -s cluster kuberay .github
+	$(BIN)/yamllint -s cluster kuberay .github docker/prometheus
 
 image: setup
 	bash docker/build-image.sh

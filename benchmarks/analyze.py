@@ -61,10 +61,15 @@ def steady_rate(steps: list[dict[str, Any]], skip_frac: float = 0.1) -> float | 
     return (len(window) - 1) / (window[-1]["time"] - window[0]["time"])
 
 
+def step_seconds(step: dict[str, Any], batch: int) -> float:
+    """A step's own timer: ``step_s`` (the trainer's run log), else batch / samples_per_s."""
+    return step["step_s"] if "step_s" in step else batch / step["samples_per_s"]
+
+
 def compute_rate(steps: list[dict[str, Any]], batch: int) -> float | None:
     """Steps/s of the step itself (forward, backward, all-reduce, optimizer), from its timer."""
     skip = max(5, int(len(steps) * 0.1))
-    times = [batch / s["samples_per_s"] for s in steps[skip:]]
+    times = [step_seconds(s, batch) for s in steps[skip:]]
     return 1 / statistics.median(times) if len(times) >= 5 else None
 
 
@@ -183,7 +188,7 @@ def goodput(evs: list[dict[str, Any]], kills: list[dict[str, Any]]) -> dict[str,
     """Share of wall time spent computing steps the final model contains.
 
     Wall time runs from the first attempt's ``start`` to the ``end`` event; a step's time is
-    its own timer (global batch / samples_per_s). Steps redone after a restart, restarts,
+    its own timer (step_seconds). Steps redone after a restart, restarts,
     checkpoints and reports all count as lost time.
     """
     runs = attempts(evs)
@@ -193,7 +198,7 @@ def goodput(evs: list[dict[str, Any]], kills: list[dict[str, Any]]) -> dict[str,
     batch = runs[0]["start"]["global_batch_size"]
     history, _ = runlog.effective_history(evs)
     t0, t1 = runs[0]["start"]["time"], ends[-1]["time"]
-    useful = sum(batch / e["samples_per_s"] for e in history.values())
+    useful = sum(step_seconds(e, batch) for e in history.values())
     all_steps = sum(len(a["steps"]) for a in runs)
     # Per kill cycle: useful step time of effective steps finished inside it, over its length.
     bounds = [t0] + [k["time"] for k in kills] + [t1]
@@ -201,7 +206,7 @@ def goodput(evs: list[dict[str, Any]], kills: list[dict[str, Any]]) -> dict[str,
     for lo, hi in itertools.pairwise(bounds):
         inside = [e for e in history.values() if lo <= e["time"] < hi]
         if hi - lo > 1:
-            cycles.append(sum(batch / e["samples_per_s"] for e in inside) / (hi - lo))
+            cycles.append(sum(step_seconds(e, batch) for e in inside) / (hi - lo))
     return {
         "wall_s": t1 - t0,
         "effective_steps": len(history),

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from training.models import build_model
 
 from training.config import MLPSection, ModelSection
 from training.data import DEMO_CLASSES, DEMO_FEATURES
-from training.models import build_model
 
 
 def state_for(hidden_sizes: list[int]) -> dict[str, Any]:

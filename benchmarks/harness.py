@@ -340,7 +340,7 @@ class Bench:
         for label in self.plan["stall_sizes"]:
             for mode in ("sync", "async"):
                 extra = {
-                    "model.mlp.hidden_sizes": SIZES[label],
+                    "task.options.mlp.hidden_sizes": SIZES[label],
                     "checkpoint.every_n_steps": 2,
                     "checkpoint.upload": mode,
                     "training.report_every_n_steps": NEVER,

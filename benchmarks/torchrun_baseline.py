@@ -3,12 +3,11 @@
     torchrun --standalone --nproc-per-node 2 [--max-restarts N] benchmarks/torchrun_baseline.py \
         --config training/configs/local.yaml --set KEY=VALUE ... --run-dir DIR
 
-It reuses the project's config, ``training.models.build_model`` and the ``training.data`` order
-functions, so each global step consumes exactly the samples the Ray loop's step does, with the
-same optimizer and LR schedule (both mirrored from ``training/loop.py`` so this script does not
-import Ray). It deliberately leaves out what the project adds on top of plain DDP: the per-step
-ledger all-gather, the sample ids in the run log, Prometheus gauges, evaluation, the checkpoint
-manifest and ``ray.train.report``.
+It reuses the project's config, its task (``training.tasks``: data, model, batch, loss) and the
+``training.data`` order functions, so each global step consumes exactly the samples the Ray loop's
+step does, with the same optimizer and LR schedule (``training/optim.py``, Ray-free). It
+deliberately leaves out what the project adds on top of plain DDP: the sample ids in the run log,
+Prometheus gauges, evaluation, the checkpoint manifest and ``ray.train.report``.
 
 It has its own simple checkpointing (rank 0 ``torch.save`` + rename every
 ``checkpoint.every_n_steps``) and resumes from the newest one, so ``torchrun --max-restarts``
@@ -34,9 +33,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
-from training import data  # noqa: E402
+from training import data, storage, tasks  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.models import build_model  # noqa: E402
 from training.optim import build_optimizer, build_scheduler  # noqa: E402
 
 CKPT = re.compile(r"^checkpoint_(\d{9})\.pt$")
@@ -65,16 +63,18 @@ def main() -> None:
     (run_dir / "pids").mkdir(parents=True, exist_ok=True)
     (run_dir / "pids" / f"rank{rank}").write_text(str(os.getpid()))
 
-    splits = data.load_splits(cfg.data, cfg.storage)
-    per_epoch = data.steps_per_epoch(len(splits.train), cfg.training.global_batch_size)
+    fs, path = storage.resolve(cfg.data.path, cfg.storage)
+    task = tasks.build(
+        cfg.task.name, cfg.task.options, tasks.DataSource(fs, path, path, cfg.data.val_fraction)
+    )
+    train, _ = task.load()
+    per_epoch = data.steps_per_epoch(len(train), cfg.training.global_batch_size)
     total = per_epoch * cfg.training.epochs
     if cfg.training.max_steps is not None:
         total = min(total, cfg.training.max_steps)
 
     torch.manual_seed(data.derive_seed(cfg.training.seed, "init"))
-    model = nn.parallel.DistributedDataParallel(
-        build_model(cfg.model, splits.num_features, splits.num_classes)
-    )
+    model = nn.parallel.DistributedDataParallel(task.build_model())
     optimizer = build_optimizer(cfg.training.optimizer, model)
     scheduler = build_scheduler(cfg.training.lr_schedule, optimizer, total)
 
@@ -103,7 +103,7 @@ def main() -> None:
             steps_per_epoch=per_epoch,
             total_steps=total,
             global_batch_size=cfg.training.global_batch_size,
-            train_samples=len(splits.train),
+            train_samples=len(train),
             process_started=PROCESS_STARTED,
             restore_s=restore_s,
         )
@@ -114,13 +114,13 @@ def main() -> None:
         started = time.perf_counter()
         epoch, step_in_epoch = divmod(global_step - 1, per_epoch)
         if epoch not in orders:
-            orders = {epoch: data.epoch_order(cfg.training.seed, epoch, len(splits.train))}
+            orders = {epoch: data.epoch_order(cfg.training.seed, epoch, len(train))}
         batch = data.global_batch(orders[epoch], step_in_epoch, batch_size)
         ids = data.rank_slice(batch, rank, world)
         torch.manual_seed(data.derive_seed(cfg.training.seed, "step", global_step, rank))
         model.train()
-        logits = model(splits.train.features[ids])
-        loss = nn.functional.cross_entropy(logits, splits.train.labels[ids])
+        batch_seed = data.derive_seed(cfg.training.seed, "batch", epoch)
+        loss = task.step(model, task.batch(train, ids, batch_seed)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.training.grad_clip_norm is not None:

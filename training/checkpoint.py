@@ -13,6 +13,7 @@ trusting only the one Ray registered.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -66,6 +67,27 @@ def dir_name(global_step: int, attempt: str = "") -> str:
     return f"checkpoint_{global_step:09d}" + (f"_{attempt}" if attempt else "")
 
 
+def build_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: Progress,
+    config: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The full training state (live references: stage it before training goes on). ``extra``:
+    the grad scaler's and the task's registered state."""
+    return {
+        "format": FORMAT_VERSION,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "progress": asdict(progress),
+        "config": config,
+        "extra": extra or {},
+    }
+
+
 def write(
     directory: str | Path,
     model: torch.nn.Module,
@@ -73,21 +95,64 @@ def write(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: Progress,
     config: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write the state into a local directory; the manifest goes last."""
+    """Write the state into a local directory in one go; the manifest goes last."""
+    write_state(directory, build_state(model, optimizer, scheduler, progress, config, extra))
+
+
+def write_state(directory: str | Path, state: dict[str, Any]) -> None:
+    """Serialise a (staged) state into a local directory, checksumming the bytes as they are
+    written (no second read of the file); the manifest goes last."""
     directory = Path(directory)
-    state = {
-        "format": FORMAT_VERSION,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "progress": asdict(progress),
-        "config": config,
-    }
-    torch.save(state, directory / STATE_FILE)
-    files = {p.name: _describe_file(p.read_bytes()) for p in sorted(directory.iterdir())}
-    manifest = {"format": FORMAT_VERSION, "progress": asdict(progress), "files": files}
+    with open(directory / STATE_FILE, "wb") as raw:
+        hashed = _HashingWriter(raw)
+        torch.save(state, hashed)
+    files = {STATE_FILE: {"size": hashed.size, "sha256": hashed.digest.hexdigest()}}
+    manifest = {"format": FORMAT_VERSION, "progress": state["progress"], "files": files}
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that hashes what passes through it."""
+
+    def __init__(self, sink: io.BufferedWriter):
+        self.sink, self.digest, self.size = sink, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.sink.write(data)
+
+
+class Stager:
+    """Reusable CPU buffers that a state is copied into: the only part of a checkpoint that
+    blocks training. Serialising, checksumming and uploading the staged copy happen in the
+    background while the live tensors change again (see ``training/loop.py``)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def stage(self, tree: Any, path: tuple[Any, ...] = ()) -> Any:
+        if isinstance(tree, torch.Tensor):
+            return self._copy(tree, path)
+        if isinstance(tree, dict):
+            return {k: self.stage(v, (*path, k)) for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(self.stage(v, (*path, i)) for i, v in enumerate(tree))
+        return copy.deepcopy(tree)
+
+    def _copy(self, tensor: torch.Tensor, path: tuple[Any, ...]) -> torch.Tensor:
+        buffer = self._buffers.get(path)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = torch.empty_like(tensor, device="cpu", pin_memory=tensor.is_cuda)
+            self._buffers[path] = buffer
+        # A GPU copy into pinned memory is synchronous here (non_blocking=False): the buffer
+        # must hold this step's values before training goes on.
+        return buffer.copy_(tensor.detach())
 
 
 def load(fs: pafs.FileSystem, path: str) -> dict[str, Any]:

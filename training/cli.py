@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {train,status,verify,demo-data}``.
+"""Command line: ``python -m training {train,status,verify,plot,demo-data,check-task}``.
 
 Exit codes: 0 success, 1 training failed (or the ledger check failed), 2 bad config or usage,
 130 interrupted (the run can be resumed by running the same command again).
@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from training import checkpoint, driver, lease, runlog, storage
+from training import checkpoint, driver, lease, runlog, storage, tasks
 from training.config import ConfigError, StorageSection, load_config
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -79,6 +79,8 @@ def train(
             f"error: run '{cfg.run.name}' is already training ({held}); "
             "stop that driver first, or pass --wait-for-lease to wait for it",
         )
+    except driver.RunStopped as exc:
+        _fail(EXIT_FAILED, f"Training stopped: {exc}")
     except KeyboardInterrupt:
         _fail(
             EXIT_INTERRUPTED,
@@ -140,24 +142,83 @@ def verify(storage_path: str | None, name: str, config_path: str | None, as_json
     sys.exit(0 if report.ok else EXIT_FAILED)
 
 
-@main.command("demo-data")
-@click.option("--out", required=True, help="Parquet file to write (local path or s3://).")
-@click.option(
-    "--rows", default=8192, show_default=True, type=click.IntRange(min=1), help="Number of rows."
-)
-@click.option(
-    "--seed",
-    default=0,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Seed; the same seed gives byte-identical data.",
-)
-def demo_data(out: str, rows: int, seed: int) -> None:
-    """Write the deterministic demo dataset (32 features, 4 classes)."""
-    from training.data import write_demo_dataset
+@main.command()
+@click.option("--storage", "storage_path", help="Storage path holding the run.")
+@click.option("--name", required=True, help="Run name.")
+@click.option("--config", "config_path", type=click.Path(), help="Take storage settings from here.")
+@click.option("--out", "out_path", help="PNG file to write (default: ./<name>.png).")
+def plot(
+    storage_path: str | None, name: str, config_path: str | None, out_path: str | None
+) -> None:
+    """PNG of loss and the task's metrics over global steps, with restarts, resizes and
+    checkpoints marked, read from the run log (local or s3:// storage). Needs matplotlib:
+    pip install 'elastic-trainer[plot]'.
 
-    write_demo_dataset(out, StorageSection(path=out), rows=rows, seed=seed)
-    click.echo(f"Wrote {rows} rows to {out}")
+    Example: python -m training plot --storage ./runs --name demo --out demo.png
+    """
+    from training import plot as plotting
+
+    storage_cfg = _storage_section(config_path, storage_path)
+    fs, run_dir = storage.run_location(storage_cfg, name)
+    events = runlog.read_events(fs, run_dir)
+    if not events:
+        _fail(EXIT_FAILED, f"No run log under {storage.display(fs, run_dir)}")
+    out_path = out_path or f"{name}.png"
+    try:
+        picture = plotting.write_png(events, out_path, title=f"run {name!r}")
+    except plotting.PlotUnavailable as exc:
+        _fail(EXIT_USAGE, f"error: {exc}")
+    click.echo(
+        f"Wrote {out_path}: {len(picture.panels)} metrics ({', '.join(picture.panels)}), "
+        f"{len(picture.train.kept)} kept and {len(picture.train.rolled_back)} rolled-back step "
+        f"points, {len(picture.restarts)} restarts, {len(picture.checkpoints.kept)} checkpoints"
+    )
+
+
+@main.command("demo-data")
+@click.option(
+    "--task",
+    "task_name",
+    default="tabular",
+    show_default=True,
+    help="Whose demo data: tabular (synthetic, 32 features, 4 classes), language_model (the "
+    "stdlib's docstrings as text) or image (scikit-learn's digits as PNG files).",
+)
+@click.option("--out", required=True, help="Where to write (local path or s3://).")
+@click.option("--config", "config_path", type=click.Path(), help="Task options from here.")
+def demo_data(task_name: str, out: str, config_path: str | None) -> None:
+    """Write a built-in task's demo dataset (the same bytes every time)."""
+    overrides = [f"task.name={task_name}", f"data.path={out}"]
+    cfg = _load_or_exit(config_path, overrides)
+    try:
+        tasks.build(cfg.task.name, cfg.task.options, loop_free_source(cfg)).write_demo()
+    except tasks.TaskError as exc:
+        _fail(EXIT_USAGE, f"error: {exc}")
+    click.echo(f"Wrote the {task_name} demo data to {out}")
+
+
+@main.command("check-task")
+@click.option("--config", "config_path", type=click.Path(), help="YAML config naming the task.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a value.")
+def check_task(config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Run the task contract checks on a task and its data (no Ray): pure batches, additive
+    totals, a deterministic step, a stable fingerprint. Exit 1 if one fails."""
+    from training.task_contract import run_contract
+
+    cfg = _load_or_exit(config_path, list(overrides))
+    try:
+        failures = run_contract(cfg.task.name, cfg.task.options, loop_free_source(cfg))
+    except tasks.TaskError as exc:
+        _fail(EXIT_USAGE, f"error: {exc}")
+    for line in failures:
+        click.echo(f"FAIL {line}")
+    click.echo(f"task '{cfg.task.name}': {'contract holds' if not failures else 'BROKEN'}")
+    sys.exit(EXIT_FAILED if failures else 0)
+
+
+def loop_free_source(cfg) -> tasks.DataSource:
+    fs, path = storage.resolve(cfg.data.path, cfg.storage)
+    return tasks.DataSource(fs, path, storage.absolute(cfg.data.path), cfg.data.val_fraction)
 
 
 def _load_or_exit(config_path: str | None, overrides: list[str]):
@@ -204,26 +265,30 @@ def _print_run_status(run: dict[str, Any]) -> None:
     click.echo(f"{run['name']}  ({run['run_dir']})")
     click.echo(
         f"  step {run['final_step']}, attempts {run['attempts']}, world sizes "
-        f"{run['world_sizes']}, train loss {_fmt(run['train_loss'])}, "
-        f"val accuracy {_fmt(run['val_accuracy'])}"
+        f"{run['world_sizes']}, {_metrics_line(run)}"
     )
     for ckpt in run["checkpoints"]:
         state = "valid" if ckpt["valid"] else f"INVALID ({ckpt['reason']})"
         click.echo(f"  checkpoint step {ckpt['step']}: {state}")
 
 
+def _metrics_line(run: dict[str, Any]) -> str:
+    shown = [f"train {k} {_fmt(v)}" for k, v in run["train"].items()]
+    shown += [f"{k.replace('_', ' ', 1)} {_fmt(v)}" for k, v in run["val"].items()]
+    return ", ".join(shown) or "no metrics yet"
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     kept = ", ".join(str(c["step"]) for c in summary["checkpoints"] if c["valid"]) or "none"
-    click.echo(
-        "\nTraining finished\n"
-        f"  steps:            {summary['final_step']}\n"
-        f"  train loss:       {_fmt(summary['train_loss'])}\n"
-        f"  val loss:         {_fmt(summary['val_loss'])}\n"
-        f"  val accuracy:     {_fmt(summary['val_accuracy'])}\n"
-        f"  restarts:         {summary['restarts']} (world sizes {summary['world_sizes']})\n"
-        f"  checkpoints kept: steps {kept}\n"
-        f"  run files:        {summary['run_dir']}"
-    )
+    lines = ["", "Training finished", f"  {'steps:':<18}{summary['final_step']}"]
+    lines += [f"  {'train ' + k + ':':<18}{_fmt(v)}" for k, v in summary["train"].items()]
+    lines += [f"  {k.replace('_', ' ', 1) + ':':<18}{_fmt(v)}" for k, v in summary["val"].items()]
+    lines += [
+        f"  {'restarts:':<18}{summary['restarts']} (world sizes {summary['world_sizes']})",
+        f"  {'checkpoints kept:':<18}steps {kept}",
+        f"  {'run files:':<18}{summary['run_dir']}",
+    ]
+    click.echo("\n".join(lines))
 
 
 def _fmt(value: float | None) -> str:

@@ -6,7 +6,6 @@ resolved config as a plain dict (``Config.model_dump()``) and re-validate it.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,9 +21,6 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-
-BUILTIN_MODELS = ("mlp", "transformer")
-IMPORT_STRING = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 class ConfigError(ValueError):
@@ -101,66 +97,61 @@ class TrainingSection(Section):
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     lr_schedule: LRScheduleSection = Field(default_factory=LRScheduleSection)
     grad_clip_norm: PositiveFloat | None = Field(1.0, description="Max global grad norm, or null.")
-    log_every_n_steps: PositiveInt = Field(10, description="Progress line every N steps (rank 0).")
-    report_every_n_steps: PositiveInt = Field(
-        50, description="ray.train.report every N steps; it is a ~2 s barrier, keep N large."
+    micro_batch_size: PositiveInt | None = Field(
+        None,
+        description="Samples per forward/backward on a worker; the worker's share of the global "
+        "batch is accumulated in micro-batches of this size (null: one pass). Bounds memory "
+        "when a shrunk world gives each worker a larger share.",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16/fp16: autocast; fp16 adds a GradScaler (checkpointed)."
+    )
+    deterministic: bool = Field(
+        False, description="torch.use_deterministic_algorithms (slower kernels on GPU)."
+    )
+    collective_timeout_s: PositiveFloat = Field(
+        300, description="A peer silent this long in a collective fails the attempt (Ray: 30 min)."
+    )
+    log_every_n_steps: PositiveInt = Field(
+        10, description="Metrics are reduced over the ranks and logged every N steps."
+    )
+    report_every_n_steps: PositiveInt | None = Field(
+        None,
+        description="Metrics-only ray.train.report every N steps; null: only with checkpoints. "
+        "Each call is a cluster-wide barrier and Ray Train V2 keeps only the metrics reported "
+        "with a checkpoint, so use it only if a tool of yours reads them.",
+    )
+
+
+class TaskSection(Section):
+    name: str = Field(
+        "tabular",
+        description="tabular | language_model | image, or your own 'package.module:ClassName'.",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="The task's own options, validated by the task."
     )
 
 
 class DataSection(Section):
     path: str = Field(
-        "./data/demo.parquet", min_length=1, description="Parquet file or dir, local or s3://."
+        "./data/demo.parquet",
+        min_length=1,
+        description="The task's data (file or directory), local/shared path or s3://.",
     )
-    label_column: str = Field("label", min_length=1)
-    feature_columns: list[str] | None = Field(
-        None, description="Feature columns; null means every column except the label."
-    )
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Tail share held out for eval.")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share held out for eval.")
     create_demo_if_missing: bool = Field(
-        False, description="Write the demo dataset at path first if nothing is there."
-    )
-    demo_rows: PositiveInt = Field(8192, description="Rows of the demo dataset.")
-
-
-class MLPSection(Section):
-    hidden_sizes: list[PositiveInt] = Field(default_factory=lambda: [128, 128])
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-
-
-class TransformerSection(Section):
-    tokens: PositiveInt = Field(8, description="Feature vector is split into this many tokens.")
-    d_model: PositiveInt = 64
-    n_heads: PositiveInt = 4
-    n_layers: PositiveInt = 2
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> TransformerSection:
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
-            )
-        return self
-
-
-class ModelSection(Section):
-    name: str = Field(
-        "mlp", description="'mlp', 'transformer', or 'package.module:factory' for your own model."
-    )
-    mlp: MLPSection = Field(default_factory=MLPSection)
-    transformer: TransformerSection = Field(default_factory=TransformerSection)
-    kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Keyword arguments for a custom factory."
+        False, description="Write the task's demo dataset at path first if nothing is there."
     )
 
-    @model_validator(mode="after")
-    def _known_model(self) -> ModelSection:
-        if self.name not in BUILTIN_MODELS and not IMPORT_STRING.match(self.name):
-            raise ValueError(
-                f"'{self.name}' is not a model: use one of {', '.join(BUILTIN_MODELS)} "
-                "or an import string 'package.module:factory'"
-            )
-        return self
+
+class EvalSection(Section):
+    every_n_steps: PositiveInt | None = Field(
+        None, description="Evaluate every N global steps; null: at every checkpoint."
+    )
+    batches: NonNegativeInt = Field(
+        20, description="Held-out global batches per evaluation, sharded over the ranks; 0: off."
+    )
 
 
 class CheckpointSection(Section):
@@ -189,8 +180,11 @@ class Fault(Section):
     )
     rank: NonNegativeInt = Field(0, description="World rank that fails.")
     step: PositiveInt = Field(description="Global step at which the fault fires.")
-    during: Literal["step", "checkpoint"] = Field(
-        "step", description="Fire before the step runs, or while its checkpoint is being written."
+    during: Literal["step", "serialize", "checkpoint"] = Field(
+        "step",
+        description="step: before the step runs; serialize: rank 0, in the background save, "
+        "before the staged state is written; checkpoint: while the checkpoint is uploaded "
+        "(rank 0: after the state file, before the manifest).",
     )
     seconds: PositiveFloat = Field(30, description="Stall length (stall only).")
 
@@ -206,8 +200,9 @@ class Config(Section):
     storage: StorageSection = Field(default_factory=StorageSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
+    task: TaskSection = Field(default_factory=TaskSection)
     data: DataSection = Field(default_factory=DataSection)
-    model: ModelSection = Field(default_factory=ModelSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     failure: FailureSection = Field(default_factory=FailureSection)
     chaos: ChaosSection = Field(default_factory=ChaosSection)
@@ -227,6 +222,8 @@ class Config(Section):
     @model_validator(mode="after")
     def _faults_target_existing_ranks(self) -> Config:
         for i, fault in enumerate(self.chaos.faults):
+            if fault.during == "serialize" and fault.rank != 0:
+                raise ValueError(f"chaos.faults[{i}]: during 'serialize' happens on rank 0 only")
             if fault.rank >= self.scaling.max_workers:
                 raise ValueError(
                     f"chaos.faults[{i}].rank ({fault.rank}) must be < scaling.max_workers "
@@ -238,11 +235,10 @@ class Config(Section):
 # Fields that define what a run computes. Resuming with any of them changed is refused,
 # because the resumed run could no longer equal an uninterrupted one.
 IDENTITY_FIELDS = (
-    "model",
+    "task",
     "data.path",
-    "data.label_column",
-    "data.feature_columns",
     "data.val_fraction",
+    "training.precision",
     "training.seed",
     "training.global_batch_size",
     "training.epochs",
@@ -253,10 +249,12 @@ IDENTITY_FIELDS = (
 )
 
 
-def identity_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Identity fields whose value differs between two config dicts, as 'field: old -> new'."""
+def identity_diff(
+    saved: dict[str, Any], current: dict[str, Any], fields: tuple[str, ...] = IDENTITY_FIELDS
+) -> list[str]:
+    """Fields whose value differs between two dicts, as 'field: old -> new'."""
     diffs = []
-    for dotted in IDENTITY_FIELDS:
+    for dotted in fields:
         old, new = _lookup(saved, dotted), _lookup(current, dotted)
         if old != new:
             diffs.append(f"{dotted}: {old!r} -> {new!r}")
@@ -295,10 +293,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def parse_config(raw: dict[str, Any]) -> Config:
+    """Validate the whole config, the task's options included (with the task's own model)."""
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError("\n".join(_describe(err) for err in exc.errors())) from None
+    from training import tasks  # the task registry imports user modules: only once valid
+
+    try:
+        options = tasks.parse_options(tasks.task_class(cfg.task.name), cfg.task.options)
+    except tasks.TaskError as exc:
+        raise ConfigError(str(exc)) from None
+    # Defaults filled in, so the saved config (and the run identity) is explicit.
+    cfg.task.options = options.model_dump()
+    return cfg
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

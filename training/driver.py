@@ -15,10 +15,16 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from training import checkpoint, data, lease, runlog, storage
+from training import checkpoint, lease, runlog, stops, storage, tasks
 from training.config import Config, ConfigError, identity_diff
 
 RUN_CONFIG_FILE = "run_config.json"
+# The data fingerprint the run started with (task.check()): part of the run's identity.
+FINGERPRINT_FILE = "data_fingerprint.json"
+
+
+class RunStopped(RuntimeError):
+    """The run was stopped for good (a non-finite loss); the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -54,24 +60,75 @@ def with_absolute_paths(cfg: Config) -> Config:
 
 
 def prepare_run(cfg: Config) -> RunState:
-    """Validate the run against what storage holds and record its config on first start."""
-    ensure_data(cfg)
+    """Validate the run against its data and what storage holds, before Ray starts; record its
+    config and data fingerprint on first start."""
+    fingerprint = check_data(cfg)
     fs, run_dir = storage.run_location(cfg.storage, cfg.run.name)
+    check_storage_root(fs, posixpath.dirname(run_dir), cfg.storage.path)
+    stopped = stops.read(fs, run_dir)
+    if stopped:
+        raise RunStopped(f"run '{cfg.run.name}' {stopped}")
     config_path = posixpath.join(run_dir, RUN_CONFIG_FILE)
     existed = storage.exists(fs, config_path)
     if existed:
-        saved = json.loads(storage.read_bytes(fs, config_path))
-        diffs = identity_diff(saved, cfg.model_dump())
-        if diffs:
-            raise ConfigError(
-                f"run '{cfg.run.name}' already exists at {run_dir} with a different config; "
-                f"resuming it would not reproduce it ({'; '.join(diffs)}). "
-                "Use a new run.name, or the original values."
-            )
+        check_identity(cfg, fs, run_dir, fingerprint)
     else:
         storage.write_bytes(fs, config_path, cfg.model_dump_json(indent=1).encode())
+    fingerprint_path = posixpath.join(run_dir, FINGERPRINT_FILE)
+    if not storage.exists(fs, fingerprint_path):
+        storage.write_bytes(fs, fingerprint_path, json.dumps(fingerprint, indent=1).encode())
     newest = checkpoint.newest_valid(fs, run_dir)
     return RunState(fs, run_dir, newest, existed, finished=_finished_at(fs, run_dir, newest))
+
+
+def check_identity(
+    cfg: Config, fs: pafs.FileSystem, run_dir: str, fingerprint: dict[str, Any]
+) -> None:
+    """Refuse to resume with a changed config or changed data: it would not reproduce the run."""
+    saved = json.loads(storage.read_bytes(fs, posixpath.join(run_dir, RUN_CONFIG_FILE)))
+    diffs = identity_diff(saved, cfg.model_dump())
+    fingerprint_path = posixpath.join(run_dir, FINGERPRINT_FILE)
+    if storage.exists(fs, fingerprint_path):
+        old = json.loads(storage.read_bytes(fs, fingerprint_path))
+        diffs += [f"data {d}" for d in identity_diff(old, fingerprint, tuple(old | fingerprint))]
+    if diffs:
+        raise ConfigError(
+            f"run '{cfg.run.name}' already exists at {storage.display(fs, run_dir)} with a "
+            f"different config or data; resuming it would not reproduce it ({'; '.join(diffs)}). "
+            "Use a new run.name, or the original values and data."
+        )
+
+
+def check_storage_root(fs: pafs.FileSystem, root: str, written: str) -> None:
+    info = fs.get_file_info(root)
+    if info.type not in (pafs.FileType.NotFound, pafs.FileType.Directory):
+        raise ConfigError(
+            f"storage.path '{written}' exists but is not a directory; runs are stored in "
+            "directories under it: choose a directory (or a path that does not exist yet)"
+        )
+
+
+def check_data(cfg: Config) -> dict[str, Any]:
+    """Build the task, write its demo data if asked, and check the data from metadata: a bad
+    column, type or size fails here (exit 2), not in the workers after retries."""
+    source = tasks.DataSource(
+        *storage.resolve(cfg.data.path, cfg.storage), cfg.data.path, cfg.data.val_fraction
+    )
+    try:
+        task = tasks.build(cfg.task.name, cfg.task.options, source)
+        ensure_data(cfg, task, source)
+        fingerprint = task.check()
+    except tasks.TaskError as exc:
+        raise ConfigError(str(exc)) from None
+    train = fingerprint.get("train_samples", 0)
+    batch = cfg.training.global_batch_size
+    if train < batch:
+        raise ConfigError(
+            f"data.path '{cfg.data.path}' has {train} training samples (after holding out "
+            f"data.val_fraction {cfg.data.val_fraction}), fewer than one global batch "
+            f"(training.global_batch_size {batch}); use more data or a smaller batch"
+        )
+    return fingerprint
 
 
 def _finished_at(fs: pafs.FileSystem, run_dir: str, newest: checkpoint.CheckpointInfo | None):
@@ -82,17 +139,17 @@ def _finished_at(fs: pafs.FileSystem, run_dir: str, newest: checkpoint.Checkpoin
     return any(e["global_step"] == newest.step for e in ends)
 
 
-def ensure_data(cfg: Config) -> None:
-    fs, path = storage.resolve(cfg.data.path, cfg.storage)
-    if storage.exists(fs, path):
+def ensure_data(cfg: Config, task: tasks.Task, source: tasks.DataSource) -> None:
+    if storage.exists(source.fs, source.path):
         return
     if not cfg.data.create_demo_if_missing:
         raise ConfigError(
-            f"data.path: '{cfg.data.path}' does not exist; write the demo data with "
-            "`python -m training demo-data --out PATH` or set data.create_demo_if_missing: true"
+            f"data.path: '{cfg.data.path}' does not exist; write the task's demo data with "
+            "`python -m training demo-data --task NAME --out PATH` or set "
+            "data.create_demo_if_missing: true"
         )
-    print(f"Writing the demo dataset ({cfg.data.demo_rows} rows) to {cfg.data.path}", flush=True)
-    data.write_demo_dataset(cfg.data.path, cfg.storage, rows=cfg.data.demo_rows)
+    print(f"Writing the {cfg.task.name} demo dataset to {cfg.data.path}", flush=True)
+    task.write_demo()
 
 
 def connect_ray(cfg: Config) -> None:
@@ -117,7 +174,7 @@ def connect_ray(cfg: Config) -> None:
 
 def build_trainer(cfg: Config, run: RunState):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from training.loop import train_func
 
@@ -138,6 +195,9 @@ def build_trainer(cfg: Config, run: RunState):
     return TorchTrainer(
         train_loop_per_worker=train_func,
         train_loop_config=cfg.model_dump(),
+        # A peer that stops answering inside a collective becomes a failure within this time,
+        # not after the 30-minute default.
+        torch_config=TorchConfig(timeout_s=int(cfg.training.collective_timeout_s)),
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=scaling.use_gpu,
@@ -175,7 +235,13 @@ def train(
             return run_summary(run.fs, run.run_dir)
         connect_ray(cfg)
         on_connected()
-        build_trainer(cfg, run).fit()
+        try:
+            build_trainer(cfg, run).fit()
+        except Exception:
+            stopped = stops.read(run.fs, run.run_dir)
+            if stopped:  # the workers' traceback says less than the marker
+                raise RunStopped(f"run '{cfg.run.name}' {stopped}") from None
+            raise
     return run_summary(run.fs, run.run_dir)
 
 

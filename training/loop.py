@@ -1,23 +1,34 @@
 """The per-worker DDP loop that Ray Train runs on every worker (``train_func``).
 
+The framework owns time, the task owns samples: which sample ids a step uses, the randomness
+inside it, accumulation, precision, clipping, checkpoints and the ledger live here; what a sample
+is, the model and the loss come from the task (``training/tasks``).
+
 Fresh start and resume are one code path: every attempt looks for the newest valid checkpoint
 on storage and continues from the step after it. Which samples a step uses and the randomness
 inside it are functions of (seed, global step, rank), never of the attempt, which is what makes
 a resumed run bitwise equal to an uninterrupted one at the same world size.
+
+Nothing per step talks to other ranks beyond DDP's gradient all-reduce: the task's totals stay
+on the device and are summed over the ranks once per log interval (and before a checkpoint, so
+a non-finite loss is caught before it can be saved).
 
 Ray-specific calls are marked ``# Ray:``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import posixpath
 import shutil
 import tempfile
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -28,10 +39,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training import chaos, checkpoint, data, drain, metrics
+from training import chaos, checkpoint, data, drain, metrics, pace, stops, storage, tasks
 from training.checkpoint import Progress
 from training.config import Config
-from training.models import build_model
 from training.optim import build_optimizer, build_scheduler
 from training.runlog import RunLog
 
@@ -60,6 +70,30 @@ class Plan:
 
 
 @dataclass
+class Interval:
+    """The task's totals since the last log line, kept on the device (no host sync per step),
+    and the first step whose loss or gradient norm was not finite (inf: none)."""
+
+    totals: dict[str, torch.Tensor] = field(default_factory=dict)
+    first_bad_step: torch.Tensor | None = None
+    steps: int = 0
+    samples: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, totals: dict[str, torch.Tensor]) -> None:
+        for key, value in totals.items():
+            self.totals[key] = self.totals[key] + value if key in self.totals else value
+
+    def watch(self, global_step: int, *values: torch.Tensor) -> None:
+        finite = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all()
+        step = torch.where(finite, math.inf, float(global_step)).to(values[0].device)
+        if self.first_bad_step is None:
+            self.first_bad_step = step
+        else:
+            self.first_bad_step = torch.minimum(self.first_bad_step, step)
+
+
+@dataclass
 class Worker:
     """What one worker needs at every step; built once per attempt."""
 
@@ -70,13 +104,22 @@ class Worker:
     device: torch.device
     fs: pafs.FileSystem
     run_dir: str
-    splits: data.Splits
+    task: tasks.Task
+    train: Any
+    val: Any
     plan: Plan
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
     attempt: str
     runlog: RunLog | None  # rank 0 only
+    interval: Interval = field(default_factory=Interval)
+    stager: checkpoint.Stager = field(default_factory=checkpoint.Stager)
+    save_done: threading.Event = field(default_factory=threading.Event)  # no save in flight
+
+    def __post_init__(self) -> None:
+        self.save_done.set()
 
 
 def train_func(config_dict: dict[str, Any]) -> None:
@@ -84,9 +127,19 @@ def train_func(config_dict: dict[str, Any]) -> None:
     worker, progress = start_attempt(config_dict)
     try:
         run_steps(worker, progress)
+    except stops.NonFiniteLoss as exc:
+        if worker.rank == 0:
+            stops.record(worker.fs, worker.run_dir, exc)
+            worker.runlog.write("stopped", global_step=exc.step, reason=str(exc))
+        raise
     finally:
         if worker.runlog is not None:
             worker.runlog.close()
+
+
+def data_source(cfg: Config) -> tasks.DataSource:
+    fs, path = storage.resolve(cfg.data.path, cfg.storage)
+    return tasks.DataSource(fs, path, cfg.data.path, cfg.data.val_fraction)
 
 
 def start_attempt(config_dict: dict[str, Any]) -> tuple[Worker, Progress]:
@@ -96,60 +149,69 @@ def start_attempt(config_dict: dict[str, Any]) -> tuple[Worker, Progress]:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     run_storage = context.get_storage()
     fs, run_dir = run_storage.storage_filesystem, run_storage.experiment_fs_path
-    splits = data.load_splits(cfg.data, cfg.storage)
-    plan = Plan.for_run(cfg, len(splits.train))
+    stopped = stops.read(fs, run_dir)
+    if stopped:  # a retry after a non-finite loss would only repeat it
+        raise RuntimeError(stopped)
+    if cfg.training.deterministic:
+        torch.use_deterministic_algorithms(True)
+    task = tasks.build(cfg.task.name, cfg.task.options, data_source(cfg))
+    train, val = task.load()
+    plan = Plan.for_run(cfg, len(train))
 
     torch.manual_seed(data.derive_seed(cfg.training.seed, "init"))  # same init on every rank
-    model = build_model(cfg.model, splits.num_features, splits.num_classes)
-    model = ray.train.torch.prepare_model(model)  # Ray: move to device, wrap in DDP
+    model = ray.train.torch.prepare_model(task.build_model())  # Ray: to device, wrap in DDP
     optimizer = build_optimizer(cfg.training.optimizer, model)
     scheduler = build_scheduler(cfg.training.lr_schedule, optimizer, plan.total_steps)
+    device = ray.train.torch.get_device()  # Ray
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.training.precision == "fp16")
 
     restore_started = time.perf_counter()
     attempt = broadcast(uuid.uuid4().hex[:8] if rank == 0 else None)
-    progress, resumed_from = resume(
-        fs, run_dir, rank, cfg.checkpoint.num_to_keep, attempt, unwrap(model), optimizer, scheduler
-    )
     worker = Worker(
         cfg=cfg,
         config_dict=config_dict,
         rank=rank,
         world_size=world_size,
-        device=ray.train.torch.get_device(),  # Ray
+        device=device,
         fs=fs,
         run_dir=run_dir,
-        splits=splits,
+        task=task,
+        train=train,
+        val=val,
         plan=plan,
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
+        scaler=scaler,
         attempt=attempt,
         runlog=RunLog(fs, run_dir, attempt) if rank == 0 else None,
     )
+    progress, resumed_from = resume(worker)
     timing = {"began": began, "restore_s": time.perf_counter() - restore_started}
     announce_start(worker, progress, resumed_from, timing)
     return worker, progress
 
 
-def resume(
-    fs: pafs.FileSystem,
-    run_dir: str,
-    rank: int,
-    keep: int,
-    attempt: str,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> tuple[Progress, str | None]:
+def resume(worker: Worker) -> tuple[Progress, str | None]:
     """Load the newest valid checkpoint on storage, if any; rank 0 chooses it for everyone."""
-    chosen = checkpoint.newest_valid(fs, run_dir) if rank == 0 else None
+    fs, run_dir = worker.fs, worker.run_dir
+    chosen = checkpoint.newest_valid(fs, run_dir) if worker.rank == 0 else None
     path = broadcast(chosen.path if chosen else None)
     progress = Progress(global_step=0, epoch=0, step_in_epoch=0, attempt="")
     if path is not None:
-        progress = checkpoint.restore(checkpoint.load(fs, path), model, optimizer, scheduler)
+        state = checkpoint.load(fs, path)
+        progress = checkpoint.restore(
+            state, unwrap(worker.model), worker.optimizer, worker.scheduler
+        )
+        extra = state.get("extra", {})
+        if "scaler" in extra:
+            worker.scaler.load_state_dict(extra["scaler"])
+        worker.task.load_state_dict(extra.get("task", {}))
     barrier()  # everyone has loaded before rank 0 deletes anything
-    if rank == 0:
-        checkpoint.prune(fs, run_dir, keep=keep, attempt=attempt)
+    if worker.rank == 0:
+        checkpoint.prune(
+            fs, run_dir, keep=worker.cfg.checkpoint.num_to_keep, attempt=worker.attempt
+        )
     return progress, path
 
 
@@ -166,10 +228,12 @@ def announce_start(
         steps_per_epoch=worker.plan.steps_per_epoch,
         total_steps=worker.plan.total_steps,
         global_batch_size=worker.cfg.training.global_batch_size,
-        train_samples=len(worker.splits.train),
+        train_samples=len(worker.train),
+        task=worker.cfg.task.name,
         **timing,
     )
     worker.runlog.flush()
+    metrics.attempt_started(worker.cfg.run.name)
     where = f"resuming from step {progress.global_step}" if resumed_from else "starting at step 0"
     log.info(
         "[attempt %s] world size %d, %s of %d (%d steps/epoch)",
@@ -184,78 +248,105 @@ def announce_start(
 def run_steps(worker: Worker, progress: Progress) -> None:
     cfg = worker.cfg
     last_step = worker.plan.total_steps
+    worker.interval = Interval()
     for global_step in range(progress.global_step + 1, last_step + 1):
         inject_faults(worker, global_step, "step")
-        step_metrics = train_step(worker, global_step)
+        started = time.perf_counter()
+        lr = train_step(worker, global_step)
+        # The step's own timer, without a device sync: exact on CPU, launch time on GPU.
+        step_s = time.perf_counter() - started
+        checkpoint_due = global_step % cfg.checkpoint.every_n_steps == 0 or global_step == last_step
+        every_report = cfg.training.report_every_n_steps
+        report_due = every_report is not None and global_step % every_report == 0
+        evaluate_now = eval_due(cfg, global_step, checkpoint_due)
+        log_due = global_step % cfg.training.log_every_n_steps == 0
+        step_metrics: dict[str, Any] = {}
+        if checkpoint_due or report_due or evaluate_now or log_due:
+            step_metrics = close_interval(worker, global_step, lr)  # raises on a non-finite loss
         if worker.runlog is not None:
-            record_step(worker, global_step, step_metrics)
-        # Node drain (training/drain.py): checkpoint now, then take no further step.
+            record_step(worker, global_step, step_s, step_metrics)
+        if evaluate_now:
+            step_metrics.update(evaluate(worker, global_step))
+        # Node drain (training/drain.py): checkpoint now, then take no further step. Checked on
+        # log steps only, where step_metrics are filled.
         draining = drain.requested(global_step, worker.world_size, cfg.training.log_every_n_steps)
-        if draining or global_step % cfg.checkpoint.every_n_steps == 0 or global_step == last_step:
+        if checkpoint_due or draining:
             save_and_report(worker, global_step, step_metrics)
             if draining and global_step < last_step:
                 drain.hold(global_step)
-        elif global_step % cfg.training.report_every_n_steps == 0:
-            ray.train.report(public(step_metrics))  # Ray: a barrier, hence only every N steps
+        elif report_due:
+            ray.train.report(step_metrics)  # Ray: a barrier, hence only every N steps
     if worker.runlog is not None:
         worker.runlog.write("end", global_step=last_step)
 
 
-def train_step(worker: Worker, global_step: int) -> dict[str, Any]:
-    """One global step; returns metrics averaged over the whole global batch (all ranks)."""
-    started = time.perf_counter()
+def eval_due(cfg: Config, global_step: int, checkpoint_due: bool) -> bool:
+    if cfg.eval.batches == 0:
+        return False
+    every = cfg.eval.every_n_steps
+    return checkpoint_due if every is None else global_step % every == 0
+
+
+def train_step(worker: Worker, global_step: int) -> float:
+    """One global step: the worker's share of the global batch in micro-batches, gradients
+    accumulated (DDP syncs only on the last), then clip and optimizer step. Returns the LR used."""
+    cfg = worker.cfg.training
     epoch, step_in_epoch = worker.plan.position(global_step)
-    batch = data.global_batch(
-        epoch_order_cached(worker.cfg.training.seed, epoch, len(worker.splits.train)),
-        step_in_epoch,
-        worker.cfg.training.global_batch_size,
+    ids = data.rank_slice(
+        global_batch_ids(worker, epoch, step_in_epoch), worker.rank, worker.world_size
     )
-    ids = data.rank_slice(batch, worker.rank, worker.world_size)
-    features = worker.splits.train.features[ids].to(worker.device)
-    labels = worker.splits.train.labels[ids].to(worker.device)
-
-    # In-step randomness (dropout) depends only on (seed, global step, rank).
-    torch.manual_seed(data.derive_seed(worker.cfg.training.seed, "step", global_step, worker.rank))
+    chunks = ids.split(cfg.micro_batch_size or len(ids))
+    batch_seed = data.derive_seed(cfg.seed, "batch", epoch)
     worker.model.train()
-    logits = worker.model(features)
-    loss = nn.functional.cross_entropy(logits, labels)
     worker.optimizer.zero_grad(set_to_none=True)
-    loss.backward()  # DDP all-reduces gradients here
-    if worker.cfg.training.grad_clip_norm is not None:
-        nn.utils.clip_grad_norm_(worker.model.parameters(), worker.cfg.training.grad_clip_norm)
+    for index, chunk in enumerate(chunks):
+        batch = tasks.to_device(worker.task.batch(worker.train, chunk, batch_seed), worker.device)
+        # In-step randomness (dropout) depends only on (seed, global step, rank, micro-batch).
+        torch.manual_seed(
+            data.derive_seed(
+                cfg.seed, "step", global_step, worker.rank, *((index,) if index else ())
+            )
+        )
+        last = index == len(chunks) - 1
+        with no_sync_unless(worker.model, last), autocast(worker):
+            out = worker.task.step(worker.model, batch)
+        # Each micro-batch weighs by its share of the worker's samples: the same gradient as one
+        # pass over the whole share, whatever the micro-batch size.
+        worker.scaler.scale(out.loss * (len(chunk) / len(ids))).backward()
+        worker.interval.add(out.totals)
+        worker.interval.watch(global_step, out.loss)
+    if cfg.grad_clip_norm is not None:
+        worker.scaler.unscale_(worker.optimizer)
+        norm = nn.utils.clip_grad_norm_(worker.model.parameters(), cfg.grad_clip_norm)
+        if not worker.scaler.is_enabled():  # fp16: the scaler skips steps with inf gradients
+            worker.interval.watch(global_step, norm)
     lr = worker.scheduler.get_last_lr()[0]
-    worker.optimizer.step()
+    worker.scaler.step(worker.optimizer)
+    worker.scaler.update()
     worker.scheduler.step()
-
-    correct = (logits.argmax(dim=1) == labels).sum()
-    totals, all_ids = gather_step(loss.detach() * len(ids), correct, ids)
-    elapsed = time.perf_counter() - started
-    return {
-        "global_step": global_step,
-        "epoch": epoch,
-        "step_in_epoch": step_in_epoch + 1,
-        "loss": totals[0] / len(batch),
-        "accuracy": totals[1] / len(batch),
-        "lr": lr,
-        "samples_per_s": len(batch) / elapsed,
-        "world_size": worker.world_size,
-        "samples": all_ids,
-    }
+    worker.interval.steps += 1
+    worker.interval.samples += cfg.global_batch_size
+    return lr
 
 
-def gather_step(loss_sum: torch.Tensor, correct: torch.Tensor, ids: torch.Tensor):
-    """One small all-gather: every rank's loss, hits and sample ids, for logs and the ledger."""
-    local = torch.cat(
-        [torch.stack([loss_sum.float().cpu(), correct.float().cpu()]).double(), ids.double()]
-    )
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        gathered = [local]
-    else:
-        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, local)
-    totals = [sum(float(t[i]) for t in gathered) for i in (0, 1)]
-    all_ids = [int(i) for t in gathered for i in t[2:].tolist()]
-    return totals, all_ids
+def no_sync_unless(model: nn.Module, sync: bool):
+    """DDP's no_sync on every micro-batch but the last: one gradient all-reduce per step."""
+    if sync or not isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def autocast(worker: Worker):
+    precision = worker.cfg.training.precision
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(worker.device.type, dtype=dtype)
+
+
+def global_batch_ids(worker: Worker, epoch: int, step_in_epoch: int) -> torch.Tensor:
+    order = epoch_order_cached(worker.cfg.training.seed, epoch, len(worker.train))
+    return data.global_batch(order, step_in_epoch, worker.cfg.training.global_batch_size)
 
 
 @lru_cache(maxsize=2)
@@ -263,46 +354,147 @@ def epoch_order_cached(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
     return data.epoch_order(seed, epoch, num_samples)
 
 
-def record_step(worker: Worker, global_step: int, step_metrics: dict[str, Any]) -> None:
-    worker.runlog.write("step", **step_metrics)
-    metrics.record(step_metrics)
-    if global_step % worker.cfg.training.log_every_n_steps == 0:
-        log.info(
-            "step %d/%d epoch %d loss %.4f acc %.3f lr %.2e %.0f samples/s world %d",
-            global_step,
-            worker.plan.total_steps,
-            step_metrics["epoch"],
-            step_metrics["loss"],
-            step_metrics["accuracy"],
-            step_metrics["lr"],
-            step_metrics["samples_per_s"],
-            worker.world_size,
-        )
+def reduce_totals(
+    totals: dict[str, torch.Tensor], first_bad: torch.Tensor | None, device: torch.device
+) -> tuple[dict[str, float], float]:
+    """Sum the totals over all ranks and find the earliest non-finite step: one all-gather of a
+    small device tensor (NCCL on GPU, gloo on CPU), and one host sync."""
+    keys = sorted(totals)
+    bad = first_bad if first_bad is not None else torch.tensor(math.inf, device=device)
+    # A task may count on the CPU while its loss lives on the GPU: one device for the collective.
+    local = torch.stack([*(totals[k].to(device).float() for k in keys), bad.to(device).float()])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)
+        stacked = torch.stack(gathered)
+    else:
+        stacked = local.unsqueeze(0)
+    sums = stacked[:, :-1].sum(dim=0).tolist()
+    return dict(zip(keys, sums, strict=True)), float(stacked[:, -1].min())
+
+
+def close_interval(worker: Worker, global_step: int, lr: float) -> dict[str, Any]:
+    """Metrics of the steps since the last log line, over all ranks; raises NonFiniteLoss."""
+    interval = worker.interval
+    totals, first_bad = reduce_totals(interval.totals, interval.first_bad_step, worker.device)
+    if math.isfinite(first_bad):
+        raise stops.NonFiniteLoss(int(first_bad))
+    elapsed = time.perf_counter() - interval.started
+    epoch, step_in_epoch = worker.plan.position(global_step)
+    step_metrics = {
+        "global_step": global_step,
+        "epoch": epoch,
+        "step_in_epoch": step_in_epoch + 1,
+        **(worker.task.metrics(totals) if totals else {}),
+        "lr": lr,
+        "samples_per_s": interval.samples / elapsed if elapsed > 0 else 0.0,
+        "world_size": worker.world_size,
+    }
+    if worker.runlog is not None:
+        metrics.record(worker.cfg.run.name, step_metrics, interval.steps, interval.samples)
+    worker.interval = Interval()
+    return step_metrics
+
+
+def record_step(
+    worker: Worker, global_step: int, step_s: float, step_metrics: dict[str, Any]
+) -> None:
+    """The ledger: the global batch this step consumed, computed on rank 0 from the same pure
+    function every rank slices its share from (nothing is communicated); on log steps also the
+    interval's metrics."""
+    epoch, step_in_epoch = worker.plan.position(global_step)
+    ids = global_batch_ids(worker, epoch, step_in_epoch)
+    worker.runlog.write(
+        "step",
+        global_step=global_step,
+        epoch=epoch,
+        step_in_epoch=step_in_epoch + 1,
+        world_size=worker.world_size,
+        step_s=step_s,
+        **{k: v for k, v in step_metrics.items() if k not in LEDGER_FIELDS},
+        samples=ids.tolist(),
+    )
+    if step_metrics:
+        log_progress(worker, step_metrics)
+
+
+LEDGER_FIELDS = ("global_step", "epoch", "step_in_epoch", "world_size")
+
+
+def log_progress(worker: Worker, step_metrics: dict[str, Any]) -> None:
+    shown = " ".join(
+        f"{k} {v:.4g}"
+        for k, v in step_metrics.items()
+        if k not in ("global_step", "epoch", "step_in_epoch", "lr", "samples_per_s", "world_size")
+    )
+    log.info(
+        "step %d/%d epoch %d %s lr %.2e %.0f samples/s world %d, %s",
+        step_metrics["global_step"],
+        worker.plan.total_steps,
+        step_metrics["epoch"],
+        shown,
+        step_metrics["lr"],
+        step_metrics["samples_per_s"],
+        worker.world_size,
+        pace.describe(step_metrics["global_step"], worker.plan.total_steps),
+    )
+
+
+@torch.no_grad()
+def evaluate(worker: Worker, global_step: int) -> dict[str, float]:
+    """Held-out metrics on the first ``eval.batches`` global batches of val, each sharded over
+    the ranks like a training batch; no augmentation, no RNG, so it cannot perturb training."""
+    size = worker.cfg.training.global_batch_size
+    count = min(len(worker.val), worker.cfg.eval.batches * size)
+    model = unwrap(worker.model)
+    model.eval()
+    interval = Interval()
+    for start in range(0, count, size):
+        batch_ids = torch.arange(start, min(start + size, count))
+        ids = data.rank_slice(batch_ids, worker.rank, worker.world_size)
+        if len(ids) == 0:
+            continue
+        batch = tasks.to_device(worker.task.batch(worker.val, ids, None), worker.device)
+        with autocast(worker):
+            interval.add(worker.task.step(model, batch).totals)
+    totals, _ = reduce_totals(interval.totals, None, worker.device)
+    if not totals:
+        return {}
+    reported = {f"val_{k}": v for k, v in worker.task.metrics(totals).items()}
+    if worker.runlog is not None:
+        worker.runlog.write("eval", global_step=global_step, **reported)
+    return reported
 
 
 def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, Any]) -> None:
-    """Checkpoint (rank 0 writes, Ray uploads) and report; every rank calls report."""
+    """Checkpoint in two phases and report; every rank calls report.
+
+    On the training thread rank 0 only copies the state into reusable CPU buffers (the pause);
+    serialising, checksumming and uploading the copy run in Ray's upload thread (async mode),
+    one save at a time, the manifest last.
+    """
     epoch, done_in_epoch = divmod(global_step, worker.plan.steps_per_epoch)
     progress = Progress(global_step, epoch, done_in_epoch, worker.attempt)
-    started = time.perf_counter()  # the whole pause: eval, write, report (and sync upload)
-    reported = public(step_metrics)
-    local_dir = None
+    started = time.perf_counter()  # the pause: wait for the previous save, stage, report
+    local_dir, staged = None, None
     if worker.rank == 0:
-        reported.update(evaluate(worker))
-        worker.runlog.write("eval", global_step=global_step, **_eval_fields(reported))
         worker.runlog.flush()  # the ledger reaches storage before the checkpoint that needs it
-        local_dir = tempfile.mkdtemp(prefix="elastic-trainer-ckpt-")
-        checkpoint.write(
-            local_dir,
-            unwrap(worker.model),
-            worker.optimizer,
-            worker.scheduler,
-            progress,
-            worker.config_dict,
+        wait_for_previous_save(worker)
+        staged = worker.stager.stage(
+            checkpoint.build_state(
+                unwrap(worker.model),
+                worker.optimizer,
+                worker.scheduler,
+                progress,
+                worker.config_dict,
+                extra={"scaler": worker.scaler.state_dict(), "task": worker.task.state_dict()},
+            )
         )
+        local_dir = tempfile.mkdtemp(prefix="elastic-trainer-ckpt-")
+        worker.save_done.clear()
     else:
         inject_faults(worker, global_step, "checkpoint")
-    report_checkpoint(worker, global_step, reported, local_dir)
+    report_checkpoint(worker, global_step, step_metrics, local_dir, staged)
     if worker.rank == 0:
         blocked = time.perf_counter() - started
         worker.runlog.write(
@@ -316,8 +508,22 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
         )
 
 
+def wait_for_previous_save(worker: Worker) -> None:
+    """The staging buffers are reused: the previous save must have finished with them."""
+    waited = time.perf_counter()
+    while not worker.save_done.wait(timeout=60):
+        log.warning(
+            "still waiting for the previous checkpoint's upload (%.0f s)",
+            time.perf_counter() - waited,
+        )
+
+
 def report_checkpoint(
-    worker: Worker, global_step: int, reported: dict[str, Any], local_dir: str | None
+    worker: Worker,
+    global_step: int,
+    reported: dict[str, Any],
+    local_dir: str | None,
+    staged: dict[str, Any] | None,
 ) -> None:
     asynchronous = worker.cfg.checkpoint.upload == "async"
     ray.train.report(  # Ray: registers the checkpoint; our upload writes the manifest last
@@ -329,25 +535,33 @@ def report_checkpoint(
             if asynchronous
             else ray.train.CheckpointUploadMode.SYNC
         ),
-        checkpoint_upload_fn=make_uploader(worker, global_step) if local_dir else None,
+        checkpoint_upload_fn=make_uploader(worker, global_step, staged) if local_dir else None,
         delete_local_checkpoint_after_upload=bool(local_dir),
     )
 
 
-def make_uploader(worker: Worker, global_step: int):
-    """Copy a local checkpoint to storage with the manifest last, so a crash mid-upload leaves
-    a directory that validation rejects rather than one that looks complete."""
+def make_uploader(worker: Worker, global_step: int, staged: dict[str, Any]):
+    """Serialise the staged state into the (empty) local directory, checksumming as it writes,
+    then copy it to storage with the manifest last, so a crash at any point leaves either no
+    directory or one that validation rejects, never one that looks complete."""
 
     def upload(local: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
-        target = posixpath.join(worker.run_dir, dir_name)
-        worker.fs.create_dir(target, recursive=True)
-        names = sorted(p for p in os.listdir(local.path) if p != checkpoint.MANIFEST_FILE)
-        for name in names:
-            _copy_file(posixpath.join(local.path, name), worker.fs, posixpath.join(target, name))
-        inject_faults(worker, global_step, "checkpoint")
-        manifest = posixpath.join(local.path, checkpoint.MANIFEST_FILE)
-        _copy_file(manifest, worker.fs, posixpath.join(target, checkpoint.MANIFEST_FILE))
-        return ray.train.Checkpoint(target, filesystem=worker.fs)
+        try:
+            inject_faults(worker, global_step, "serialize")
+            checkpoint.write_state(local.path, staged)
+            target = posixpath.join(worker.run_dir, dir_name)
+            worker.fs.create_dir(target, recursive=True)
+            names = sorted(p for p in os.listdir(local.path) if p != checkpoint.MANIFEST_FILE)
+            for name in names:
+                _copy_file(
+                    posixpath.join(local.path, name), worker.fs, posixpath.join(target, name)
+                )
+            inject_faults(worker, global_step, "checkpoint")
+            manifest = posixpath.join(local.path, checkpoint.MANIFEST_FILE)
+            _copy_file(manifest, worker.fs, posixpath.join(target, checkpoint.MANIFEST_FILE))
+            return ray.train.Checkpoint(target, filesystem=worker.fs)
+        finally:
+            worker.save_done.set()
 
     return upload
 
@@ -355,31 +569,6 @@ def make_uploader(worker: Worker, global_step: int):
 def _copy_file(source: str, fs: pafs.FileSystem, target: str) -> None:
     with open(source, "rb") as src, fs.open_output_stream(target) as dst:
         shutil.copyfileobj(src, dst, length=8 << 20)
-
-
-@torch.no_grad()
-def evaluate(worker: Worker) -> dict[str, float]:
-    """Held-out loss and accuracy on rank 0; uses no RNG, so it cannot perturb training."""
-    val = worker.splits.val
-    if len(val) == 0:
-        return {}
-    model = unwrap(worker.model)
-    model.eval()
-    logits = model(val.features.to(worker.device))
-    labels = val.labels.to(worker.device)
-    return {
-        "val_loss": float(nn.functional.cross_entropy(logits, labels)),
-        "val_accuracy": float((logits.argmax(dim=1) == labels).float().mean()),
-    }
-
-
-def _eval_fields(reported: dict[str, Any]) -> dict[str, Any]:
-    return {k: reported[k] for k in ("val_loss", "val_accuracy") if k in reported}
-
-
-def public(step_metrics: dict[str, Any]) -> dict[str, Any]:
-    """The metrics reported to Ray: scalars only (sample ids stay in the run log)."""
-    return {k: v for k, v in step_metrics.items() if k != "samples"}
 
 
 def inject_faults(worker: Worker, global_step: int, during: str) -> None:

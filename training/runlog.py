@@ -1,10 +1,16 @@
 """The run log: JSON lines on storage, one file per attempt, and the exactly-once ledger check.
 
-Rank 0 writes ``<run dir>/runlog/<attempt>.jsonl``. Events:
+Rank 0 writes ``<run dir>/runlog/<attempt>.jsonl`` (on object stores: segments
+``<attempt>-<n>.jsonl``). Events:
 - ``start``: attempt id, world size, the checkpoint step and attempt it resumed from;
-- ``step``: global step, epoch, loss, throughput, and the sample ids the global batch held;
-- ``checkpoint`` and ``eval``: what was saved, held-out accuracy;
+- ``step``: global step, epoch, and the sample ids the global batch held; on log steps also the
+  task's metrics over the interval (loss, accuracy, ...), LR and throughput;
+- ``checkpoint`` and ``eval``: what was saved and its pause, held-out metrics (``val_*``);
+- ``stopped``: a non-finite loss stopped the run for good;
 - ``end``: the attempt finished the run.
+
+Rank 0 also mirrors every event into TensorBoard event files (training/tensorboard.py), flushed
+with the run log.
 
 "Exactly once" is about the effective history, the steps the final model contains: steps an
 attempt ran after the checkpoint the next attempt resumed from were rolled back. Each ``start``
@@ -23,38 +29,51 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from training import storage
+from training import storage, tensorboard
 
 RUNLOG_DIR = "runlog"
 
 
 class RunLog:
-    """Append-only JSON-lines writer for one attempt (rank 0 only)."""
+    """Append-only JSON-lines writer for one attempt (rank 0 only).
+
+    A shared filesystem appends to ``<attempt>.jsonl``. An object store cannot append: each flush
+    puts the lines written since the last one as a new segment object
+    ``<attempt>-<n>.jsonl``, so the bytes written grow linearly with the run, not with its square.
+    """
 
     def __init__(self, fs: pafs.FileSystem, run_dir: str, attempt: str):
         self.fs = fs
-        self.path = posixpath.join(run_dir, RUNLOG_DIR, f"{attempt}.jsonl")
+        self.directory = posixpath.join(run_dir, RUNLOG_DIR)
+        self.path = posixpath.join(self.directory, f"{attempt}.jsonl")
         self.attempt = attempt
-        fs.create_dir(posixpath.dirname(self.path), recursive=True)
-        # A shared filesystem supports appends; an object store gets the whole file re-put on
-        # flush (one object per attempt keeps that bounded).
+        fs.create_dir(self.directory, recursive=True)
         self._file = open(self.path, "a", buffering=1) if storage.is_local(fs) else None  # noqa: SIM115
         self._lines: list[str] = []
+        self._segments = 0
+        self._board = tensorboard.EventWriter(fs, run_dir, attempt)
 
     def write(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"event": event, "attempt": self.attempt, "time": time.time(), **fields})
+        record = {"event": event, "attempt": self.attempt, "time": time.time(), **fields}
+        line = json.dumps(record)
         if self._file is not None:
             self._file.write(line + "\n")
         else:
             self._lines.append(line)
+        self._board.add(record)
 
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
-        else:
-            storage.write_bytes(self.fs, self.path, ("\n".join(self._lines) + "\n").encode())
+        elif self._lines:
+            segment = posixpath.join(self.directory, f"{self.attempt}-{self._segments:06d}.jsonl")
+            storage.write_bytes(self.fs, segment, ("\n".join(self._lines) + "\n").encode())
+            self._segments += 1
+            self._lines = []
+        self._board.flush()
 
     def close(self) -> None:
+        self._board.close()  # first: its final upload, then flush() has nothing left to do
         self.flush()
         if self._file is not None:
             self._file.close()
@@ -163,17 +182,41 @@ def _abbreviate(values: list[int], limit: int = 10) -> str:
 
 
 def summarize(events: list[dict[str, Any]]) -> dict[str, Any]:
-    """The numbers a user wants after a run: steps, final loss/accuracy, restarts."""
+    """The numbers a user wants after a run: steps, restarts, and the task's latest train and
+    held-out metrics (whatever the task reports)."""
     steps = [e for e in events if e["event"] == "step"]
+    logged = [e for e in steps if "loss" in e]
     evals = [e for e in events if e["event"] == "eval"]
     starts = [e for e in events if e["event"] == "start"]
     return {
         "final_step": max((e["global_step"] for e in steps), default=0),
-        "train_loss": steps[-1]["loss"] if steps else None,
-        "train_accuracy": steps[-1]["accuracy"] if steps else None,
-        "val_loss": evals[-1]["val_loss"] if evals else None,
-        "val_accuracy": evals[-1]["val_accuracy"] if evals else None,
+        "train": _metric_fields(logged[-1]) if logged else {},
+        "val": _metric_fields(evals[-1]) if evals else {},
         "attempts": len(starts),
         "restarts": max(len(starts) - 1, 0),
         "world_sizes": [s["world_size"] for s in starts],
+    }
+
+
+# Fields of step/eval events that are bookkeeping, not the task's metrics.
+NOT_METRICS = {
+    "event",
+    "attempt",
+    "time",
+    "global_step",
+    "epoch",
+    "step_in_epoch",
+    "world_size",
+    "samples",
+    "lr",
+    "samples_per_s",
+    "step_s",
+}
+
+
+def _metric_fields(event: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: v
+        for k, v in event.items()
+        if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
     }

@@ -77,7 +77,7 @@ SHORT_RUN = [
     "--set",
     "training.report_every_n_steps=10",
     "--set",
-    "data.demo_rows=1024",
+    "task.options.demo_rows=1024",
 ]
 HEAD_READY_S = 120
 WORKERS_READY_S = 180

@@ -32,12 +32,8 @@ def write_config(path: Path, root: Path, **sections) -> Path:
             "report_every_n_steps": 1000,
             "lr_schedule": {"warmup_steps": 5},
         },
-        "data": {
-            "path": str(root / "data.parquet"),
-            "create_demo_if_missing": True,
-            "demo_rows": 2048,
-        },
-        "model": {"mlp": {"hidden_sizes": [64, 64]}},
+        "data": {"path": str(root / "data.parquet"), "create_demo_if_missing": True},
+        "task": {"options": {"demo_rows": 2048, "mlp": {"hidden_sizes": [64, 64]}}},
         "checkpoint": {"every_n_steps": 20, "num_to_keep": 2},
         # Retries on: a resumed run is exact, so a transient fault must not fail a test.
         "failure": {"max_failures": 2},

@@ -29,7 +29,13 @@ from training import checkpoint, runlog
 
 EVERY = 25  # checkpoint cadence of these runs
 SLOW_RUN = {  # ~0.1 s a step on this machine: long enough to kill things mid-run
-    "model": {"name": "transformer", "transformer": {"d_model": 128, "n_layers": 4}},
+    "task": {
+        "options": {
+            "demo_rows": 2048,
+            "model": "transformer",
+            "transformer": {"d_model": 128, "n_layers": 4},
+        }
+    },
     "training": {
         "epochs": 12,
         "global_batch_size": 64,
@@ -117,13 +123,15 @@ def _print_recovery(storage, name, timeline):
         )
 
 
-def test_worker_killed_while_uploading_a_checkpoint(tmp_path, ray_address, reference):
-    # Rank 0 dies after uploading train_state.pt of checkpoint 100 and before its manifest.
+@pytest.mark.parametrize("during", ["serialize", "checkpoint"])
+def test_worker_killed_while_saving_a_checkpoint(tmp_path, ray_address, reference, during):
+    # serialize: rank 0 dies in the background save, after staging, before anything is written;
+    # checkpoint: after uploading train_state.pt of checkpoint 100 and before its manifest.
     config = slow_config(
         tmp_path,
         "midckpt",
         failure={"max_failures": 2},
-        chaos={"faults": [{"kind": "kill", "rank": 0, "step": 100, "during": "checkpoint"}]},
+        chaos={"faults": [{"kind": "kill", "rank": 0, "step": 100, "during": during}]},
     )
     result = train_cli(config, address=ray_address)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -132,7 +140,7 @@ def test_worker_killed_while_uploading_a_checkpoint(tmp_path, ray_address, refer
     assert report.resumed_from_steps == [None, 75]  # the partial checkpoint 100 was skipped
     assert_bitwise_equal(reference, final_state(tmp_path, "midckpt"))
     logged = "\n".join(result.stdout.splitlines() + result.stderr.splitlines())
-    assert "chaos: kill on rank 0 at step 100 (checkpoint)" in logged
+    assert f"chaos: kill on rank 0 at step 100 ({during})" in logged
 
 
 def test_corrupted_newest_checkpoint_is_skipped_on_resume(tmp_path, ray_address, reference):

@@ -55,7 +55,7 @@ def test_demo_task_learns(tmp_path, ray_address):
     assert result.returncode == 0, result.stdout + result.stderr
     summary = runlog.summarize(events(tmp_path, "learn"))
     steps = [e for e in events(tmp_path, "learn") if e["event"] == "step"]
-    first_loss = sum(e["loss"] for e in steps[:10]) / 10
+    first_loss = next(e["loss"] for e in steps if "loss" in e)  # the first log interval
     # 4 classes, largest class < 45% of rows: chance is far below this.
-    assert summary["val_accuracy"] > 0.7, summary
-    assert summary["val_loss"] < 0.6 * first_loss, (summary, first_loss)
+    assert summary["val"]["val_accuracy"] > 0.7, summary
+    assert summary["val"]["val_loss"] < 0.6 * first_loss, (summary, first_loss)

@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 from kuberay_pods import parse_quantity, ray_start_params
 
+from training.config import Config
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KUBERAY_DIR = REPO_ROOT / "kuberay"
 TRAIN_CONFIG = KUBERAY_DIR / "config" / "train.yaml"
@@ -31,17 +33,8 @@ MAX_RAYJOB_NAME = 47
 RAYJOB_CLUSTER_SUFFIX = len("-abcde")
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-CONFIG_SECTIONS = {
-    "run",
-    "storage",
-    "scaling",
-    "training",
-    "data",
-    "model",
-    "checkpoint",
-    "failure",
-    "chaos",
-}
+# The trainer config's top-level sections, from the config model itself.
+CONFIG_SECTIONS = set(Config.model_fields)
 SHM_PATH = "/dev/shm"
 RAY_TMP_PATH = "/tmp/ray"
 

@@ -11,16 +11,16 @@ import torch
 from training import checkpoint
 from training.checkpoint import InvalidCheckpoint, Progress
 from training.config import Config
-from training.models import build_model
 from training.optim import build_optimizer, build_scheduler
+from training.tasks.tabular import MLP, MLPOptions
 
 FS = pafs.LocalFileSystem()
 
 
 def make_state(seed=0):
     torch.manual_seed(seed)
-    cfg = Config.model_validate({"model": {"mlp": {"hidden_sizes": [16]}}})
-    model = build_model(cfg.model, 8, 3)
+    cfg = Config()
+    model = MLP(8, 3, MLPOptions(hidden_sizes=[16]))
     optimizer = build_optimizer(cfg.training.optimizer, model)
     scheduler = build_scheduler(cfg.training.lr_schedule, optimizer, total_steps=50)
     loss = model(torch.randn(4, 8)).sum()
@@ -35,7 +35,8 @@ def save(run_dir, step, seed=0):
     path = run_dir / checkpoint.dir_name(step)
     path.mkdir(parents=True)
     progress = Progress(global_step=step, epoch=1, step_in_epoch=step - 10, attempt="a1")
-    checkpoint.write(path, model, optimizer, scheduler, progress, cfg.model_dump())
+    extra = {"scaler": {"scale": 8.0}, "task": {"ema": [1.0]}}
+    checkpoint.write(path, model, optimizer, scheduler, progress, cfg.model_dump(), extra)
     return str(path), model, optimizer
 
 
@@ -49,7 +50,8 @@ def test_round_trip_restores_every_part_of_the_state(tmp_path):
     assert str(optimizer.state_dict()) == str(fresh_opt.state_dict())
     assert fresh_sched.last_epoch == 1
     state = checkpoint.load(FS, path)
-    assert state["config"]["model"]["mlp"]["hidden_sizes"] == [16]
+    assert state["config"]["task"]["name"] == "tabular"
+    assert state["extra"] == {"scaler": {"scale": 8.0}, "task": {"ema": [1.0]}}
 
 
 def test_manifest_is_written_last_and_lists_every_file(tmp_path):

@@ -52,11 +52,8 @@ def test_missing_data_is_refused_before_ray_starts(tmp_path):
 def test_resuming_with_a_different_model_or_seed_is_refused(tmp_path):
     base = {
         "storage": {"path": str(tmp_path)},
-        "data": {
-            "path": str(tmp_path / "d.parquet"),
-            "create_demo_if_missing": True,
-            "demo_rows": 64,
-        },
+        "data": {"path": str(tmp_path / "d.parquet"), "create_demo_if_missing": True},
+        "task": {"options": {"demo_rows": 256}},
     }
     driver.prepare_run(parse_config(base))
     saved = (tmp_path / "demo" / "run_config.json").read_bytes()
@@ -69,11 +66,13 @@ def test_resuming_with_a_different_model_or_seed_is_refused(tmp_path):
         "--set",
         "training.seed=5",
         "--set",
-        "model.name=transformer",
+        "task.options.demo_rows=256",
+        "--set",
+        "task.options.model=transformer",
     )
     assert result.exit_code == 2
     assert "run 'demo' already exists" in result.output
-    assert "training.seed: 0 -> 5" in result.output and "model:" in result.output
+    assert "training.seed: 0 -> 5" in result.output and "task:" in result.output
     assert (tmp_path / "demo" / "run_config.json").read_bytes() == saved  # nothing overwritten
     assert not ray.is_initialized()
 
@@ -88,9 +87,10 @@ def test_status_and_verify_on_an_empty_storage(tmp_path):
 
 def test_demo_data_command(tmp_path):
     out = tmp_path / "demo.parquet"
-    result = run("demo-data", "--out", str(out), "--rows", "100")
+    result = run("demo-data", "--out", str(out))
     assert result.exit_code == 0 and out.stat().st_size > 0
-    assert run("demo-data", "--out", str(out), "--rows", "0").exit_code == 2
+    bad = run("demo-data", "--task", "gpt", "--out", str(tmp_path / "x"))
+    assert bad.exit_code == 2 and "task.name 'gpt'" in bad.output
 
 
 def test_relative_paths_are_resolved_for_the_workers(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ BAD_INPUTS = [
     ),
     (
         {"training": {"epochz": 3}},
-        "training.epochz: unknown key; allowed keys here: epochs, global_batch_size",
+        "training.epochz: unknown key; allowed keys here: collective_timeout_s, deterministic",
     ),
     ({"trainin": {}}, "trainin: unknown key; allowed keys here: chaos, checkpoint, data"),
     (
@@ -43,12 +43,33 @@ BAD_INPUTS = [
         "failure.max_failures: Input should be greater than or equal to -1",
     ),
     (
-        {"model": {"name": "resnet"}},
-        "model: 'resnet' is not a model: use one of mlp, transformer or an import string",
+        {"task": {"options": {"model": "resnet"}}},
+        "task.options: 'resnet' is not a model: use mlp, transformer or an import string",
     ),
     (
-        {"model": {"transformer": {"d_model": 30, "n_heads": 4}}},
-        "model.transformer: d_model (30) must be divisible by n_heads (4)",
+        {"task": {"options": {"lable_column": "y"}}},
+        "task.options.lable_column: unknown option; allowed options: demo_rows, feature_columns",
+    ),
+    (
+        {"task": {"name": "language_model", "options": {"block_size": 0}}},
+        "task.options.block_size: Input should be greater than 0",
+    ),
+    (
+        {"task": {"name": "gpt"}},
+        "task.name 'gpt': use one of tabular, language_model, image or an import string",
+    ),
+    (
+        {"task": {"name": "nowhere.tasks:Mine"}},
+        "task.name 'nowhere.tasks:Mine': cannot import 'nowhere.tasks'",
+    ),
+    (
+        {"task": {"name": "training.config:Config"}},
+        "task.name 'training.config:Config': 'Config' in training.config is not a subclass of "
+        "training.tasks.Task",
+    ),
+    (
+        {"task": {"options": {"transformer": {"d_model": 30, "n_heads": 4}}}},
+        "task.options.transformer: d_model (30) must be divisible by n_heads (4)",
     ),
     ({"run": {"name": "my run/1"}}, "run.name: String should match pattern"),
     ({"data": {"val_fraction": 1.0}}, "data.val_fraction: Input should be less than 1"),
@@ -82,10 +103,10 @@ def test_every_problem_is_reported_not_just_the_first():
 
 def test_shipped_local_config_is_valid_and_overridable():
     cfg = load_config(
-        "training/configs/local.yaml", ["training.epochs=5", "model.mlp.hidden_sizes=[8, 8]"]
+        "training/configs/local.yaml", ["training.epochs=5", "task.options.mlp.hidden_sizes=[8, 8]"]
     )
     assert cfg.training.epochs == 5
-    assert cfg.model.mlp.hidden_sizes == [8, 8]
+    assert cfg.task.options["mlp"]["hidden_sizes"] == [8, 8]
     assert cfg.scaling.min_workers == cfg.scaling.max_workers == 2
 
 
@@ -123,6 +144,5 @@ def test_identity_diff_names_changed_fields_only():
 
 
 def test_model_change_is_an_identity_change():
-    base = Config().model_dump()
-    other = Config.model_validate({"model": {"mlp": {"hidden_sizes": [64]}}}).model_dump()
-    assert identity_diff(base, other)[0].startswith("model:")
+    other = parse_config({"task": {"options": {"mlp": {"hidden_sizes": [64]}}}}).model_dump()
+    assert identity_diff(parse_config({}).model_dump(), other)[0].startswith("task:")

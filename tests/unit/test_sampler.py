@@ -23,7 +23,7 @@ def test_ranks_partition_the_global_batch(world_size):
 
 
 def test_batch_larger_than_dataset_is_an_error():
-    with pytest.raises(ValueError, match="exceeds the 10 training rows"):
+    with pytest.raises(ValueError, match="exceeds the 10 training samples"):
         data.steps_per_epoch(10, 16)
 
 

@@ -1,0 +1,110 @@
+"""The loop's step without Ray (one process, no DDP): micro-batches give the gradient of one pass,
+mixed precision trains, evaluation is bounded, and a non-finite loss is caught with its step."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from training import data, loop, stops, tasks
+from training.config import parse_config
+from training.optim import build_optimizer, build_scheduler
+from training.tasks import tabular
+
+FS = pafs.LocalFileSystem()
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    path = tmp_path_factory.mktemp("loop") / "demo.parquet"
+    tabular.write_demo_dataset(FS, str(path), rows=640)
+    return path
+
+
+def make_worker(table, **training) -> loop.Worker:
+    cfg = parse_config(
+        {
+            "data": {"path": str(table)},
+            "training": {"global_batch_size": 64, **training},
+            "eval": {"batches": 2},
+            "task": {"options": {"mlp": {"hidden_sizes": [32], "dropout": 0.0}}},
+        }
+    )
+    task = tasks.build("tabular", cfg.task.options, loop.data_source(cfg))
+    train, val = task.load()
+    plan = loop.Plan.for_run(cfg, len(train))
+    torch.manual_seed(data.derive_seed(cfg.training.seed, "init"))
+    model = task.build_model()
+    optimizer = build_optimizer(cfg.training.optimizer, model)
+    return loop.Worker(
+        cfg=cfg,
+        config_dict=cfg.model_dump(),
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        fs=FS,
+        run_dir=str(table.parent / "run"),
+        task=task,
+        train=train,
+        val=val,
+        plan=plan,
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(cfg.training.lr_schedule, optimizer, plan.total_steps),
+        scaler=torch.amp.GradScaler("cpu", enabled=cfg.training.precision == "fp16"),
+        attempt="a1",
+        runlog=None,
+    )
+
+
+def params(worker: loop.Worker) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in worker.model.parameters()]
+
+
+def test_micro_batches_give_the_gradient_of_one_pass(table):
+    whole, micro = make_worker(table), make_worker(table, micro_batch_size=16)
+    for step in (1, 2, 3):
+        loop.train_step(whole, step)
+        loop.train_step(micro, step)
+    for a, b in zip(params(whole), params(micro), strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    # The totals add up to the same interval metrics.
+    assert whole.interval.steps == micro.interval.steps == 3
+    first = loop.close_interval(whole, 3, lr=0.0)
+    second = loop.close_interval(micro, 3, lr=0.0)
+    assert math.isclose(first["loss"], second["loss"], rel_tol=1e-5)
+    assert first["accuracy"] == second["accuracy"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains(table, precision):
+    worker = make_worker(table, precision=precision)
+    before = params(worker)
+    for step in range(1, 6):
+        loop.train_step(worker, step)
+    step_metrics = loop.close_interval(worker, 5, lr=0.0)
+    assert math.isfinite(step_metrics["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, params(worker), strict=True))
+    if precision == "fp16":
+        assert worker.scaler.state_dict()["scale"] > 0  # checkpointed with the state
+
+
+def test_evaluation_is_bounded_and_uses_no_randomness(table):
+    worker = make_worker(table)
+    rng = torch.get_rng_state()
+    first = loop.evaluate(worker, global_step=1)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert set(first) == {"val_loss", "val_accuracy"}
+    assert loop.evaluate(worker, global_step=1) == first
+
+
+def test_a_non_finite_loss_is_caught_with_its_step(table):
+    worker = make_worker(table)
+    loop.train_step(worker, 1)
+    worker.interval.watch(2, torch.tensor(float("nan")))
+    worker.interval.watch(3, torch.tensor(float("inf")))
+    with pytest.raises(stops.NonFiniteLoss, match="at step 2"):
+        loop.close_interval(worker, 3, lr=0.0)

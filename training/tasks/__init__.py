@@ -1,0 +1,166 @@
+"""The task seam: the framework decides *which* sample ids a step uses, a task decides *what* a
+sample is.
+
+A task is a class with the methods of :class:`Task`. The loop calls them in this order on every
+worker: ``load`` -> ``build_model`` (under the framework's seed) -> per step ``batch`` (pure in
+ids and seed) -> ``step`` (loss for backward + additive totals) -> ``metrics`` (totals summed over
+all ranks and steps of a log interval). On the driver, before Ray starts, ``check`` reads metadata
+only and returns the data fingerprint that becomes part of the run's identity.
+
+Built-in tasks are named (``tabular``, ``language_model``, ``image``); a user's task is
+``package.module:ClassName``, importable on the driver and on every worker.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pyarrow.fs as pafs
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+BUILTIN_TASKS = {
+    "tabular": "training.tasks.tabular:TabularClassification",
+    "language_model": "training.tasks.language_model:CausalLanguageModel",
+    "image": "training.tasks.image:ImageClassification",
+}
+
+
+class TaskError(ValueError):
+    """Bad task options or data; the message is one line naming what is wrong and what is
+    allowed. Raised on the driver, before any Ray resource is taken."""
+
+
+class Options(BaseModel):
+    """Base for a task's options (``task.options`` in the YAML): unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the task's data lives, resolved by the framework (local path or object store)."""
+
+    fs: pafs.FileSystem
+    path: str  # filesystem path (no scheme)
+    uri: str  # as the user wrote it, made absolute: for messages
+    val_fraction: float
+
+
+@dataclass
+class StepOutput:
+    """``loss``: the mean over this micro-batch, for backward. ``totals``: additive sums (e.g.
+    ``loss`` summed over samples, ``count``), detached; the framework adds them over micro-batches,
+    steps and ranks, so metrics are normalised by the global count at any world size."""
+
+    loss: torch.Tensor
+    totals: dict[str, torch.Tensor]
+
+
+class Task:
+    """Base class with the defaults; override what your workload needs (see README)."""
+
+    Options: ClassVar[type[Options]] = Options
+
+    def __init__(self, options: Options, data: DataSource):
+        self.options = options
+        self.data = data
+
+    # ---- driver side, before Ray starts -------------------------------------------------
+    def check(self) -> dict[str, Any]:
+        """Validate the data from metadata; return the fingerprint (must hold ``train_samples``)."""
+        raise NotImplementedError
+
+    def write_demo(self) -> None:
+        """Write this task's demo dataset at ``self.data``; optional."""
+        raise TaskError(f"task {type(self).__name__} has no demo dataset; point data.path at data")
+
+    # ---- every worker -------------------------------------------------------------------
+    def load(self) -> tuple[Any, Any]:
+        """(train, val) samples: anything with ``len()`` that ``batch`` can index by id."""
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def batch(self, samples: Any, ids: torch.Tensor, seed: int) -> Any:
+        """The batch for sample ``ids``; any randomness (augmentation) only from (seed, id)."""
+        raise NotImplementedError
+
+    def step(self, model: nn.Module, batch: Any) -> StepOutput:
+        raise NotImplementedError
+
+    def metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        """Reported metrics from summed totals; must include ``loss``."""
+        return {"loss": totals["loss"] / totals["count"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra state saved in every checkpoint (EMA weights, a tokenizer's state)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+def task_class(name: str) -> type[Task]:
+    """The class behind ``task.name``; TaskError if it cannot be imported or is not a Task."""
+    target = BUILTIN_TASKS.get(name, name)
+    module_name, sep, attr = target.partition(":")
+    if not sep:
+        raise TaskError(
+            f"task.name '{name}': use one of {', '.join(BUILTIN_TASKS)} "
+            "or an import string 'package.module:ClassName'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise TaskError(f"task.name '{name}': cannot import '{module_name}': {exc}") from None
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TaskError(
+            f"task.name '{name}': '{attr}' in {module_name} is not a subclass of "
+            "training.tasks.Task"
+        )
+    return cls
+
+
+def parse_options(cls: type[Task], raw: dict[str, Any]) -> Options:
+    """Validate ``task.options``; one line per problem, each naming the option."""
+    try:
+        return cls.Options.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(["task.options", *(str(p) for p in err["loc"])])
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                allowed = ", ".join(sorted(cls.Options.model_fields)) or "none"
+                message = f"unknown option; allowed options: {allowed}"
+            lines.append(f"{where}: {message}")
+        raise TaskError("\n".join(lines)) from None
+
+
+def build(name: str, raw_options: dict[str, Any], data: DataSource) -> Task:
+    cls = task_class(name)
+    return cls(parse_options(cls, raw_options), data)
+
+
+def derive_generator(*parts: object) -> torch.Generator:
+    """A CPU generator seeded from ``parts`` (e.g. (seed, sample id)) for per-sample randomness."""
+    from training.data import derive_seed
+
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor inside a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
