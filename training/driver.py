@@ -6,6 +6,7 @@ identity) is checked before Ray is started or joined.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import posixpath
@@ -131,6 +132,14 @@ def check_data(cfg: Config) -> dict[str, Any]:
     return fingerprint
 
 
+def current_state(run: RunState) -> RunState:
+    """The run's newest valid checkpoint and whether it finished, read again (after a wait for
+    the lease, another driver may have moved it on)."""
+    newest = checkpoint.newest_valid(run.fs, run.run_dir)
+    finished = _finished_at(run.fs, run.run_dir, newest)
+    return dataclasses.replace(run, resume_from=newest, finished=finished)
+
+
 def _finished_at(fs: pafs.FileSystem, run_dir: str, newest: checkpoint.CheckpointInfo | None):
     """True when an attempt ended the run at the step of the newest valid checkpoint."""
     if newest is None:
@@ -227,9 +236,9 @@ def train(
     Raises lease.LeaseHeld (before Ray is touched) when another driver trains the same run,
     unless ``wait_for_lease``."""
     cfg = with_absolute_paths(cfg)
-    fs, run_dir = storage.run_location(cfg.storage, cfg.run.name)
-    with lease.hold(fs, run_dir, wait=wait_for_lease, dead_jobs=dead_jobs):  # one writer per run
-        run = prepare_run(cfg)
+    run = prepare_run(cfg)  # every check of the input first: a run that cannot start writes nothing
+    with lease.hold(run.fs, run.run_dir, wait=wait_for_lease, dead_jobs=dead_jobs):  # one writer
+        run = current_state(run)  # as storage says now that no other driver writes the run
         print(run.describe(cfg.run.name), flush=True)
         if run.finished:
             return run_summary(run.fs, run.run_dir)
