@@ -51,7 +51,10 @@ def test_second_writer_of_a_training_run_is_refused(cluster: HealingCluster) -> 
     first = wait_for_training(cluster, NAME, after=0, min_steps=15, world=2)
     cluster.mark(f"{NAME} training on 2 workers (step {first['last_step']})")
     client = job_client(cluster)
-    job_id = client.submit_job(entrypoint=train_command(CONFIG_IN_IMAGE, NAME))
+    # The very same command (same config): only the lease can refuse it.
+    job_id = client.submit_job(
+        entrypoint=train_command(CONFIG_IN_IMAGE, NAME, training__epochs=EPOCHS)
+    )
     status = wait_for(f"duplicate job {job_id} to end",
                       lambda: client.get_job_status(job_id).is_terminal(), 180)  # fmt: skip
     info, logs = client.get_job_info(job_id), client.get_job_logs(job_id)
