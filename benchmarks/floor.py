@@ -16,17 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from training.models import build_model
 
-from training.config import MLPSection, ModelSection
-from training.data import DEMO_CLASSES, DEMO_FEATURES
+from training.tasks.tabular import DEMO_CLASSES, DEMO_FEATURES, MLP, MLPOptions
 
 
 def state_for(hidden_sizes: list[int]) -> dict[str, Any]:
     torch.manual_seed(0)
-    model = build_model(
-        ModelSection(mlp=MLPSection(hidden_sizes=hidden_sizes)), DEMO_FEATURES, DEMO_CLASSES
-    )
+    model = MLP(DEMO_FEATURES, DEMO_CLASSES, MLPOptions(hidden_sizes=hidden_sizes))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss = model(torch.randn(8, DEMO_FEATURES)).logsumexp(dim=1).mean()
     loss.backward()

@@ -518,10 +518,11 @@ class Bench:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.logs_dir.glob("*.log"):
             stale.unlink()
-        from training.config import StorageSection
-        from training.data import write_demo_dataset
+        import pyarrow.fs as pafs
 
-        write_demo_dataset(str(self.data_path), StorageSection(), rows=8192)
+        from training.tasks.tabular import write_demo_dataset
+
+        write_demo_dataset(pafs.LocalFileSystem(), str(self.data_path), rows=8192)
         scenarios = [self.floor, self.overhead, self.ray_scenarios]
         if self.plan["goodput"]:
             scenarios.append(self.goodput)

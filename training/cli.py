@@ -280,13 +280,17 @@ def _metrics_line(run: dict[str, Any]) -> str:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     kept = ", ".join(str(c["step"]) for c in summary["checkpoints"] if c["valid"]) or "none"
-    lines = ["", "Training finished", f"  {'steps:':<18}{summary['final_step']}"]
-    lines += [f"  {'train ' + k + ':':<18}{_fmt(v)}" for k, v in summary["train"].items()]
-    lines += [f"  {k.replace('_', ' ', 1) + ':':<18}{_fmt(v)}" for k, v in summary["val"].items()]
-    lines += [
-        f"  {'restarts:':<18}{summary['restarts']} (world sizes {summary['world_sizes']})",
-        f"  {'checkpoints kept:':<18}steps {kept}",
-        f"  {'run files:':<18}{summary['run_dir']}",
+    rows = [("steps", summary["final_step"])]
+    rows += [(f"train {k}", _fmt(v)) for k, v in summary["train"].items()]
+    rows += [(k.replace("_", " ", 1), _fmt(v)) for k, v in summary["val"].items()]
+    rows += [
+        ("restarts", f"{summary['restarts']} (world sizes {summary['world_sizes']})"),
+        ("checkpoints kept", f"steps {kept}"),
+        ("run files", summary["run_dir"]),
+    ]
+    width = max(18, *(len(label) + 2 for label, _ in rows))
+    lines = ["", "Training finished"] + [
+        f"  {label + ':':<{width}}{value}" for label, value in rows
     ]
     click.echo("\n".join(lines))
 

@@ -10,8 +10,8 @@ training run on it; in file order:
   2. the Ray dashboard asks for the token, and once given it lists the job as SUCCEEDED;
   3. TensorBoard, started on the host on the finished run's event files (copied out of the
      volume), shows the train/loss card at the run's final step and loss.
-A failing page leaves a screenshot under test-artifacts/browser/. Traffic goes only to ports
-published on 127.0.0.1.
+A failing page leaves a screenshot under test-artifacts/browser/ (or $E2E_ARTIFACTS). Traffic
+goes only to ports published on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 PROMETHEUS_IMAGE = os.environ.get("PROMETHEUS_IMAGE", "elastic-trainer-prometheus:0.1.0")
-ARTIFACTS = REPO_ROOT / "test-artifacts" / "browser"
+# Screenshots of failed pages (.ci/run points this into the checkout it was started from).
+ARTIFACTS = Path(os.environ.get("E2E_ARTIFACTS", REPO_ROOT / "test-artifacts" / "browser"))
 RUN_NAME = "e2e-browser"
 PAGE_TIMEOUT_MS = 60_000
 SERIES_TIMEOUT_S = 180
@@ -185,18 +186,16 @@ def test_prometheus_graph_page_shows_the_training_loss(cluster, job_id, page, re
     from playwright.sync_api import expect
 
     # Readiness: Prometheus found the worker through Ray's service discovery and scraped it.
-    series = wait_for(
-        "ray_elastic_trainer_loss in Prometheus",
-        lambda: cluster.query("ray_elastic_trainer_loss"),
-        SERIES_TIMEOUT_S,
-    )
-    cluster.mark(f"Prometheus API: ray_elastic_trainer_loss = {series[0]['value'][1]}")
-    page.goto(f"{cluster.prometheus}/graph?g0.expr=ray_elastic_trainer_loss&g0.tab=1")
+    expr = f'ray_elastic_trainer_loss{{ray_train_run_name="{RUN_NAME}"}}'
+    series = wait_for(f"{expr} in Prometheus", lambda: cluster.query(expr), SERIES_TIMEOUT_S)
+    cluster.mark(f"Prometheus API: {expr} = {series[0]['value'][1]}")
+    query = urllib.parse.urlencode({"g0.expr": expr, "g0.tab": "1"})
+    page.goto(f"{cluster.prometheus}/graph?{query}")
     table = page.locator("table.console_table")
     expect(table).to_contain_text("ray_elastic_trainer_loss{", timeout=PAGE_TIMEOUT_MS)
     row = table.locator("tr").filter(has_text="ray_elastic_trainer_loss{").first.inner_text()
     shown = float(row.split()[-1])
-    cluster.mark(f"graph page row: {row.strip()[:100]}... -> {shown}")
+    cluster.mark(f"graph page row: {' '.join(row.split())}")
 
     # Ray's own Train metrics, labelled with our run, from the same server. Over a window:
     # the controller's series go stale the moment the run ends, which may be before this.

@@ -64,3 +64,14 @@ def test_fast_tiers_pass_in_a_copy_with_nothing_beside_it(tmp_path: Path) -> Non
     )
     assert offline.returncode == 0, offline.stdout[-3000:] + offline.stderr[-3000:]
     assert re.search(r"\d+ passed", offline.stdout)
+
+
+def test_no_tracked_file_holds_merge_conflict_markers() -> None:
+    marker = re.compile(r"^(" + "<" * 7 + "|" + ">" * 7 + r")( |$)", re.M)
+    offenders = [
+        name
+        for name in tracked_files()
+        if (REPO_ROOT / name).is_file()
+        and marker.search((REPO_ROOT / name).read_text(errors="ignore"))
+    ]
+    assert offenders == []
