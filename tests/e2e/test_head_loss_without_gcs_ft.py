@@ -16,7 +16,9 @@ from healing_support import (
     supervised_cluster,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# A measurement for the README (what GCS fault tolerance buys), ~9 min: `make e2e-compare`,
+# not part of `make e2e` / CI, which test the shipped setup (tests/e2e/test_self_healing.py).
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.comparison]
 
 NAME = "e2e-no-ft"
 EPOCHS = 4  # 304 steps

@@ -51,6 +51,10 @@ def s3_endpoint(tmp_path_factory):
             f"-s3.config={root / 's3.json'}",
             "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1",
+            # Catalog listeners on fixed ports (8181, 9101) collide with any other SeaweedFS
+            # on the machine (seen: a CI run beside another S3 test); plain S3 only.
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             *[f"{k}={v}" for k, v in ports.items()],
         ],
         stdout=(root / "weed.log").open("w"),
