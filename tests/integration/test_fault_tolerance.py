@@ -199,8 +199,7 @@ def test_driver_stopped_then_killed_and_resubmitted(tmp_path, ray_address, refer
     assert report.ok, report.errors  # no sample repeated or skipped in the effective history
     assert report.attempts == 3 and report.completed
     # Each resume starts at a checkpoint at least as new as the newest one complete when the
-    # driver died (an upload in flight may still complete as Ray stops the workers), and never
-    # past what the interrupted attempt ran.
+    # driver died (an upload in flight may still complete as Ray stops the workers).
     resumed = report.resumed_from_steps
     assert resumed[0] is None and len(resumed) == 3, resumed
     for got, floor in zip(resumed[1:], expected[1:], strict=True):
