@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from training import checkpoint, driver, runlog, storage, tasks
+from training import checkpoint, driver, lease, runlog, storage, tasks
 from training.config import ConfigError, StorageSection, load_config
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -36,8 +36,25 @@ def main() -> None:
 )
 @click.option("--name", help="Shortcut for --set run.name=NAME.")
 @click.option("--storage", "storage_path", help="Shortcut for --set storage.path=PATH.")
+@click.option(
+    "--wait-for-lease",
+    is_flag=True,
+    help="If another driver is training this run, wait until it stops (default: exit 2).",
+)
+@click.option(
+    "--lease-dead-job",
+    "dead_jobs",
+    multiple=True,
+    metavar="SUBMISSION_ID",
+    help="A Ray job known to have ended: its lease on the run is free at once (supervisor).",
+)
 def train(
-    config_path: str | None, overrides: tuple[str, ...], name: str | None, storage_path: str | None
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    name: str | None,
+    storage_path: str | None,
+    wait_for_lease: bool,
+    dead_jobs: tuple[str, ...],
 ) -> None:
     """Train, or resume the run named by storage.path + run.name.
 
@@ -48,9 +65,20 @@ def train(
     )
     cfg = _load_or_exit(config_path, [*overrides, *extra])
     try:
-        summary = driver.train(cfg, on_connected=_exit_cleanly_on_sigterm)
+        summary = driver.train(
+            cfg,
+            on_connected=_exit_cleanly_on_sigterm,
+            wait_for_lease=wait_for_lease,
+            dead_jobs=dead_jobs,
+        )
     except ConfigError as exc:
         _fail(EXIT_USAGE, f"error: {exc}")
+    except lease.LeaseHeld as held:
+        _fail(
+            EXIT_USAGE,
+            f"error: run '{cfg.run.name}' is already training ({held}); "
+            "stop that driver first, or pass --wait-for-lease to wait for it",
+        )
     except driver.RunStopped as exc:
         _fail(EXIT_FAILED, f"Training stopped: {exc}")
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ identity) is checked before Ray is started or joined.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import posixpath
@@ -15,7 +16,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from training import checkpoint, runlog, stops, storage, tasks
+from training import checkpoint, lease, runlog, stops, storage, tasks
 from training.config import Config, ConfigError, identity_diff
 
 RUN_CONFIG_FILE = "run_config.json"
@@ -131,6 +132,14 @@ def check_data(cfg: Config) -> dict[str, Any]:
     return fingerprint
 
 
+def current_state(run: RunState) -> RunState:
+    """The run's newest valid checkpoint and whether it finished, read again (after a wait for
+    the lease, another driver may have moved it on)."""
+    newest = checkpoint.newest_valid(run.fs, run.run_dir)
+    finished = _finished_at(run.fs, run.run_dir, newest)
+    return dataclasses.replace(run, resume_from=newest, finished=finished)
+
+
 def _finished_at(fs: pafs.FileSystem, run_dir: str, newest: checkpoint.CheckpointInfo | None):
     """True when an attempt ended the run at the step of the newest valid checkpoint."""
     if newest is None:
@@ -190,6 +199,8 @@ def build_trainer(cfg: Config, run: RunState):
     os.environ.setdefault(
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(cfg.failure.health_check_interval_s)
     )
+    # How soon Ray Train notices a node being drained (Ray's default: 5 s of a ~30 s window).
+    os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
     return TorchTrainer(
         train_loop_per_worker=train_func,
         train_loop_config=cfg.model_dump(),
@@ -214,22 +225,32 @@ def build_trainer(cfg: Config, run: RunState):
     )
 
 
-def train(cfg: Config, on_connected: Callable[[], None] = lambda: None) -> dict[str, Any]:
-    """Run (or resume) training to the end; returns the run summary."""
+def train(
+    cfg: Config,
+    on_connected: Callable[[], None] = lambda: None,
+    wait_for_lease: bool = False,
+    dead_jobs: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Run (or resume) training to the end; returns the run summary.
+
+    Raises lease.LeaseHeld (before Ray is touched) when another driver trains the same run,
+    unless ``wait_for_lease``."""
     cfg = with_absolute_paths(cfg)
-    run = prepare_run(cfg)
-    print(run.describe(cfg.run.name), flush=True)
-    if run.finished:
-        return run_summary(run.fs, run.run_dir)
-    connect_ray(cfg)
-    on_connected()
-    try:
-        build_trainer(cfg, run).fit()
-    except Exception:
-        stopped = stops.read(run.fs, run.run_dir)
-        if stopped:  # the workers' traceback says less than the marker
-            raise RunStopped(f"run '{cfg.run.name}' {stopped}") from None
-        raise
+    run = prepare_run(cfg)  # every check of the input first: a run that cannot start writes nothing
+    with lease.hold(run.fs, run.run_dir, wait=wait_for_lease, dead_jobs=dead_jobs):  # one writer
+        run = current_state(run)  # as storage says now that no other driver writes the run
+        print(run.describe(cfg.run.name), flush=True)
+        if run.finished:
+            return run_summary(run.fs, run.run_dir)
+        connect_ray(cfg)
+        on_connected()
+        try:
+            build_trainer(cfg, run).fit()
+        except Exception:
+            stopped = stops.read(run.fs, run.run_dir)
+            if stopped:  # the workers' traceback says less than the marker
+                raise RunStopped(f"run '{cfg.run.name}' {stopped}") from None
+            raise
     return run_summary(run.fs, run.run_dir)
 
 

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training import chaos, checkpoint, data, metrics, pace, stops, storage, tasks
+from training import chaos, checkpoint, data, drain, metrics, pace, stops, storage, tasks
 from training.checkpoint import Progress
 from training.config import Config
 from training.optim import build_optimizer, build_scheduler
@@ -271,8 +271,13 @@ def run_steps(worker: Worker, progress: Progress) -> None:
             record_step(worker, global_step, step_s, step_metrics)
         if evaluate_now:
             step_metrics.update(evaluate(worker, global_step))
-        if checkpoint_due:
+        # Node drain (training/drain.py): checkpoint now, then take no further step. Checked on
+        # log steps only, where step_metrics are filled.
+        draining = drain.requested(global_step, worker.world_size, cfg.training.log_every_n_steps)
+        if checkpoint_due or draining:
             save_and_report(worker, global_step, step_metrics)
+            if draining and global_step < last_step:
+                drain.hold(global_step)
         elif report_due:
             ray.train.report(step_metrics)  # Ray: a barrier, hence only every N steps
     if worker.runlog is not None:

@@ -198,8 +198,13 @@ def test_driver_stopped_then_killed_and_resubmitted(tmp_path, ray_address, refer
     report = runlog.check_ledger(events(tmp_path, "driver"))
     assert report.ok, report.errors  # no sample repeated or skipped in the effective history
     assert report.attempts == 3 and report.completed
-    # Each resume starts at the newest checkpoint that was complete when the driver died.
-    assert report.resumed_from_steps == expected and expected[1] >= 50 and expected[2] >= 125
+    # Each resume starts at a checkpoint at least as new as the newest one complete when the
+    # driver died (an upload in flight may still complete as Ray stops the workers).
+    resumed = report.resumed_from_steps
+    assert resumed[0] is None and len(resumed) == 3, resumed
+    for got, floor in zip(resumed[1:], expected[1:], strict=True):
+        assert got % EVERY == 0 and got >= floor, (resumed, expected)
+    assert expected[1] >= 50 and expected[2] >= 125 and resumed[2] > resumed[1]
     assert_bitwise_equal(reference, final_state(tmp_path, "driver"))
 
 

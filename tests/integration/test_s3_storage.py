@@ -51,6 +51,10 @@ def s3_endpoint(tmp_path_factory):
             f"-s3.config={root / 's3.json'}",
             "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1",
+            # Catalog listeners on fixed ports (8181, 9101) collide with any other SeaweedFS
+            # on the machine (seen: a CI run beside another S3 test); plain S3 only.
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             *[f"{k}={v}" for k, v in ports.items()],
         ],
         stdout=(root / "weed.log").open("w"),
@@ -155,11 +159,11 @@ def assert_tensorboard_and_plot_work_from_s3(fs, tmp_path, config, env) -> None:
         (local / info.base_name).write_bytes(storage.read_bytes(fs, info.path))
     board = EventAccumulator(str(local), size_guidance={"scalars": 0})
     board.Reload()
-    # Every step event (world size, step time) once, in order, across the kill and the redo;
-    # the loss where it was logged.
-    assert [e.step for e in board.Scalars("train/world_size")] == list(range(1, 115))
+    # Scalars come from the logged steps (every 20 and the last), each once and in order across
+    # the kill and the redo; the rolled-back points are purged (tests/unit/test_tensorboard.py).
     loss_steps = [e.step for e in board.Scalars("train/loss")]
-    assert loss_steps == sorted(set(loss_steps)) and loss_steps[-1] == 114, loss_steps
+    assert loss_steps == [20, 40, 60, 80, 100, 114], loss_steps
+    assert [e.step for e in board.Scalars("train/world_size")] == loss_steps
 
     png = tmp_path / "on-s3.png"
     plotted = subprocess.run(

@@ -510,8 +510,9 @@ def spec_differences(a: Any, b: Any, path: str = "") -> list[str]:
 
 def same_cluster_errors(cluster: dict[str, Any], job: dict[str, Any]) -> list[str]:
     """The RayJob's cluster is the RayCluster (same pods, storage, image); only the token Secret
-    may differ (the operator makes one per RayJob cluster)."""
-    allowed = {"authOptions.secretName"}
+    may differ (the operator makes one per RayJob cluster), and gcsFaultToleranceOptions (the
+    RayJob survives a lost head by retrying on a new cluster: backoffLimit)."""
+    allowed = {"authOptions.secretName", "gcsFaultToleranceOptions"}
     diffs = [d for d in spec_differences(cluster["spec"], cluster_spec(job)) if d not in allowed]
     return [f"{ident(job)} rayClusterSpec differs from {ident(cluster)} spec at {d}" for d in diffs]
 

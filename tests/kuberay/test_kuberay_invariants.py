@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kuberay_gcs_ft import REDIS_NAME
 from kuberay_invariants import (
     KUBERAY_DIR,
     TRAIN_CONFIG,
@@ -43,7 +44,9 @@ PROJECT_IMAGE = "elastic-trainer:0.1.0"
 
 @pytest.fixture
 def pvcs(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return copy.deepcopy([m for m in manifests if m["kind"] == "PersistentVolumeClaim"])
+    # The run storage claims; Redis's own volume (redis.gcs-ft.yaml) is not run storage.
+    claims = [m for m in manifests if m["kind"] == "PersistentVolumeClaim"]
+    return copy.deepcopy([m for m in claims if m["metadata"]["name"] != REDIS_NAME])
 
 
 @pytest.fixture
@@ -78,7 +81,11 @@ def container(group: dict[str, Any]) -> dict[str, Any]:
 
 def test_kubectl_apply_on_the_folder_reads_only_kubernetes_objects() -> None:
     files = kubectl_apply_files()
-    assert [f.name for f in files] == ["pvc.run-storage.yaml", "raycluster.elastic-trainer.yaml"]
+    assert [f.name for f in files] == [
+        "pvc.run-storage.yaml",
+        "raycluster.elastic-trainer.yaml",
+        "redis.gcs-ft.yaml",
+    ]
     assert apply_dir_errors(files) == []
     assert (KUBERAY_DIR / "batch" / "rayjob.elastic-trainer.yaml").is_file()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from kuberay_invariants import groups, ident, manifest_files, one, pod_specs
+from kuberay_invariants import groups, ident, manifest_files, pod_specs
 from kuberay_schema import (
     CRD_FILES,
     KUBERNETES_VERSION,
@@ -28,7 +28,14 @@ RAY_KINDS = set(CRD_FILES)
 
 def test_the_expected_objects_are_there(manifests: list[dict[str, Any]]) -> None:
     kinds = sorted(m["kind"] for m in manifests)
-    assert kinds == ["PersistentVolumeClaim", "RayCluster", "RayJob"], manifest_files()
+    assert kinds == [
+        "Deployment",  # Redis for the head's fault tolerance (redis.gcs-ft.yaml), with
+        "PersistentVolumeClaim",  # its volume,
+        "PersistentVolumeClaim",  # the runs' shared storage,
+        "RayCluster",
+        "RayJob",
+        "Service",  # and Redis's Service
+    ], manifest_files()
 
 
 def test_every_manifest_is_valid_against_its_schema(manifests: list[dict[str, Any]]) -> None:
@@ -156,11 +163,15 @@ def test_wrong_api_version_and_bad_metadata_are_rejected(cluster: dict[str, Any]
     assert any(e.startswith("metadata:") and "'label' was unexpected" in e for e in errors)
 
 
+def run_storage_claim(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(m for m in manifests if m["metadata"]["name"] == "elastic-trainer-storage")
+
+
 def test_core_kind_errors_are_caught(manifests: list[dict[str, Any]]) -> None:
-    pvc = copy.deepcopy(one("PersistentVolumeClaim", manifests))
+    pvc = copy.deepcopy(run_storage_claim(manifests))
     pvc["spec"]["accessMode"] = pvc["spec"].pop("accessModes")
     assert any("'accessMode' was unexpected" in e for e in core_errors(pvc))
-    pvc = copy.deepcopy(one("PersistentVolumeClaim", manifests))
+    pvc = copy.deepcopy(run_storage_claim(manifests))
     pvc["spec"]["resources"]["requests"]["storage"] = ["50Gi"]
     assert core_errors(pvc) != []
 

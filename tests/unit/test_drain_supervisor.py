@@ -1,0 +1,88 @@
+"""The drain flag (training/drain.py) and the job supervisor's decisions (cluster/supervisor.py),
+without Ray: the flag is read only every N steps; the supervisor resubmits a lost or failed job
+with the dead job's id, stops on success or on a refused input (exit 2)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from training import drain
+
+SUPERVISOR = Path(__file__).resolve().parents[2] / "cluster" / "supervisor.py"
+
+
+def load_supervisor():
+    spec = importlib.util.spec_from_file_location("supervisor", SUPERVISOR)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_drain_flag_is_read_only_on_check_steps(monkeypatch):
+    reads = []
+    monkeypatch.setattr(drain, "_local_flag", lambda: reads.append(1) or True)
+    hits = [s for s in range(1, 31) if drain.requested(s, world_size=1, every=10)]
+    assert hits == [10, 20, 30] and len(reads) == 3
+
+
+def test_no_drain_outside_ray():
+    assert drain._local_flag() is False  # no Ray Train context here: never a false alarm
+
+
+def test_hold_gives_up_after_its_limit():
+    with pytest.raises(RuntimeError, match="no restart within"):
+        drain.hold(global_step=7, limit_s=0.01)
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "code", "dead_jobs"),
+    [
+        ([("SUCCEEDED", 0)], 0, [None]),
+        ([("LOST", None), ("FAILED", 1), ("SUCCEEDED", 0)], 0, [None, "job-1", "job-2"]),
+        ([("FAILED", 2)], 2, [None]),
+        ([("STOPPED", None)] * 3, 1, [None, "job-1", "job-2"]),
+    ],
+)
+def test_supervisor_resubmits_until_done(monkeypatch, outcomes, code, dead_jobs):
+    sup = load_supervisor()
+    submitted = []
+
+    def submit(address, entrypoint, dead_job, attempt):
+        submitted.append(dead_job)
+        return f"job-{attempt}"
+
+    results = iter(outcomes)
+    monkeypatch.setattr(sup, "backoff_s", lambda attempt: 0)
+    monkeypatch.setattr(sup, "submit", submit)
+    monkeypatch.setattr(sup, "follow", lambda address, job_id: next(results))
+    assert (
+        sup.supervise("http://head:8265", ["python", "-m", "training"], max_submissions=3) == code
+    )
+    assert submitted == dead_jobs
+
+
+def test_supervisor_passes_the_dead_job_to_the_driver(monkeypatch):
+    sup = load_supervisor()
+    sent = {}
+
+    class Client:
+        def submit_job(self, entrypoint, submission_id):
+            sent.update(entrypoint=entrypoint, submission_id=submission_id)
+
+    monkeypatch.setattr(sup, "connect", lambda address: Client())
+    job = sup.submit("http://head:8265", ["python", "-m", "training", "train"], "old-job", 3)
+    assert sent["submission_id"] == job and job.startswith("supervised-3-")
+    assert sent["entrypoint"].endswith("train --wait-for-lease --lease-dead-job old-job")
+
+
+def test_supervisor_needs_an_entrypoint():
+    with pytest.raises(SystemExit):
+        load_supervisor().main(["--address", "http://head:8265"])
+
+
+def test_supervisor_backs_off_only_when_jobs_keep_failing():
+    backoff = load_supervisor().backoff_s
+    assert [backoff(a) for a in (1, 2, 3, 4, 20)] == [0, 0, 5, 10, 60]
