@@ -9,6 +9,7 @@ how many workers it had when it did: resume only needs (epoch, step-in-epoch).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 
@@ -24,10 +25,41 @@ def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
     return steps
 
 
-def epoch_order(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
-    """The global sample order of one epoch: a pure function of (seed, epoch)."""
+@dataclass(frozen=True)
+class ShardLayout:
+    """How a task's samples sit in storage: ``sizes[k]`` consecutive sample ids per shard (a
+    Parquet row group), in id order; ``window`` shards are shuffled together."""
+
+    sizes: tuple[int, ...]
+    window: int
+
+
+def epoch_order(
+    seed: int, epoch: int, num_samples: int, layout: ShardLayout | None = None
+) -> torch.Tensor:
+    """The global sample order of one epoch: a pure function of (seed, epoch) and, for a
+    sharded (streamed) dataset, of its layout."""
+    if layout is not None:
+        return shard_order(seed, epoch, layout)
     generator = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
     return torch.randperm(num_samples, generator=generator)
+
+
+def shard_order(seed: int, epoch: int, layout: ShardLayout) -> torch.Tensor:
+    """Shards permuted per epoch, then consecutive groups of ``window`` shards; the samples of
+    each group are shuffled together. A step therefore touches at most the shards of the one or
+    two groups it straddles, so a reader needs about two windows in memory; a sample's position
+    is uniform within its group, and groups are a fresh random draw of shards every epoch."""
+    starts = torch.tensor((0, *layout.sizes)).cumsum(0)
+    shuffled = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch, "shards"))
+    shards = torch.randperm(len(layout.sizes), generator=shuffled).tolist()
+    parts = []
+    for first in range(0, len(shards), layout.window):
+        group = shards[first : first + layout.window]
+        ids = torch.cat([torch.arange(starts[k], starts[k + 1]) for k in group])
+        mixer = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch, "window", first))
+        parts.append(ids[torch.randperm(len(ids), generator=mixer)])
+    return torch.cat(parts)
 
 
 def global_batch(order: torch.Tensor, step_in_epoch: int, batch_size: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -187,6 +188,9 @@ def start_attempt(config_dict: dict[str, Any]) -> tuple[Worker, Progress]:
         runlog=RunLog(fs, run_dir, attempt) if rank == 0 else None,
     )
     progress, resumed_from = resume(worker)
+    # Streaming (#15): tell the task which ids this rank's remaining steps use, so it can read
+    # ahead in the background; a no-op for in-memory tasks.
+    task.prefetch(train, upcoming_ids(worker, progress.global_step))
     timing = {"began": began, "restore_s": time.perf_counter() - restore_started}
     announce_start(worker, progress, resumed_from, timing)
     return worker, progress
@@ -345,13 +349,25 @@ def autocast(worker: Worker):
 
 
 def global_batch_ids(worker: Worker, epoch: int, step_in_epoch: int) -> torch.Tensor:
-    order = epoch_order_cached(worker.cfg.training.seed, epoch, len(worker.train))
+    # Streaming (#15): a sharded task's layout makes the order shard-aware (None: a shuffle).
+    layout = worker.task.shard_layout()
+    order = epoch_order_cached(worker.cfg.training.seed, epoch, len(worker.train), layout)
     return data.global_batch(order, step_in_epoch, worker.cfg.training.global_batch_size)
 
 
-@lru_cache(maxsize=2)
-def epoch_order_cached(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
-    return data.epoch_order(seed, epoch, num_samples)
+@lru_cache(maxsize=4)  # Streaming (#15): the prefetcher may be an epoch ahead of the steps
+def epoch_order_cached(
+    seed: int, epoch: int, num_samples: int, layout: data.ShardLayout | None = None
+) -> torch.Tensor:
+    return data.epoch_order(seed, epoch, num_samples, layout)
+
+
+def upcoming_ids(worker: Worker, done: int) -> Iterator[torch.Tensor]:
+    """Streaming (#15): this rank's ids for every step after ``done``, lazily, in order."""
+    for global_step in range(done + 1, worker.plan.total_steps + 1):
+        epoch, step_in_epoch = worker.plan.position(global_step)
+        batch = global_batch_ids(worker, epoch, step_in_epoch)
+        yield data.rank_slice(batch, worker.rank, worker.world_size)
 
 
 def reduce_totals(

@@ -14,6 +14,7 @@ Built-in tasks are named (``tabular``, ``language_model``, ``image``); a user's 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,6 +22,8 @@ import pyarrow.fs as pafs
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
+
+from training.data import ShardLayout
 
 BUILTIN_TASKS = {
     "tabular": "training.tasks.tabular:TabularClassification",
@@ -85,6 +88,17 @@ class Task:
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
+
+    def shard_layout(self) -> ShardLayout | None:
+        """For data read shard by shard (streamed): how the training ids sit in storage, so the
+        framework's order keeps each step within a window of shards. None: ids are random
+        access and the order is a plain shuffle. Called after ``load``."""
+        return None
+
+    def prefetch(self, samples: Any, upcoming: Iterator[torch.Tensor]) -> None:
+        """Told once per attempt which ids this worker's coming steps use (one tensor per step,
+        in order), so a streaming task can read ahead in the background. Optional."""
+        del samples, upcoming
 
     def batch(self, samples: Any, ids: torch.Tensor, seed: int) -> Any:
         """The batch for sample ``ids``; any randomness (augmentation) only from (seed, id)."""

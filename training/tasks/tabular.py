@@ -3,6 +3,10 @@
     task: {name: tabular, options: {label_column: label, model: mlp}}
     data: {path: ./data/demo.parquet}   # a Parquet file or a directory of them, local or s3://
 
+With ``options.stream: true`` the table is read one row group at a time in the background
+(``training/streaming.py``) instead of whole, for tables larger than a worker's memory; the
+order then follows the row groups (``training.data.shard_order``, window ``options.window``).
+
 The last ``data.val_fraction`` of rows is held out. ``options.model`` is ``mlp``,
 ``transformer`` or your own ``package.module:factory`` called as
 ``factory(in_features=F, num_classes=C, **model_kwargs)``.
@@ -15,18 +19,24 @@ import importlib
 import json
 import posixpath
 import re
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset  # ParquetDataset's backend: imported with the task, not at load
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import nn
 
-from training import storage
+from training import storage, streaming
+from training.data import ShardLayout
 from training.tasks import Options, StepOutput, Task, TaskError
 
 DEMO_FEATURES = 32
@@ -69,6 +79,16 @@ class TabularOptions(Options):
         default_factory=dict, description="Keyword arguments for your own factory."
     )
     demo_rows: PositiveInt = Field(8192, description="Rows of the demo dataset.")
+    stream: bool = Field(
+        False,
+        description="Read the table one Parquet row group at a time, prefetched in the "
+        "background, instead of whole into every worker: for tables larger than memory.",
+    )
+    window: PositiveInt = Field(
+        8,
+        description="Streaming: row groups whose samples are shuffled together. A worker holds "
+        "at most 2 windows of decoded row groups (rows x (4 x features + 8) bytes each).",
+    )
 
     @model_validator(mode="after")
     def _known_model(self) -> TabularOptions:
@@ -106,6 +126,7 @@ class TabularClassification(Task):
             raise TaskError(f"data.path '{self.data.uri}' holds no rows")
         num_classes = self._check_values(dataset, features)
         val = int(rows * self.data.val_fraction)
+        layout = self._check_stream(dataset, rows - val) if self.options.stream else {}
         files = [
             (posixpath.relpath(f, self.data.path), self.data.fs.get_file_info(f).size)
             for f in dataset.files
@@ -118,7 +139,22 @@ class TabularClassification(Task):
             "num_classes": num_classes,
             "schema_sha256": _sha256(schema.to_string()),
             "files_sha256": _sha256(json.dumps(files)),
+            **layout,
         }
+
+    def _check_stream(self, dataset: pq.ParquetDataset, train_rows: int) -> dict[str, Any]:
+        """The row groups are the shards of the streamed order: the window must fit them, and
+        their sizes are part of the data's identity (a rewrite would change the order)."""
+        groups = streaming.row_groups(self.data.fs, dataset.files)
+        shards = len(streaming.split_row_groups(groups, 0, train_rows))
+        if self.options.window > shards:
+            raise TaskError(
+                f"task.options.window ({self.options.window}) exceeds the {shards} row groups "
+                f"holding the training rows of '{self.data.uri}'; use a window of 1..{shards} "
+                "(or write the table with smaller row groups)"
+            )
+        sizes = [rows for _, _, rows in groups]
+        return {"row_groups": len(groups), "row_group_rows_sha256": _sha256(json.dumps(sizes))}
 
     def write_demo(self) -> None:
         write_demo_dataset(self.data.fs, self.data.path, rows=self.options.demo_rows)
@@ -169,25 +205,38 @@ class TabularClassification(Task):
             )
 
     def _check_values(self, dataset: pq.ParquetDataset, features: list[str]) -> int:
-        """Labels >= 0 and finite features, one column at a time (bounded memory); returns the
-        number of classes."""
+        """Labels >= 0 and finite features, one batch of rows at a time (memory bounded by a
+        batch, not the table); returns the number of classes."""
         label = self.options.label_column
-        labels = dataset.read([label]).column(label)
-        if labels.null_count or pc.min(labels).as_py() < 0:
+        nulls: Counter[str] = Counter()
+        bad_label, not_finite, top = False, set(), 0
+        for batch in dataset_batches(dataset, self.data.fs, [label, *features]):
+            labels = batch.column(label)
+            nulls.update({c: batch.column(c).null_count for c in features})
+            bad_label |= labels.null_count > 0 or pc.min(labels).as_py() < 0
+            top = max(top, pc.max(labels).as_py())
+            not_finite |= {
+                c
+                for c in features
+                if pa.types.is_floating(batch.column(c).type)
+                and not pc.all(pc.is_finite(batch.column(c))).as_py()
+            }
+        if bad_label:
             raise TaskError(
                 f"label column '{label}' holds nulls or negative values; labels must be integer "
                 "class indices >= 0"
             )
         for column in features:
-            values = dataset.read([column]).column(column)
-            if values.null_count:
-                raise TaskError(f"feature column '{column}' holds {values.null_count} nulls")
-            if pa.types.is_floating(values.type) and not pc.all(pc.is_finite(values)).as_py():
+            if nulls[column]:
+                raise TaskError(f"feature column '{column}' holds {nulls[column]} nulls")
+            if column in not_finite:
                 raise TaskError(f"feature column '{column}' holds NaN or infinite values")
-        return int(pc.max(labels).as_py()) + 1
+        return int(top) + 1
 
     # ---- workers --------------------------------------------------------------------------
-    def load(self) -> tuple[Table, Table]:
+    def load(self) -> tuple[Any, Any]:
+        if self.options.stream:
+            return self._load_streaming()
         table = pq.read_table(self.data.path, filesystem=self.data.fs)
         features = self._feature_columns(table.column_names)
         matrix = np.stack([table[c].to_numpy().astype(np.float32) for c in features], axis=1)
@@ -199,6 +248,38 @@ class TabularClassification(Task):
             Table(features_t[:n_train], labels[:n_train]),
             Table(features_t[n_train:], labels[n_train:]),
         )
+
+    def _load_streaming(self) -> tuple[streaming.StreamingRows, streaming.StreamingRows]:
+        """Footers only: the row groups are read when a step needs them (``prefetch``)."""
+        dataset = self._dataset()
+        features = self._feature_columns(dataset.schema.names)
+        label = self.options.label_column
+        groups = streaming.row_groups(self.data.fs, dataset.files)
+        rows = sum(n for _, _, n in groups)
+        n_train = rows - int(rows * self.data.val_fraction)
+        self.num_features = len(features)
+        self.num_classes = label_max(dataset, self.data.fs, label) + 1
+
+        def split(begin: int, end: int) -> streaming.StreamingRows:
+            return streaming.StreamingRows(
+                self.data.fs,
+                streaming.split_row_groups(groups, begin, end),
+                [*features, label],
+                partial(decode_rows, features, label),
+                max_resident=2 * self.options.window,
+            )
+
+        self.train = split(0, n_train)
+        return self.train, split(n_train, rows)
+
+    def shard_layout(self) -> ShardLayout | None:
+        if not self.options.stream:
+            return None
+        return ShardLayout(self.train.shard_sizes(), self.options.window)
+
+    def prefetch(self, samples: Any, upcoming: Iterator[torch.Tensor]) -> None:
+        if isinstance(samples, streaming.StreamingRows):
+            samples.plan(upcoming)
 
     def build_model(self) -> nn.Module:
         opts = self.options
@@ -216,7 +297,9 @@ class TabularClassification(Task):
             )
         return model
 
-    def batch(self, samples: Table, ids: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+    def batch(self, samples: Any, ids: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+        if isinstance(samples, streaming.StreamingRows):
+            return tuple(torch.from_numpy(a) for a in samples.gather(ids))
         return samples.features[ids], samples.labels[ids]
 
     def step(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> StepOutput:
@@ -236,6 +319,39 @@ class TabularClassification(Task):
             "loss": totals["loss"] / totals["count"],
             "accuracy": totals["correct"] / totals["count"],
         }
+
+
+def decode_rows(features: list[str], label: str, table: pa.Table) -> tuple[np.ndarray, ...]:
+    """One row group as (features float32 [rows, F], labels int64): the same conversion as the
+    in-memory path, so a streamed sample is bit-identical to a loaded one."""
+    matrix = np.stack([table[c].to_numpy().astype(np.float32) for c in features], axis=1)
+    return matrix, table[label].to_numpy().astype(np.int64)
+
+
+def dataset_batches(
+    dataset: pq.ParquetDataset, fs: pafs.FileSystem, columns: list[str]
+) -> Iterator[pa.RecordBatch]:
+    """Every row of ``columns``, one bounded batch at a time."""
+    for path in dataset.files:
+        with fs.open_input_file(path) as handle:
+            yield from pq.ParquetFile(handle).iter_batches(batch_size=65536, columns=columns)
+
+
+def label_max(dataset: pq.ParquetDataset, fs: pafs.FileSystem, label: str) -> int:
+    """The largest label, from the row groups' statistics when every one has them (footers
+    only), else by reading the label column a batch at a time."""
+    top = -1
+    for path in dataset.files:
+        with fs.open_input_file(path) as handle:
+            meta = pq.ParquetFile(handle).metadata
+        column = meta.schema.names.index(label)
+        for i in range(meta.num_row_groups):
+            stats = meta.row_group(i).column(column).statistics
+            if stats is None or not stats.has_min_max:
+                batches = dataset_batches(dataset, fs, [label])
+                return max(pc.max(b.column(0)).as_py() for b in batches)
+            top = max(top, stats.max)
+    return int(top)
 
 
 def import_factory(import_string: str):
@@ -316,6 +432,34 @@ def write_demo_dataset(fs, path: str, rows: int = 8192, seed: int = 0) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     storage.write_bytes(fs, path, sink.getvalue().to_pybytes())
+
+
+def write_sharded_demo(
+    fs, path: str, rows: int, features: int, row_group_rows: int, seed: int = 0
+) -> None:
+    """The demo's teacher task at any size, written one row group at a time (memory bounded by
+    a row group): data for streaming tests and benchmarks, larger than a worker's memory."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((features, 8)).astype(np.float32) / np.sqrt(features)
+    w2 = rng.standard_normal((8, DEMO_CLASSES)).astype(np.float32)
+    schema = pa.schema(
+        [*(pa.field(f"x{i}", pa.float32()) for i in range(features)), ("label", pa.int64())]
+    )
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    # Random floats neither compress nor dictionary-encode: both off, and statistics only for
+    # the label (its maximum gives the class count from the footers): a much faster write.
+    with (
+        fs.open_output_stream(path) as sink,
+        pq.ParquetWriter(
+            sink, schema, compression="none", use_dictionary=False, write_statistics=["label"]
+        ) as writer,
+    ):
+        for first in range(0, rows, row_group_rows):
+            x = rng.standard_normal((min(row_group_rows, rows - first), features), np.float32)
+            labels = np.argmax(np.tanh(x @ w1) @ w2, axis=1).astype(np.int64)
+            columns = [pa.array(column) for column in np.ascontiguousarray(x.T)]
+            columns.append(pa.array(labels))
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema), row_group_rows)
 
 
 def _sha256(text: str) -> str:

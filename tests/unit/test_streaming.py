@@ -1,0 +1,139 @@
+"""Streaming Parquet reads without Ray: the shard-aware order is still an exact permutation and a
+pure function of (seed, epoch); a streamed sample is bit-identical to a loaded one; a worker's
+plan reads only the row groups its coming steps need, each once, holding at most two windows;
+bad window settings are refused on the driver with exit 2 and one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from click.testing import CliRunner
+
+from training import data, tasks
+from training.cli import main
+
+FS = pafs.LocalFileSystem()
+ROWS, GROUP = 6000, 250  # 24 row groups over two files; 5400 training rows
+
+
+@pytest.fixture(scope="module")
+def table_dir(tmp_path_factory) -> Path:
+    """Two files (sorted order = row order) with 250-row row groups, 6 features, 5 classes."""
+    root = tmp_path_factory.mktemp("stream")
+    rng = np.random.default_rng(1)
+    columns = {f"f{i}": rng.standard_normal(ROWS) for i in range(6)}
+    table = pa.table({**columns, "label": rng.integers(0, 5, ROWS)})
+    for part, begin in enumerate((0, 3500)):
+        end = 3500 if begin == 0 else ROWS
+        pq.write_table(table.slice(begin, end - begin), root / f"part-{part}.parquet", GROUP)
+    return root
+
+
+def build(path: Path, **options) -> tasks.Task:
+    return tasks.build("tabular", options, tasks.DataSource(FS, str(path), str(path), 0.1))
+
+
+def test_shard_order_is_an_exact_pure_permutation_with_windows_of_shards():
+    layout = data.ShardLayout((100, 100, 100, 100, 100, 37, 100, 80), window=3)
+    n = sum(layout.sizes)
+    order = data.epoch_order(5, 2, n, layout)
+    assert sorted(order.tolist()) == list(range(n))
+    assert torch.equal(order, data.epoch_order(5, 2, n, layout))
+    assert not torch.equal(order, data.epoch_order(5, 3, n, layout))
+    assert not torch.equal(order, data.epoch_order(6, 2, n, layout))
+    # Each group of 3 shards occupies one contiguous stretch of the order.
+    shard_of = np.searchsorted(np.cumsum(layout.sizes), order.numpy(), side="right")
+    changes = np.flatnonzero(np.diff(shard_of))
+    stretches = np.split(shard_of, np.flatnonzero(np.diff(_group_ids(shard_of, 3))) + 1)
+    assert [len(set(s.tolist())) for s in stretches] == [3, 3, 2]
+    assert len(changes) > 50  # samples are mixed inside a window, not read shard by shard
+
+
+def _group_ids(shard_of: np.ndarray, window: int) -> np.ndarray:
+    """Which window each position belongs to, from the order in which shards first appear."""
+    first_seen = list(dict.fromkeys(shard_of.tolist()))
+    return np.array([first_seen.index(s) // window for s in shard_of])
+
+
+def test_without_a_layout_the_order_is_the_in_memory_shuffle_bit_for_bit():
+    generator = torch.Generator().manual_seed(data.derive_seed(0, "epoch", 1))
+    assert torch.equal(data.epoch_order(0, 1, 999), torch.randperm(999, generator=generator))
+
+
+def test_streamed_samples_are_bit_identical_to_loaded_ones(table_dir):
+    loaded, streamed = build(table_dir), build(table_dir, stream=True, window=4)
+    (train, val), (s_train, s_val) = loaded.load(), streamed.load()
+    assert (len(s_train), len(s_val)) == (len(train), len(val)) == (5400, 600)
+    assert streamed.num_classes == loaded.num_classes == 5
+    ids = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:500]
+    for got, want in zip(streamed.batch(s_train, ids, 0), loaded.batch(train, ids, 0), strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    every_val = torch.arange(len(val))
+    got, want = streamed.batch(s_val, every_val, None), loaded.batch(val, every_val, None)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert loaded.shard_layout() is None
+    assert streamed.shard_layout() == data.ShardLayout(tuple([GROUP] * 21 + [150]), 4)
+
+
+def rank_ids(task, train, world: int, rank: int, first_step: int, batch: int = 60):
+    """The ids rank ``rank`` uses at each step from ``first_step`` to the end of epoch 0."""
+    order = data.epoch_order(0, 0, len(train), task.shard_layout())
+    for step in range(first_step, len(train) // batch):
+        yield data.rank_slice(data.global_batch(order, step, batch), rank, world)
+
+
+@pytest.mark.parametrize("resume_at", [0, 60])
+def test_a_plan_reads_only_what_its_steps_need_once_within_two_windows(table_dir, resume_at):
+    loaded, streamed = build(table_dir), build(table_dir, stream=True, window=3)
+    (train, _), (s_train, _) = loaded.load(), streamed.load()
+    planned = list(rank_ids(streamed, s_train, 3, 1, resume_at))
+    needed = {int(g) for ids in planned for g in s_train.groups_of(ids.numpy())}
+    streamed.prefetch(s_train, iter(planned))
+    for ids in planned:
+        for chunk in ids.split(7):  # micro-batches consume a step in pieces
+            got = streamed.batch(s_train, chunk, 0)
+            assert torch.equal(got[0], loaded.batch(train, chunk, 0)[0])
+    stats = s_train.stats
+    assert stats.peak_resident <= 2 * 3
+    assert stats.row_groups_read == len(needed), (stats, len(needed))
+    if resume_at:  # a restarted worker skips the row groups of the steps already done
+        assert len(needed) < 22
+
+
+def test_a_failing_read_surfaces_in_the_training_thread(table_dir):
+    streamed = build(table_dir, stream=True, window=2)
+    s_train, _ = streamed.load()
+    planned = list(rank_ids(streamed, s_train, 1, 0, 0))
+    s_train.columns = ["no_such_column"]
+    streamed.prefetch(s_train, iter(planned))
+    with pytest.raises(RuntimeError, match="Parquet prefetch failed"):
+        streamed.batch(s_train, planned[0], 0)
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("task.options.window=0", "task.options.window: Input should be greater than 0"),
+        (
+            "task.options.window=23",
+            "task.options.window (23) exceeds the 22 row groups holding the training rows",
+        ),
+    ],
+)
+def test_bad_window_fails_on_the_driver_with_one_line(table_dir, tmp_path, setting, expected):
+    storage = tmp_path / "runs"
+    args = ["train", "--set", f"storage.path={storage}", "--set", f"data.path={table_dir}"]
+    args += ["--set", "task.options.stream=true", "--set", setting]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "error: " in lines[0] and expected in lines[0], lines
+    assert not ray.is_initialized()
+    assert not storage.exists()
