@@ -119,6 +119,34 @@ class Task:
         del state
 
 
+class ClassificationTask(Task):
+    """A task whose batch is ``(inputs, integer labels)`` and whose model returns class logits:
+    cross-entropy, with loss, hits and count as totals; reports loss and accuracy."""
+
+    def step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
+        inputs, labels = batch
+        logits = model(inputs)
+        loss = nn.functional.cross_entropy(logits, labels)
+        totals = {
+            "loss": loss.detach().float() * len(labels),
+            "correct": (logits.detach().argmax(dim=1) == labels).sum().float(),
+            "count": torch.tensor(float(len(labels)), device=labels.device),
+        }
+        return StepOutput(loss, totals)
+
+    def metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        return {
+            "loss": totals["loss"] / totals["count"],
+            "accuracy": totals["correct"] / totals["count"],
+        }
+
+
+def check_heads_divide_width(d_model: int, n_heads: int) -> None:
+    """For options of attention models (a pydantic validator turns this into one line)."""
+    if d_model % n_heads:
+        raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+
+
 def task_class(name: str) -> type[Task]:
     """The class behind ``task.name``; TaskError if it cannot be imported or is not a Task."""
     target = BUILTIN_TASKS.get(name, name)

@@ -31,7 +31,7 @@ from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
 from training import storage
-from training.tasks import Options, StepOutput, Task, TaskError
+from training.tasks import Options, StepOutput, Task, TaskError, check_heads_divide_width
 
 VOCAB = 256
 # The unigram baseline is fitted on at most this many training bytes (a bounded read).
@@ -50,10 +50,7 @@ class LanguageModelOptions(Options):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> LanguageModelOptions:
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
-            )
+        check_heads_divide_width(self.d_model, self.n_heads)
         return self
 
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from training import storage, streaming
 from training.data import ShardLayout
-from training.tasks import Options, StepOutput, Task, TaskError
+from training.tasks import ClassificationTask, Options, TaskError, check_heads_divide_width
 
 DEMO_FEATURES = 32
 DEMO_CLASSES = 4
@@ -60,10 +60,7 @@ class TransformerOptions(BaseModel):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TransformerOptions:
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
-            )
+        check_heads_divide_width(self.d_model, self.n_heads)
         return self
 
 
@@ -109,7 +106,7 @@ class Table:
         return len(self.labels)
 
 
-class TabularClassification(Task):
+class TabularClassification(ClassificationTask):
     Options = TabularOptions
     options: TabularOptions
 
@@ -301,24 +298,6 @@ class TabularClassification(Task):
         if isinstance(samples, streaming.StreamingRows):
             return tuple(torch.from_numpy(a) for a in samples.gather(ids))
         return samples.features[ids], samples.labels[ids]
-
-    def step(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> StepOutput:
-        features, labels = batch
-        logits = model(features)
-        loss = nn.functional.cross_entropy(logits, labels)
-        with torch.no_grad():
-            totals = {
-                "loss": loss.detach().float() * len(labels),
-                "correct": (logits.argmax(dim=1) == labels).sum().float(),
-                "count": torch.tensor(float(len(labels)), device=labels.device),
-            }
-        return StepOutput(loss, totals)
-
-    def metrics(self, totals: dict[str, float]) -> dict[str, float]:
-        return {
-            "loss": totals["loss"] / totals["count"],
-            "accuracy": totals["correct"] / totals["count"],
-        }
 
 
 def decode_rows(features: list[str], label: str, table: pa.Table) -> tuple[np.ndarray, ...]:
