@@ -34,6 +34,27 @@ class ShardLayout:
     window: int
 
 
+def layout_record(layout: ShardLayout | None) -> dict | None:
+    """The layout as the run log stores it: shard sizes run-length encoded ([size, count]
+    pairs), since row groups are mostly the same size; a few bytes per attempt."""
+    if layout is None:
+        return None
+    runs: list[list[int]] = []
+    for size in layout.sizes:
+        if runs and runs[-1][0] == size:
+            runs[-1][1] += 1
+        else:
+            runs.append([size, 1])
+    return {"sizes": runs, "window": layout.window}
+
+
+def layout_from_record(record: dict | None) -> ShardLayout | None:
+    if record is None:
+        return None
+    sizes = tuple(size for size, count in record["sizes"] for _ in range(count))
+    return ShardLayout(sizes, record["window"])
+
+
 def epoch_order(
     seed: int, epoch: int, num_samples: int, layout: ShardLayout | None = None
 ) -> torch.Tensor:

@@ -233,6 +233,9 @@ def announce_start(
         total_steps=worker.plan.total_steps,
         global_batch_size=worker.cfg.training.global_batch_size,
         train_samples=len(worker.train),
+        # The ledger: with these, a step's sample ids are a pure function of its position.
+        seed=worker.cfg.training.seed,
+        layout=data.layout_record(worker.task.shard_layout()),
         task=worker.cfg.task.name,
         **timing,
     )
@@ -415,20 +418,19 @@ def close_interval(worker: Worker, global_step: int, lr: float) -> dict[str, Any
 def record_step(
     worker: Worker, global_step: int, step_s: float, step_metrics: dict[str, Any]
 ) -> None:
-    """The ledger: the global batch this step consumed, computed on rank 0 from the same pure
-    function every rank slices its share from (nothing is communicated); on log steps also the
-    interval's metrics."""
+    """The ledger: the step's position and world size, from which the sample ids its global
+    batch held are recomputed (``runlog.consumed_ids``, with the start event's seed and data
+    layout): a line of constant size, whatever the batch; on log steps also the interval's
+    metrics."""
     epoch, step_in_epoch = worker.plan.position(global_step)
-    ids = global_batch_ids(worker, epoch, step_in_epoch)
     worker.runlog.write(
         "step",
         global_step=global_step,
         epoch=epoch,
         step_in_epoch=step_in_epoch + 1,
         world_size=worker.world_size,
-        step_s=step_s,
+        step_s=round(step_s, 6),
         **{k: v for k, v in step_metrics.items() if k not in LEDGER_FIELDS},
-        samples=ids.tolist(),
     )
     if step_metrics:
         log_progress(worker, step_metrics)

@@ -2,9 +2,12 @@
 
 Rank 0 writes ``<run dir>/runlog/<attempt>.jsonl`` (on object stores: segments
 ``<attempt>-<n>.jsonl``). Events:
-- ``start``: attempt id, world size, the checkpoint step and attempt it resumed from;
-- ``step``: global step, epoch, and the sample ids the global batch held; on log steps also the
-  task's metrics over the interval (loss, accuracy, ...), LR and throughput;
+- ``start``: attempt id, world size, the checkpoint step and attempt it resumed from, and what
+  the sample order is a function of: seed, training rows, global batch, data layout (streaming);
+- ``step``: global step, epoch, step in epoch and world size: the step's sample ids are a pure
+  function of these and the start's fields, so the log holds no ids (``consumed_ids`` recomputes
+  them); on log steps also the task's metrics over the interval (loss, accuracy, ...), LR and
+  throughput;
 - ``checkpoint`` and ``eval``: what was saved and its pause, held-out metrics (``val_*``);
 - ``stopped``: a non-finite loss stopped the run for good;
 - ``end``: the attempt finished the run.
@@ -25,11 +28,13 @@ import posixpath
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import pyarrow.fs as pafs
+import torch
 
-from training import storage, tensorboard
+from training import data, storage, tensorboard
 
 RUNLOG_DIR = "runlog"
 
@@ -54,7 +59,8 @@ class RunLog:
         self._board = tensorboard.EventWriter(fs, run_dir, attempt)
 
     def write(self, event: str, **fields: Any) -> None:
-        record = {"event": event, "attempt": self.attempt, "time": time.time(), **fields}
+        # 0.1 ms is finer than anything read from it (ordering, step-to-step gaps).
+        record = {"event": event, "attempt": self.attempt, "time": round(time.time(), 4), **fields}
         line = json.dumps(record)
         if self._file is not None:
             self._file.write(line + "\n")
@@ -82,10 +88,17 @@ class RunLog:
 def read_events(fs: pafs.FileSystem, run_dir: str) -> list[dict[str, Any]]:
     """Every event of every attempt, oldest first; a torn last line (crash mid-write) is skipped."""
     events = []
-    for entry in storage.list_dir(fs, posixpath.join(run_dir, RUNLOG_DIR)):
+    # By name: an attempt's segments in the order written, so the stable sort below keeps that
+    # order for events logged within the same 0.1 ms.
+    entries = sorted(storage.list_dir(fs, posixpath.join(run_dir, RUNLOG_DIR)), key=_name)
+    for entry in entries:
         if entry.base_name.endswith(".jsonl"):
             events += _parse_lines(storage.read_bytes(fs, entry.path).decode())
     return sorted(events, key=lambda e: e["time"])
+
+
+def _name(entry: pafs.FileInfo) -> str:
+    return entry.base_name
 
 
 def _parse_lines(text: str) -> list[dict[str, Any]]:
@@ -115,7 +128,11 @@ def check_ledger(events: list[dict[str, Any]]) -> LedgerReport:
     if not starts:
         return LedgerReport(False, False, 0, [], [], 0, ["the run log has no attempts"])
     history, errors = effective_history(events)
-    errors += _check_epochs(history, starts[-1])
+    by_attempt = {s["attempt"]: s for s in starts}
+    try:
+        errors += _check_epochs(history, by_attempt, starts[-1])
+    except (KeyError, ValueError) as exc:  # a start or step record lacks what the ids need
+        errors.append(f"the run log cannot say which samples were consumed: {exc!r}")
     final_step = max(history, default=0)
     return LedgerReport(
         ok=not errors,
@@ -151,7 +168,9 @@ def effective_history(events: list[dict[str, Any]]) -> tuple[dict[int, dict[str,
     return history, errors
 
 
-def _check_epochs(history: dict[int, dict[str, Any]], start: dict[str, Any]) -> list[str]:
+def _check_epochs(
+    history: dict[int, dict[str, Any]], starts: dict[str, dict[str, Any]], last: dict[str, Any]
+) -> list[str]:
     errors = []
     final = max(history, default=0)
     missing = sorted(set(range(1, final + 1)) - set(history))
@@ -160,20 +179,64 @@ def _check_epochs(history: dict[int, dict[str, Any]], start: dict[str, Any]) -> 
     per_epoch: dict[int, list[int]] = defaultdict(list)
     steps_in_epoch: dict[int, int] = defaultdict(int)
     for event in history.values():
-        if len(event["samples"]) != start["global_batch_size"]:
-            errors.append(f"step {event['global_step']} consumed {len(event['samples'])} samples")
-        per_epoch[event["epoch"]] += event["samples"]
+        start = starts[event["attempt"]]
+        errors += _check_step(event, start)
+        ids = consumed_ids(event, start)
+        if len(ids) != start["global_batch_size"]:
+            errors.append(f"step {event['global_step']} consumed {len(ids)} samples")
+        per_epoch[event["epoch"]] += ids
         steps_in_epoch[event["epoch"]] += 1
-    expected = start["steps_per_epoch"] * start["global_batch_size"]
+    expected = last["steps_per_epoch"] * last["global_batch_size"]
     for epoch, ids in sorted(per_epoch.items()):
         unique = len(set(ids))
         if unique != len(ids):
             errors.append(f"epoch {epoch}: {len(ids) - unique} samples consumed more than once")
-        if steps_in_epoch[epoch] == start["steps_per_epoch"] and unique != expected:
+        if steps_in_epoch[epoch] == last["steps_per_epoch"] and unique != expected:
             errors.append(f"epoch {epoch}: {unique} distinct samples consumed, expected {expected}")
-        if any(not 0 <= i < start["train_samples"] for i in ids):
+        if any(not 0 <= i < last["train_samples"] for i in ids):
             errors.append(f"epoch {epoch}: sample ids outside the training rows")
     return errors
+
+
+def _check_step(event: dict[str, Any], start: dict[str, Any]) -> list[str]:
+    """A step's record must agree with its attempt: the world size it ran on, and the position
+    (epoch, step in epoch) that the global step has in the run's plan."""
+    step, errors = event["global_step"], []
+    if event.get("world_size", start["world_size"]) != start["world_size"]:
+        errors.append(
+            f"step {step} records world size {event['world_size']}, its attempt ran on "
+            f"{start['world_size']}"
+        )
+    if "step_in_epoch" in event:  # run logs written before the ledger became (seed, position)
+        position = (event["epoch"], event["step_in_epoch"] - 1)
+        if position != divmod(step - 1, start["steps_per_epoch"]):
+            errors.append(
+                f"step {step} records epoch {position[0]} step {position[1] + 1}, not its "
+                "position in the run"
+            )
+    return errors
+
+
+def consumed_ids(event: dict[str, Any], start: dict[str, Any]) -> list[int]:
+    """The sample ids a step's global batch fed to its ranks, recomputed from the step's
+    (epoch, step in epoch, world size) and its attempt's (seed, data layout): the same pure
+    functions the loop slices each rank's share from. Old run logs carry the ids themselves."""
+    if "samples" in event:
+        return event["samples"]
+    order = _epoch_order(
+        start["seed"], event["epoch"], start["train_samples"], json.dumps(start.get("layout"))
+    )
+    batch = data.global_batch(order, event["step_in_epoch"] - 1, start["global_batch_size"])
+    world = event["world_size"]
+    return [i for rank in range(world) for i in data.rank_slice(batch, rank, world).tolist()]
+
+
+@lru_cache(maxsize=4)  # a checker walks the history epoch by epoch
+def _epoch_order(seed: int, epoch: int, train_samples: int, layout: str) -> torch.Tensor:
+    shards = data.layout_from_record(json.loads(layout))
+    if shards is not None and sum(shards.sizes) != train_samples:
+        raise ValueError(f"the data layout holds {sum(shards.sizes)} samples, not {train_samples}")
+    return data.epoch_order(seed, epoch, train_samples, shards)
 
 
 def _abbreviate(values: list[int], limit: int = 10) -> str:

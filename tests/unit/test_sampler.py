@@ -27,11 +27,12 @@ def test_batch_larger_than_dataset_is_an_error():
         data.steps_per_epoch(10, 16)
 
 
-def simulate(seed, num_samples, batch, epochs, rng, corrupt=None):
+def simulate(seed, num_samples, batch, epochs, rng, corrupt=None, layout=None):
     """Run the loop's sampling logic through random crashes and world-size changes.
 
-    Returns the run-log events the loop would write. A crash rolls back to the last
-    checkpoint; the next attempt may have another world size.
+    Returns the run-log events the loop would write: steps record their position and world
+    size, not their ids. A crash rolls back to the last checkpoint; the next attempt may have
+    another world size.
     """
     per_epoch = data.steps_per_epoch(num_samples, batch)
     total = per_epoch * epochs
@@ -55,6 +56,8 @@ def simulate(seed, num_samples, batch, epochs, rng, corrupt=None):
                 "total_steps": total,
                 "global_batch_size": batch,
                 "train_samples": num_samples,
+                "seed": seed,
+                "layout": data.layout_record(layout),
             }
         )
         crash_at = rng.randint(resumed_step + 1, total + 5)
@@ -64,14 +67,6 @@ def simulate(seed, num_samples, batch, epochs, rng, corrupt=None):
             epoch, in_epoch = divmod(step - 1, per_epoch)
             if corrupt == "restart_epoch" and attempt_no > 1:
                 in_epoch = 0  # a buggy resume that forgets the step-in-epoch
-            order = data.epoch_order(seed, epoch, num_samples)
-            ids = [
-                i
-                for r in range(world)
-                for i in data.rank_slice(
-                    data.global_batch(order, in_epoch, batch), r, world
-                ).tolist()
-            ]
             clock += 1
             events.append(
                 {
@@ -80,7 +75,8 @@ def simulate(seed, num_samples, batch, epochs, rng, corrupt=None):
                     "time": clock,
                     "global_step": step,
                     "epoch": epoch,
-                    "samples": ids,
+                    "step_in_epoch": in_epoch + 1,
+                    "world_size": world,
                 }
             )
             if step % 7 == 0:
@@ -100,11 +96,84 @@ def test_exactly_once_through_random_stops_and_resizes(scenario):
     assert report.ok, report.errors
     assert report.completed
     history, _ = runlog.effective_history(events)
+    starts = {e["attempt"]: e for e in events if e["event"] == "start"}
     per_epoch = {}
     for event in history.values():
-        per_epoch.setdefault(event["epoch"], []).extend(event["samples"])
+        per_epoch.setdefault(event["epoch"], []).extend(
+            runlog.consumed_ids(event, starts[event["attempt"]])
+        )
     for ids in per_epoch.values():
         assert len(ids) == len(set(ids)) == len(ids) // 12 * 12
+
+
+def test_recomputed_ids_are_what_every_rank_sliced():
+    """The ledger's ids come from the same pure functions the ranks slice their shares from."""
+    start = {"seed": 5, "train_samples": 100, "global_batch_size": 12, "layout": None}
+    step = {"epoch": 1, "step_in_epoch": 3, "world_size": 3}
+    batch = data.global_batch(data.epoch_order(5, 1, 100), 2, 12)
+    shares = [data.rank_slice(batch, rank, 3).tolist() for rank in range(3)]
+    assert runlog.consumed_ids(step, start) == sum(shares, [])
+
+
+def test_a_streamed_layout_is_recorded_and_used():
+    layout = data.ShardLayout(sizes=(30, 30, 30, 30, 10), window=2)
+    record = data.layout_record(layout)
+    assert record == {"sizes": [[30, 4], [10, 1]], "window": 2}
+    assert data.layout_from_record(record) == layout
+    events = simulate(
+        seed=4, num_samples=130, batch=12, epochs=2, rng=random.Random(2), layout=layout
+    )
+    assert runlog.check_ledger(events).ok
+    start = next(e for e in events if e["event"] == "start")
+    step = next(e for e in events if e["event"] == "step")
+    order = data.epoch_order(4, 0, 130, layout)
+    assert runlog.consumed_ids(step, start) == order[:12].tolist()
+    assert order[:12].tolist() != data.epoch_order(4, 0, 130)[:12].tolist()
+
+
+def tampered(field, value, step=5):
+    """A clean 2-epoch run whose step ``step`` record is changed afterwards."""
+    events = simulate(seed=6, num_samples=120, batch=12, epochs=2, rng=random.Random(3))
+    assert runlog.check_ledger(events).ok
+    for event in events:
+        if event["event"] == "step" and event["global_step"] == step:
+            event[field] = value
+    return runlog.check_ledger(events)
+
+
+def test_checker_catches_a_step_that_repeats_another_steps_batch():
+    report = tampered("step_in_epoch", 4)  # step 5 claims the batch of step 4
+    assert not report.ok
+    assert any("more than once" in e for e in report.errors)
+    assert any("step 5 records epoch 0 step 4" in e for e in report.errors)
+
+
+def test_checker_catches_a_wrong_world_size():
+    report = tampered("world_size", 3)  # 3 divides 12: the same ids, but not what the attempt ran
+    assert not report.ok
+    assert any("step 5 records world size 3" in e for e in report.errors)
+
+
+def test_checker_catches_a_world_size_that_drops_samples():
+    report = tampered("world_size", 5)  # 12 // 5 = 2 per rank: 10 of 12 samples consumed
+    assert not report.ok
+    assert "step 5 consumed 10 samples" in report.errors
+
+
+def test_checker_catches_a_wrong_epoch():
+    report = tampered("epoch", 1)  # 10 steps/epoch: step 5 claims step 15's batch
+    assert not report.ok
+    assert any("step 5 records epoch 1 step 5" in e for e in report.errors)
+    assert any("epoch 1: 12 samples consumed more than once" in e for e in report.errors)
+
+
+def test_checker_needs_the_seed():
+    events = simulate(seed=6, num_samples=120, batch=12, epochs=1, rng=random.Random(3))
+    for event in events:
+        event.pop("seed", None)
+    report = runlog.check_ledger(events)
+    assert not report.ok
+    assert "cannot say which samples were consumed" in report.errors[0]
 
 
 def test_checker_catches_a_resume_that_repeats_samples():
