@@ -132,6 +132,7 @@ def train_func(config_dict: dict[str, Any]) -> None:
         if worker.rank == 0:
             stops.record(worker.fs, worker.run_dir, exc)
             worker.runlog.write("stopped", global_step=exc.step, reason=str(exc))
+            metrics.run_ended(worker.cfg.run.name)
         raise
     finally:
         if worker.runlog is not None:
@@ -240,7 +241,7 @@ def announce_start(
         **timing,
     )
     worker.runlog.flush()
-    metrics.attempt_started(worker.cfg.run.name)
+    metrics.attempt_started(worker.cfg.run.name, progress.global_step, worker.world_size)
     where = f"resuming from step {progress.global_step}" if resumed_from else "starting at step 0"
     log.info(
         "[attempt %s] world size %d, %s of %d (%d steps/epoch)",
@@ -285,6 +286,7 @@ def run_steps(worker: Worker, progress: Progress) -> None:
             ray.train.report(step_metrics)  # Ray: a barrier, hence only every N steps
     if worker.runlog is not None:
         worker.runlog.write("end", global_step=last_step)
+        metrics.run_ended(cfg.run.name)
 
 
 def eval_due(cfg: Config, global_step: int, checkpoint_due: bool) -> bool:
