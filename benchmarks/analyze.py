@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ DETECTED = {
     "ray": r"\[FailurePolicy\] RETRY",
     "torchrun": r"will restart worker group|Worker group FAILED|failed \(exitcode",
 }
+HC = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 GROUP_STARTED = {"ray": r"Started training worker group", "torchrun": r"Starting worker group"}
 
 
@@ -61,15 +63,11 @@ def steady_rate(steps: list[dict[str, Any]], skip_frac: float = 0.1) -> float | 
     return (len(window) - 1) / (window[-1]["time"] - window[0]["time"])
 
 
-def step_seconds(step: dict[str, Any], batch: int) -> float:
-    """A step's own timer: ``step_s`` (the trainer's run log), else batch / samples_per_s."""
-    return step["step_s"] if "step_s" in step else batch / step["samples_per_s"]
-
-
-def compute_rate(steps: list[dict[str, Any]], batch: int) -> float | None:
-    """Steps/s of the step itself (forward, backward, all-reduce, optimizer), from its timer."""
+def compute_rate(steps: list[dict[str, Any]]) -> float | None:
+    """Steps/s of the step itself (forward, backward, all-reduce, optimizer), from its own
+    timer ``step_s`` (both launchers log it); None where too few steps carry it."""
     skip = max(5, int(len(steps) * 0.1))
-    times = [step_seconds(s, batch) for s in steps[skip:]]
+    times = [s["step_s"] for s in steps[skip:] if "step_s" in s]
     return 1 / statistics.median(times) if len(times) >= 5 else None
 
 
@@ -79,11 +77,10 @@ def no_fault_run(evs: list[dict[str, Any]], launched_at: float) -> dict[str, Any
     if not runs or not runs[0]["steps"]:
         return {}
     first = runs[0]
-    batch = first["start"]["global_batch_size"]
     return {
         "startup_s": first["steps"][0]["time"] - launched_at,
         "steps_per_s": steady_rate(first["steps"]),
-        "compute_steps_per_s": compute_rate(first["steps"], batch),
+        "compute_steps_per_s": compute_rate(first["steps"]),
         "steps": len(first["steps"]),
         "attempts": len(runs),
         "checkpoints": checkpoint_stalls(first),
@@ -184,36 +181,71 @@ def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def goodput(evs: list[dict[str, Any]], kills: list[dict[str, Any]]) -> dict[str, Any]:
-    """Share of wall time spent computing steps the final model contains.
+def goodput(
+    evs: list[dict[str, Any]], kills: list[dict[str, Any]], period_s: float | None
+) -> dict[str, Any]:
+    """Goodput, the standard definition: effective steps (those the final model contains,
+    not the redone ones) x the no-failure step period / wall time.
 
-    Wall time runs from the first attempt's ``start`` to the ``end`` event; a step's time is
-    its own timer (step_seconds). Steps redone after a restart, restarts,
-    checkpoints and reports all count as lost time.
+    ``period_s`` is the seconds per step of a no-failure run of the same config (its steady
+    steps/s, checkpoints and evaluations at the same cadence included). Wall time runs from
+    the first step to the last effective step, the same span a steady rate covers: start-up
+    is measured in the overhead scenario. A missing period gives a missing goodput.
     """
     runs = attempts(evs)
-    ends = [a["end"] for a in runs if a["end"]]
-    if not runs or not ends:
+    if not runs or not any(a["end"] for a in runs) or not runs[0]["steps"]:
         return {}
-    batch = runs[0]["start"]["global_batch_size"]
     history, _ = runlog.effective_history(evs)
-    t0, t1 = runs[0]["start"]["time"], ends[-1]["time"]
-    useful = sum(step_seconds(e, batch) for e in history.values())
-    all_steps = sum(len(a["steps"]) for a in runs)
-    # Per kill cycle: useful step time of effective steps finished inside it, over its length.
-    bounds = [t0] + [k["time"] for k in kills] + [t1]
-    cycles = []
-    for lo, hi in itertools.pairwise(bounds):
-        inside = [e for e in history.values() if lo <= e["time"] < hi]
-        if hi - lo > 1:
-            cycles.append(sum(step_seconds(e, batch) for e in inside) / (hi - lo))
+    t0, t1 = runs[0]["steps"][0]["time"], history[max(history)]["time"]
+    effective = len(history) - 1  # steps after the first, as the wall time starts there
+    run = sum(len(a["steps"]) for a in runs)
     return {
         "wall_s": t1 - t0,
         "effective_steps": len(history),
-        "steps_run": all_steps,
-        "kills": len(kills),
+        "steps_run": run,
+        "steps_redone": run - len(history),
         "attempts": len(runs),
-        "goodput": useful / (t1 - t0),
-        "effective_steps_per_s": len(history) / (t1 - t0),
-        "cycle_goodput": cycles,
+        "no_failure_period_s": period_s,
+        "goodput": effective * period_s / (t1 - t0) if period_s and t1 > t0 else None,
+        "effective_steps_per_s": effective / (t1 - t0) if t1 > t0 else None,
     }
+
+
+def settings(run_dir: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The settings a run actually ran under, from its own files: the resolved config it
+    saved (``run_config.json``) and its first ``start`` event; the health-check interval is
+    the environment's where the harness set one (it takes precedence), else the config's."""
+    path = run_dir / "run_config.json"
+    if not path.exists():
+        return {}
+    cfg = json.loads(path.read_text())
+    runs = attempts(events(run_dir))
+    env = env or {}
+    return {
+        "task": cfg["task"]["name"],
+        "workers": runs[0]["start"]["world_size"] if runs else None,
+        "steps": runs[0]["start"]["total_steps"] if runs else None,
+        "global_batch": cfg["training"]["global_batch_size"],
+        "checkpoint_every": cfg["checkpoint"]["every_n_steps"],
+        "upload": cfg["checkpoint"]["upload"],
+        "report_every": cfg["training"]["report_every_n_steps"],
+        "log_every": cfg["training"]["log_every_n_steps"],
+        "health_check_s": float(env.get(HC, cfg["failure"]["health_check_interval_s"])),
+    }
+
+
+def describe(st: dict[str, Any], launcher: str = "ray") -> str:
+    """One line of effective settings for a table (torchrun has no health check or upload)."""
+    if not st:
+        return "settings not recorded"
+    report = st["report_every"] or "none"
+    parts = [
+        f"{st['task']}",
+        f"{st['workers']} workers",
+        f"{st['steps']} steps",
+        f"checkpoint every {st['checkpoint_every']}",
+    ]
+    if launcher == "ray":
+        parts += [f"upload {st['upload']}", f"report every {report}"]
+        parts += [f"health check {st['health_check_s']:g} s"]
+    return ", ".join(parts)

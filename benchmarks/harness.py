@@ -1,18 +1,24 @@
 """Run every benchmark, side by side, and write ``benchmarks/results/results.{md,json,png}``.
 
-    python -m benchmarks            # full mode: the numbers (about 30 minutes on 2 cores)
-    python -m benchmarks --quick    # CI smoke: tiny sizes, one repetition (about 3-4 minutes)
+    python -m benchmarks                 # full mode: the numbers (about 30 minutes on 2 cores)
+    python -m benchmarks --plan device   # n=3, fewer and shorter scenarios (<= 9 min, 16 cores)
+    python -m benchmarks --quick         # CI smoke: tiny sizes, one repetition (a few minutes)
 
 Scenarios (see README "Benchmarks"):
   floor     in-memory copy, serialization, raw write bandwidth and load of the checkpoint state
-  overhead  the project's loop under Ray Train (the CLI, cold) vs the same model, data, global
-            batch and steps in plain torchrun DDP, launched alternately; start-up and steps/s
+  overhead  the project's loop under Ray Train (the CLI, cold, shipped config) vs the same
+            model, data, global batch and steps in plain torchrun DDP, launched alternately;
+            start-up and steps/s, for the demo MLP and the language-model task
   cadence   steady-state steps/s for report/checkpoint cadences and the health-check interval
   stall     how long training pauses per checkpoint, sync vs async upload, 10/100/500 MB state
   recovery  worker SIGKILL -> first step after resume, by phase; Ray defaults, a shorter
             health-check interval, and torchrun --max-restarts
-  goodput   a worker killed every T seconds: share of wall time spent on steps that count
+  goodput   a worker killed every T seconds from the first step: effective steps x the
+            no-failure step period (the overhead scenario's runs of the same config) / wall time
 
+"Project defaults" is the shipped config (training/configs/local.yaml, language_model.yaml)
+with nothing forced: the harness sets no RAY_TRAIN_* variable unless a row says so, and every
+row states the settings it ran under, read back from the run's own files.
 Exits non-zero when any run fails or a scenario cannot be measured (the harness is broken).
 """
 
@@ -22,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -35,16 +42,26 @@ from benchmarks.launch import KillPlan, Watch
 REPO = Path(__file__).resolve().parent.parent
 BASE_CONFIG = REPO / "training" / "configs" / "local.yaml"
 NEVER = 10**9  # a cadence that never fires (a checkpoint is still written at the last step)
-HC = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+HC = analyze.HC
 
 # State of an MLP [h, h] + AdamW is about 12 bytes per parameter, ~h^2 parameters.
 SIZES = {"10 MB": [900, 900], "100 MB": [2870, 2870], "500 MB": [6450, 6450]}
+
+# The overhead scenario's workloads: the shipped config of each, and the data file it reads.
+TASKS = {
+    "mlp": ("demo MLP (tabular)", REPO / "training" / "configs" / "local.yaml", "demo.parquet"),
+    "lm": (
+        "language model",
+        REPO / "training" / "configs" / "language_model.yaml",
+        "stdlib-docstrings.txt",
+    ),
+}
 
 PLANS: dict[str, dict[str, Any]] = {
     "quick": {
         "reps": 1,
         "floor_sizes": ["10 MB"],
-        "overhead_steps": 200,
+        "overhead": {"mlp": 200},
         "cadence_steps": 40,
         "cadence": ["never", "report_10"],
         "stall_sizes": ["10 MB"],
@@ -52,30 +69,61 @@ PLANS: dict[str, dict[str, Any]] = {
         "recovery": ["ray_defaults"],
         "recovery_steps": 1000,
         "kill_after_s": 1.0,
-        "goodput": [("torchrun", 3, 6)],
+        # (launcher, kill every T s, training seconds to aim for without failures)
+        "goodput": [("torchrun", 3, 7)],
         "timeout_s": 420,
     },
     "full": {
         "reps": 3,
         "floor_sizes": ["10 MB", "100 MB", "500 MB"],
-        "overhead_steps": 1500,
+        "overhead": {"mlp": 1500, "lm": 400},  # steps
         "cadence_steps": 1000,
-        # report_1 and local_yaml exist (see CADENCE) but are left out to keep the full run
-        # near 30 minutes: the per-report pause gives report_1's cost, the CLI runs local.yaml.
-        "cadence": ["never", "report_10", "code_defaults", "ckpt_10", "code_defaults_hc05"],
+        # report_1 exists (see CADENCE) but is left out to keep the full run near 30 minutes:
+        # the per-report pause gives its cost.
+        "cadence": ["never", "report_10", "local_yaml", "ckpt_10", "local_yaml_hc2"],
         "stall_sizes": ["10 MB", "100 MB", "500 MB"],
         "stall_steps": 12,
         "recovery": ["ray_defaults", "ray_hc05"],
         "recovery_steps": 2000,
         "kill_after_s": 4.0,
-        # (launcher, kill every T s, training seconds to aim for without failures)
         "goodput": [("ray", 30, 120), ("ray", 60, 180), ("torchrun", 30, 90)],
         "timeout_s": 1500,
     },
+    # For a short session on a quiet 16-core machine (<= 9 min): n=3 where it counts, no
+    # cadence sweep, the shipped async upload only, recovery at the project's health check.
+    "device": {
+        "reps": 3,
+        "floor_sizes": ["10 MB", "100 MB", "500 MB"],
+        "overhead": {"mlp": 400, "lm": 100},
+        "cadence_steps": 0,
+        "cadence": [],
+        "stall_sizes": ["10 MB", "100 MB", "500 MB"],
+        "stall_modes": ["async"],
+        "stall_steps": 6,
+        "recovery": ["ray_hc05"],
+        "recovery_steps": 600,
+        "kill_after_s": 4.0,
+        "goodput": [("ray", 30, 90)],
+        "timeout_s": 420,
+    },
+}
+
+# Assumed costs for the duration estimate (seconds) on a quiet 16-core machine; guesses from
+# the 2-core figures (README: CLI start-up 15-20 s, MLP ~8.5 ms a step, kill -> training again
+# ~7.7 s at Ray's 2 s health check), not measurements of that machine.
+COST = {
+    "ray_cli_startup": 12,
+    "ray_session_run": 6,
+    "torchrun_startup": 5,
+    "step": {"mlp": 0.01, "lm": 0.05},
+    "recovery": 8,
+    "checkpoint": {"10 MB": 0.3, "100 MB": 2.0, "500 MB": 8.0},
 }
 
 # label, overrides, env, steps cap (each sync report waits for the controller's poll, up to
-# the 2 s health-check interval, so frequent-report runs are kept short)
+# the health-check interval, so frequent-report runs are kept short). No row sets more than
+# it says: the rest is the shipped local.yaml (health check 0.5 s, checkpoint every 100 with
+# async upload, no metrics-only reports).
 CADENCE: dict[str, tuple[str, dict[str, Any], dict[str, str], int | None]] = {
     "never": (
         "no report, no checkpoint until the end",
@@ -95,35 +143,49 @@ CADENCE: dict[str, tuple[str, dict[str, Any], dict[str, str], int | None]] = {
         {},
         60,
     ),
-    "code_defaults": (
-        "config.py defaults: report 50, checkpoint 50",
-        {"training.report_every_n_steps": 50, "checkpoint.every_n_steps": 50},
-        {},
-        400,
-    ),
-    "local_yaml": (
-        "local.yaml: report 100, checkpoint 100",
-        {},
-        {},
-        None,
-    ),
+    "local_yaml": ("shipped local.yaml, nothing forced", {}, {}, None),
     "ckpt_10": (
         "checkpoint every 10 steps",
         {"checkpoint.every_n_steps": 10},
         {},
         60,
     ),
-    "code_defaults_hc05": (
-        f"report 50, checkpoint 50, {HC}=0.5",
-        {"training.report_every_n_steps": 50, "checkpoint.every_n_steps": 50},
-        {HC: "0.5"},
-        200,
+    "local_yaml_hc2": (
+        f"shipped local.yaml with Ray's default {HC}=2",
+        {},
+        {HC: "2"},
+        None,
     ),
 }
+STALL_MODES = ("sync", "async")
 RECOVERY = {
-    "ray_defaults": ("Ray Train, Ray defaults (health check 2 s)", {}),
+    "ray_defaults": ("Ray Train, Ray defaults (health check 2 s)", {HC: "2"}),
     "ray_hc05": (f"Ray Train, {HC}=0.5", {HC: "0.5"}),
 }
+
+
+def estimate_s(plan: dict[str, Any]) -> float:
+    """A rough duration of a plan from the assumed COST; printed before a run starts."""
+    reps, c = plan["reps"], COST
+    total = 10.0 * len(plan["floor_sizes"])
+    for task, steps in plan["overhead"].items():
+        run = steps * c["step"][task]
+        total += reps * (c["ray_cli_startup"] + c["torchrun_startup"] + 2 * run)
+    total += c["ray_cli_startup"] * 2  # the Ray sessions' own start-up
+    for key in plan["cadence"]:
+        cap = CADENCE[key][3] or NEVER
+        steps = min(cap, plan["cadence_steps"])
+        total += reps * (c["ray_session_run"] + steps * c["step"]["mlp"])
+    for size in plan["stall_sizes"]:
+        checkpoints = plan["stall_steps"] // 2
+        modes = len(plan.get("stall_modes", STALL_MODES))
+        total += modes * (c["ray_session_run"] + checkpoints * c["checkpoint"][size])
+    recovery_run = plan["kill_after_s"] + c["recovery"] + plan["recovery_steps"] * 0.01
+    total += reps * (len(plan["recovery"]) + 1) * (c["ray_session_run"] + recovery_run)
+    for kind, every, target in plan["goodput"]:
+        startup = c["ray_cli_startup"] if kind == "ray" else c["torchrun_startup"]
+        total += startup + target + (target // every) * c["recovery"]
+    return total
 
 
 class Bench:
@@ -132,7 +194,7 @@ class Bench:
         self.workdir, self.out = workdir, out
         self.runs_dir = workdir / "runs"
         self.logs_dir = out / "logs"
-        self.data_path = workdir / "data" / "demo.parquet"
+        self.data_dir = workdir / "data"
         self.failures: list[str] = []
         self.results: dict[str, Any] = {"mode": mode}
         self.counter = 0
@@ -144,11 +206,13 @@ class Bench:
         self.counter += 1
         return f"{self.counter:03d}-{tag}"
 
-    def overrides(self, name: str, steps: int, extra: dict[str, Any]) -> list[str]:
+    def overrides(
+        self, name: str, steps: int, extra: dict[str, Any], task: str = "mlp"
+    ) -> list[str]:
         values = {
             "run.name": name,
             "storage.path": str(self.runs_dir),
-            "data.path": str(self.data_path),
+            "data.path": str(self.data_dir / TASKS[task][2]),
             "data.create_demo_if_missing": True,
             "training.epochs": 1000,
             "training.max_steps": steps,
@@ -163,9 +227,8 @@ class Bench:
         # cluster another process started on this machine with `ray start` (and the CLI then
         # fails: "num_cpus ... must not be provided"). Short: Ray's socket paths are limited.
         env["RAY_TMPDIR"] = self.ray_tmp
-        # Scenarios labelled "Ray defaults" measure Ray's own 2 s health-check interval; the
-        # project's config default (failure.health_check_interval_s: 0.5) yields to this env var.
-        env[HC] = "2"
+        # Nothing else is forced: a run gets the config's health-check interval unless its
+        # scenario row sets RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (and says so).
         env.update(extra or {})
         return env
 
@@ -180,10 +243,12 @@ class Bench:
                 self.failures.append(f"run {w.name}: status {w.status}, exit code {rc}")
         return rc
 
-    def ray_cli(self, steps: int, extra: dict[str, Any], tag: str) -> tuple[Watch, Any]:
+    def ray_cli(
+        self, steps: int, extra: dict[str, Any], tag: str, task: str = "mlp"
+    ) -> tuple[Watch, Any]:
         name = self.name(tag)
-        cmd = [sys.executable, "-m", "training", "train", "--config", str(BASE_CONFIG)]
-        for item in self.overrides(name, steps, extra):
+        cmd = [sys.executable, "-m", "training", "train", "--config", str(TASKS[task][1])]
+        for item in self.overrides(name, steps, extra, task):
             cmd += ["--set", item]
         launched = self.launch(cmd, name)
         watch = Watch(name, self.runs_dir / name, "ray")
@@ -195,13 +260,19 @@ class Bench:
         return watch, launched
 
     def torchrun(
-        self, steps: int, extra: dict[str, Any], tag: str, kill: KillPlan | None = None
+        self,
+        steps: int,
+        extra: dict[str, Any],
+        tag: str,
+        kill: KillPlan | None = None,
+        task: str = "mlp",
     ) -> tuple[Watch, Any]:
         name = self.name(tag)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         cmd += ["--nproc-per-node", "2", "--max-restarts", "100" if kill else "0"]
-        cmd += [str(REPO / "benchmarks" / "torchrun_baseline.py"), "--config", str(BASE_CONFIG)]
-        for item in self.overrides(name, steps, extra):
+        config = str(TASKS[task][1])
+        cmd += [str(REPO / "benchmarks" / "torchrun_baseline.py"), "--config", config]
+        for item in self.overrides(name, steps, extra, task):
             cmd += ["--set", item]
         cmd += ["--run-dir", str(self.runs_dir / name)]
         launched = self.launch(cmd, name)
@@ -239,42 +310,46 @@ class Bench:
     # ---- scenarios ------------------------------------------------------------------------
 
     def floor(self) -> None:
-        reps = max(3, self.plan["reps"]) if self.mode == "full" else 1
+        reps = max(3, self.plan["reps"]) if self.mode != "quick" else 1
         self.results["floor"] = [
             {"label": label, **floor.measure(SIZES[label], self.workdir / "floor", reps)}
             for label in self.plan["floor_sizes"]
         ]
 
     def overhead(self) -> None:
-        steps, per = self.plan["overhead_steps"], {"ray": [], "torchrun": []}
+        self.results["overhead"] = {
+            task: self.overhead_task(task, steps) for task, steps in self.plan["overhead"].items()
+        }
+
+    def overhead_task(self, task: str, steps: int) -> dict[str, Any]:
+        """Ray (the CLI, the shipped config) and torchrun on the same workload, alternately."""
+        per: dict[str, list[dict[str, Any]]] = {"ray": [], "torchrun": []}
+        settings: dict[str, dict[str, Any]] = {}
         for rep in range(self.plan["reps"]):
             order = ["torchrun", "ray"] if rep % 2 == 0 else ["ray", "torchrun"]
             for kind in order:
-                if kind == "ray":
-                    watch, launched = self.ray_cli(steps, {}, "overhead-ray")
-                else:
-                    watch, launched = self.torchrun(steps, {}, "overhead-torchrun")
+                run = self.ray_cli if kind == "ray" else self.torchrun
+                watch, launched = run(steps, {}, f"overhead-{task}-{kind}", task=task)
                 measured = analyze.no_fault_run(analyze.events(watch.run_dir), launched.launched_at)
                 measured["wall_s"] = (watch.end or time.time()) - launched.launched_at
                 per[kind].append(measured)
+                settings[kind] = analyze.settings(watch.run_dir)
                 self.cleanup(watch)
-        out: dict[str, Any] = {"steps": steps, "runs": per}
+        out: dict[str, Any] = {"task": TASKS[task][0], "steps": steps, "runs": per}
         for kind, rows in per.items():
             out[kind] = {
                 key: stats([r.get(key) for r in rows])
                 for key in ("startup_s", "steps_per_s", "compute_steps_per_s", "wall_s")
             }
+            out[kind]["settings"] = analyze.describe(settings.get(kind, {}), kind)
         pairs = list(zip(per["ray"], per["torchrun"], strict=False))
-        out["ratio_steps_per_s"] = stats(
-            [_ratio(r.get("steps_per_s"), t.get("steps_per_s")) for r, t in pairs]
-        )
-        out["ratio_compute_steps_per_s"] = stats(
-            [_ratio(r.get("compute_steps_per_s"), t.get("compute_steps_per_s")) for r, t in pairs]
-        )
-        out["ratio_startup"] = stats(
-            [_ratio(r.get("startup_s"), t.get("startup_s")) for r, t in pairs]
-        )
-        self.results["overhead"] = out
+        for key, name in (
+            ("steps_per_s", "ratio_steps_per_s"),
+            ("compute_steps_per_s", "ratio_compute_steps_per_s"),
+            ("startup_s", "ratio_startup"),
+        ):
+            out[name] = stats([_ratio(r.get(key), t.get(key)) for r, t in pairs])
+        return out
 
     # The Ray scenarios share one Ray instance (one session process): Ray's own start-up is
     # paid once, and the cold start-up of the CLI is measured in `overhead`.
@@ -300,13 +375,16 @@ class Bench:
     def cadence(self, runs, watches, launched) -> None:
         per: dict[str, list[dict[str, Any]]] = {k: [] for k in self.plan["cadence"]}
         pauses: dict[str, list[float]] = {k: [] for k in self.plan["cadence"]}
+        settings: dict[str, str] = {}
         for r, w in zip(runs, watches, strict=True):
             if w.begin is None:
                 continue
             evs = analyze.events(w.run_dir)
             per[r["key"]].append(analyze.no_fault_run(evs, w.begin))
-            every = self.cadence_value(r, "training.report_every_n_steps", 100)
-            for attempt in analyze.attempts(evs)[:1]:
+            ran = analyze.settings(w.run_dir, r["env"])
+            settings[r["key"]] = analyze.describe(ran)
+            every = ran.get("report_every")
+            for attempt in analyze.attempts(evs)[:1] if every else []:
                 pauses[r["key"]] += analyze.report_pauses(attempt, every)
             self.cleanup(w)
         base = [r.get("steps_per_s") for r in per.get("never", [])]
@@ -318,6 +396,7 @@ class Bench:
                 {
                     "key": key,
                     "label": CADENCE[key][0],
+                    "settings": settings.get(key, "not measured"),
                     "steps": min(CADENCE[key][3] or NEVER, self.plan["cadence_steps"]),
                     "steps_per_s": stats(rates),
                     "ratio_vs_never": stats(
@@ -331,14 +410,10 @@ class Bench:
             )
         self.results["cadence"] = rows
 
-    @staticmethod
-    def cadence_value(run: dict[str, Any], key: str, default: int) -> int:
-        return int(run["overrides"].get(key, default))
-
     def stall_runs(self) -> list[dict[str, Any]]:
         runs = []
         for label in self.plan["stall_sizes"]:
-            for mode in ("sync", "async"):
+            for mode in self.plan.get("stall_modes", STALL_MODES):
                 extra = {
                     "task.options.mlp.hidden_sizes": SIZES[label],
                     "checkpoint.every_n_steps": 2,
@@ -370,6 +445,7 @@ class Bench:
                 {
                     "size": r["label"],
                     "mode": r["mode"],
+                    "settings": analyze.describe(analyze.settings(w.run_dir)),
                     "checkpoints": len(ckpts),
                     # the last checkpoint has no step after it: its pause cannot be seen
                     "paused_s": stats([c["paused_s"] for c in ckpts[:-1]]),
@@ -462,50 +538,50 @@ class Bench:
                 self.failures.append(f"scenario {scenario} raised (see traceback)")
 
     def goodput(self) -> None:
-        rows = []
-        cadence = {row["key"]: row for row in self.results.get("cadence", [])}
-        rates = {
-            # local.yaml cadence: from the session run if measured, else the CLI runs
-            "ray": (cadence.get("local_yaml", {}).get("steps_per_s") or {}).get("median")
-            or (self.results.get("overhead", {}).get("ray", {}).get("steps_per_s") or {}).get(
-                "median"
-            ),
-            "torchrun": (
-                self.results.get("overhead", {}).get("torchrun", {}).get("steps_per_s") or {}
-            ).get("median"),
+        self.results["goodput"] = [
+            self.goodput_row(kind, every, target) for kind, every, target in self.plan["goodput"]
+        ]
+
+    def no_failure_rate(self, kind: str) -> float | None:
+        """Steady steps/s of the overhead scenario's no-failure runs of the same config (the
+        shipped local.yaml, demo MLP) and launcher, measured in this benchmark run."""
+        measured = self.results.get("overhead", {}).get("mlp", {}).get(kind, {})
+        return (measured.get("steps_per_s") or {}).get("median")
+
+    def goodput_row(self, kind: str, every: float, target: float) -> dict[str, Any]:
+        row: dict[str, Any] = {"launcher": kind, "every_s": every}
+        rate = self.no_failure_rate(kind)
+        if rate is None:  # no made-up rate: the row says what is missing
+            self.failures.append(f"goodput {kind} T={every}: no no-failure steps/s measured")
+            return {**row, "missing": "no no-failure run of this config was measured"}
+        steps = int(rate * target)
+        extra = {"failure.max_failures": -1}
+        kill = KillPlan(every, every)  # at T, 2T, 3T, ... after the first step
+        if kind == "ray":
+            run = {"tag": f"goodput-ray-T{every}", "steps": steps, "overrides": extra, "kill": kill}
+            w = self.session([run], f"goodput-ray-T{every}")[0][0]
+        else:
+            w, _ = self.torchrun(steps, extra, f"goodput-torchrun-T{every}", kill=kill)
+        g = analyze.goodput(analyze.events(w.run_dir), w.kills, 1 / rate)
+        if g.get("goodput") is None:
+            self.failures.append(f"goodput {kind} T={every}: not measurable")
+        history = analyze.attempts(analyze.events(w.run_dir))
+        first_step = history[0]["steps"][0]["time"] if history and history[0]["steps"] else None
+        last = max((s["time"] for a in history for s in a["steps"]), default=None)
+        expected = kill.expected(first_step, last)
+        if expected and not w.kills:  # the harness is broken; fewer kills than due is a figure
+            self.failures.append(f"goodput {kind} T={every}: none of {expected} kills fired")
+        self.cleanup(w)
+        return {
+            **row,
+            "steps": steps,
+            "settings": analyze.describe(analyze.settings(w.run_dir), kind),
+            "no_failure_steps_per_s": rate,
+            "kills_fired": len(w.kills),
+            "kills_expected": expected,
+            "kill_delays_s": [k["time"] - k["due"] for k in w.kills],
+            **g,
         }
-        for kind, every, target in self.plan["goodput"]:
-            rate = rates.get(kind) or 50.0
-            steps = int(rate * target)
-            extra = {"failure.max_failures": -1}
-            kill = KillPlan(every, every)
-            if kind == "ray":
-                run = {
-                    "tag": f"goodput-ray-T{every}",
-                    "steps": steps,
-                    "overrides": extra,
-                    "kill": kill,
-                }
-                watches, _ = self.session([run], f"goodput-ray-T{every}")
-                w = watches[0]
-            else:
-                w, _ = self.torchrun(steps, extra, f"goodput-torchrun-T{every}", kill=kill)
-            g = analyze.goodput(analyze.events(w.run_dir), w.kills)
-            if not g:
-                self.failures.append(f"goodput {kind} T={every}: not measurable")
-            rows.append(
-                {
-                    "launcher": kind,
-                    "every_s": every,
-                    "steps": steps,
-                    "no_fault_steps_per_s": rate,
-                    **g,
-                    "cycle_goodput_stats": stats(g.get("cycle_goodput", [])),
-                    "retained": _ratio(g.get("effective_steps_per_s"), rate),
-                }
-            )
-            self.cleanup(w)
-            self.results["goodput"] = rows
 
     # ---- driver ---------------------------------------------------------------------------
 
@@ -518,11 +594,7 @@ class Bench:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.logs_dir.glob("*.log"):
             stale.unlink()
-        import pyarrow.fs as pafs
-
-        from training.tasks.tabular import write_demo_dataset
-
-        write_demo_dataset(pafs.LocalFileSystem(), str(self.data_path), rows=8192)
+        self.write_demo_data()
         scenarios = [self.floor, self.overhead, self.ray_scenarios]
         if self.plan["goodput"]:
             scenarios.append(self.goodput)
@@ -546,6 +618,15 @@ class Bench:
             print(f"FAILED: {failure}", file=sys.stderr)
         return 1 if self.failures else 0
 
+    def write_demo_data(self) -> None:
+        """Every task's demo data up front: torchrun's baseline does not create it."""
+        for task in {"mlp", *self.plan["overhead"]}:
+            name = "tabular" if task == "mlp" else "language_model"
+            out = self.data_dir / TASKS[task][2]
+            cmd = [sys.executable, "-m", "training", "demo-data", "--task", name]
+            cmd += ["--out", str(out), "--config", str(TASKS[task][1])]
+            subprocess.run(cmd, cwd=REPO, env=self.env(), check=True, capture_output=True)
+
     def write(self, started: float) -> None:
         self.results["duration_s"] = time.time() - started
         self.results["failures"] = self.failures
@@ -561,7 +642,14 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="CI smoke: tiny sizes, 1 rep.")
+    parser.add_argument("--quick", action="store_true", help="CI smoke (= --plan quick).")
+    parser.add_argument(
+        "--plan",
+        choices=sorted(PLANS),
+        default="full",
+        help="full: every scenario, n=3 (~30 min on 2 cores); device: n=3, fewer and shorter "
+        "scenarios (<= 9 min on a quiet 16-core machine); quick: a smoke run.",
+    )
     parser.add_argument(
         "--workdir",
         default="/tmp/elastic-trainer-bench",
@@ -569,5 +657,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
-    bench = Bench("quick" if args.quick else "full", Path(args.workdir), Path(args.out))
+    mode = "quick" if args.quick else args.plan
+    print(
+        f"plan {mode}: estimated {estimate_s(PLANS[mode]) / 60:.1f} min on a quiet machine "
+        "(assumed costs: benchmarks/harness.py COST)",
+        flush=True,
+    )
+    bench = Bench(mode, Path(args.workdir), Path(args.out))
     return bench.run()

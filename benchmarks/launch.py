@@ -26,8 +26,25 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 @dataclass
 class KillPlan:
+    """Kill k (k = 0, 1, ...) is due ``first_after_s + k * every_s`` after the run's first step,
+    a fixed schedule that recovery time does not stretch. A kill falls due while the killed
+    attempt has not yet been replaced by a training one fires as soon as one trains."""
+
     first_after_s: float  # after the run's first step
     every_s: float | None = None  # None: kill once
+
+    def due(self, first_step: float, fired: int) -> float | None:
+        if fired and self.every_s is None:
+            return None
+        return first_step + self.first_after_s + fired * (self.every_s or 0.0)
+
+    def expected(self, first_step: float | None, end: float | None) -> int:
+        """Kills the schedule holds between the first step and the end of the run."""
+        if first_step is None or end is None or end - first_step < self.first_after_s:
+            return 0
+        if self.every_s is None:
+            return 1
+        return 1 + int((end - first_step - self.first_after_s) // self.every_s)
 
 
 @dataclass
@@ -157,44 +174,38 @@ def _track_markers(launched: Launched, watches: list[Watch]) -> None:
                 watch.end, watch.status = float(match.group(2)), match.group(3)
 
 
-def _newest_attempt(run_dir: Path) -> tuple[str | None, dict | None, int]:
-    """(attempt id, its last step event, its number of step lines seen) of the newest log."""
-    logs = sorted((run_dir / "runlog").glob("*.jsonl")) if (run_dir / "runlog").is_dir() else []
-    if not logs:
-        return None, None, 0
-    newest = logs[-1]
+def _newest_attempt(run_dir: Path) -> tuple[str | None, dict | None]:
+    """(attempt id, its last step event) of the attempt log written last. By modification
+    time: Ray attempt ids are random, so the newest log is not the last by name (sorting by
+    name made the harness wait, for minutes, for a "new" attempt after a kill)."""
+    logs = list((run_dir / "runlog").glob("*.jsonl")) if (run_dir / "runlog").is_dir() else []
     try:
+        newest = max(logs, key=lambda p: p.stat().st_mtime_ns) if logs else None
+        if newest is None:
+            return None, None
         with newest.open("rb") as f:
             f.seek(max(0, newest.stat().st_size - 65536))
             tail = f.read().decode(errors="replace").splitlines()
     except OSError:
-        return newest.stem, None, 0
+        return None, None
     for line in reversed(tail):
         try:
             event = json.loads(line)
         except ValueError:
             continue
         if event.get("event") == "step":
-            return newest.stem, event, 1
-    return newest.stem, None, 0
+            return newest.stem, event
+    return newest.stem, None
 
 
 def _progress(launched: Launched, watch: Watch) -> None:
-    attempt, last_step, _ = _newest_attempt(watch.run_dir)
+    attempt, last_step = _newest_attempt(watch.run_dir)
     if last_step is None:
         return
     if watch.first_step is None:
         watch.first_step = time.time()
-    plan = watch.kill
-    if plan is None:
-        return
-    if watch.kills:
-        if plan.every_s is None:
-            return
-        due = watch.kills[-1]["time"] + plan.every_s
-    else:
-        due = watch.first_step + plan.first_after_s
-    if time.time() < due or attempt == watch._killed_attempt:
+    due = watch.kill.due(watch.first_step, len(watch.kills)) if watch.kill else None
+    if due is None or time.time() < due or attempt == watch._killed_attempt:
         return  # not yet, or the killed attempt has not been replaced by a training one
     pid = _rank1_pid(launched, watch)
     if pid is None or pid not in descendants(launched.proc.pid):
@@ -205,7 +216,13 @@ def _progress(launched: Launched, watch: Watch) -> None:
     except ProcessLookupError:
         return
     watch.kills.append(
-        {"time": killed_at, "pid": pid, "attempt": attempt, "last_step": last_step["global_step"]}
+        {
+            "time": killed_at,
+            "due": due,
+            "pid": pid,
+            "attempt": attempt,
+            "last_step": last_step["global_step"],
+        }
     )
     watch._killed_attempt = attempt
 

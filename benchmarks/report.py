@@ -88,30 +88,31 @@ def markdown(r: dict[str, Any]) -> str:
     ]
     if r.get("failures"):
         out += ["**Failures:** " + "; ".join(r["failures"]), ""]
-    if "overhead" in r:
-        o = r["overhead"]
+    for o in r.get("overhead", {}).values():
         out += [
-            f"## Overhead when nothing fails ({o['steps']} steps, launched alternately)",
+            f"## Overhead when nothing fails: {o['task']} ({o['steps']} steps, launched "
+            "alternately)",
             "",
             "| | start-up: command -> first step (s) | steady steps/s | step-only steps/s "
-            "| wall (s) |",
-            "|---|---|---|---|---|",
+            "| wall (s) | settings |",
+            "|---|---|---|---|---|---|",
         ]
         for kind, label in (("torchrun", "plain torchrun DDP"), ("ray", "Ray Train (CLI)")):
             s = o.get(kind, {})
             out.append(
                 f"| {label} | {_s(s.get('startup_s'), 1)} | {_s(s.get('steps_per_s'), 1)} | "
-                f"{_s(s.get('compute_steps_per_s'), 1)} | {_s(s.get('wall_s'), 1)} |"
+                f"{_s(s.get('compute_steps_per_s'), 1)} | {_s(s.get('wall_s'), 1)} | "
+                f"{s.get('settings', 'n/a')} |"
             )
         out += [
             "",
             f"- Ratio Ray/torchrun, steady steps/s (pairs): **{_s(o.get('ratio_steps_per_s'))}**;"
             f" step-only: {_s(o.get('ratio_compute_steps_per_s'))}; start-up: "
             f"{_s(o.get('ratio_startup'))}",
-            "- steady steps/s: end to end after a 10% warm-up, report/checkpoint/log stalls "
-            "included (local.yaml cadence: report and checkpoint every 100). step-only: the "
-            "step's own timer (forward, backward, all-reduce, optimizer; Ray's loop also "
-            "all-gathers the ledger).",
+            "- Ray runs the shipped config with nothing forced (project defaults). steady "
+            "steps/s: end to end after a 10% warm-up, report/checkpoint/evaluation/log stalls "
+            "included. step-only: the step's own timer (batch, forward, backward, all-reduce, "
+            "optimizer).",
             "",
         ]
     if "cadence" in r:
@@ -120,28 +121,30 @@ def markdown(r: dict[str, Any]) -> str:
             "",
             "| cadence | steps | steady steps/s | vs never | pause per metrics report (s) | "
             "pause per checkpoint (s) | report call with checkpoint, blocked_s (s) | "
-            "fit() -> first step (s) |",
-            "|---|---|---|---|---|---|---|---|",
+            "fit() -> first step (s) | settings |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in r["cadence"]:
             out.append(
                 f"| {row['label']} | {row.get('steps')} | {_s(row['steps_per_s'], 1)} | "
                 f"{_s(row['ratio_vs_never'])} | {_s(row.get('report_paused_s'), 3)} | "
                 f"{_s(row['checkpoint_paused_s'], 3)} | "
-                f"{_s(row['checkpoint_blocked_s'], 3)} | {_s(row['fit_to_first_step_s'], 1)} |"
+                f"{_s(row['checkpoint_blocked_s'], 3)} | {_s(row['fit_to_first_step_s'], 1)} | "
+                f"{row.get('settings', 'n/a')} |"
             )
         out += [""]
     if "stall" in r or "floor" in r:
         out += [
             "## Checkpoint stall vs state size (model + AdamW state)",
             "",
-            "| state | upload | training paused per checkpoint (s) | report blocked_s (s) |",
-            "|---|---|---|---|",
+            "| state | upload | training paused per checkpoint (s) | report blocked_s (s) "
+            "| settings |",
+            "|---|---|---|---|---|",
         ]
         for row in r.get("stall", []):
             out.append(
                 f"| {row['size']} | {row['mode']} | {_s(row['paused_s'], 3)} | "
-                f"{_s(row['blocked_s'], 3)} |"
+                f"{_s(row['blocked_s'], 3)} | {row.get('settings', 'n/a')} |"
             )
         out += [
             "",
@@ -193,23 +196,32 @@ def markdown(r: dict[str, Any]) -> str:
         out += [
             "## Goodput with a worker killed every T seconds",
             "",
-            "| launcher | T (s) | kills | wall (s) | goodput (share of wall on counted steps) "
-            "| per kill cycle | effective steps/s | vs no-failure steps/s |",
-            "|---|---|---|---|---|---|---|---|",
+            "| launcher | T (s) | kills fired / due | wall (s) | effective steps (redone) | "
+            "**goodput** | effective steps/s | no-failure steps/s | settings |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in r["goodput"]:
+            if "missing" in row:
+                out.append(f"| {row['launcher']} | {row['every_s']} | missing: "
+                           f"{row['missing']} | | | | | | |")  # fmt: skip
+                continue
             out.append(
-                f"| {row['launcher']} | {row['every_s']} | {row.get('kills', 'n/a')} | "
-                f"{_f(row.get('wall_s'), 0)} | **{_f(row.get('goodput'), 3)}** | "
-                f"{_s(row.get('cycle_goodput_stats'), 3)} | "
-                f"{_f(row.get('effective_steps_per_s'), 1)} | {_f(row.get('retained'), 2)} |"
+                f"| {row['launcher']} | {row['every_s']} | {row.get('kills_fired')} / "
+                f"{row.get('kills_expected')} | {_f(row.get('wall_s'), 0)} | "
+                f"{row.get('effective_steps', 'n/a')} ({row.get('steps_redone', 'n/a')}) | "
+                f"**{_f(row.get('goodput'), 3)}** | {_f(row.get('effective_steps_per_s'), 1)} | "
+                f"{_f(row.get('no_failure_steps_per_s'), 1)} | {row.get('settings', 'n/a')} |"
             )
         out += [
             "",
-            "- goodput: the step timer of every step in the effective history "
-            "(`training.runlog.effective_history`), over wall time from the first attempt's "
-            "start to the end; restarts, redone steps, checkpoints and reports count as lost. "
-            "vs no-failure: effective steps/s over the no-failure steady steps/s above.",
+            "- goodput (the standard definition): effective steps (those the final model "
+            "contains, `training.runlog.effective_history`; redone steps excluded) x the "
+            "no-failure step period / wall time. The period is 1 / the steady steps/s of the "
+            "overhead scenario's no-failure runs of the same config and launcher in this run; "
+            "wall time runs from the first step to the last (start-up is in the overhead "
+            "table). Kills are due at T, 2T, ... after the first step; one due while the run "
+            "is still recovering fires once it trains again, so fired < due when recovery "
+            "takes longer than T.",
             "",
         ]
     return "\n".join(out) + "\n"
@@ -236,7 +248,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
 
     ax = axes[0][0]
     labels, values, lo, hi = [], [], [], []
-    o = r.get("overhead", {})
+    o = r.get("overhead", {}).get("mlp", {})
     for kind, label in (("torchrun", "torchrun"), ("ray", "Ray CLI\n(local.yaml)")):
         _bar_item(o.get(kind, {}).get("steps_per_s"), label, labels, values, lo, hi)
     for row in r.get("cadence", []):
@@ -292,7 +304,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
             [row.get("goodput") or 0 for row in rows],
         )
         ax.set_ylim(0, 1)
-    ax.set_ylabel("share of wall time on counted steps")
+    ax.set_ylabel("goodput")
     ax.set_title("goodput with a worker killed every T s (full mode)", fontsize=10)
 
     fig.tight_layout()

@@ -95,6 +95,8 @@ def main() -> None:
     attempt = box[0]
     log = RunLog(run_dir, attempt) if rank == 0 else None
     if log:
+        # The settings it ran under, where the harness reads them for a Ray run too.
+        (run_dir / "run_config.json").write_text(cfg.model_dump_json(indent=1))
         log.write(
             "start",
             world_size=world,
@@ -134,7 +136,7 @@ def main() -> None:
                 global_step=global_step,
                 epoch=epoch,
                 loss=float(loss.detach()),
-                samples_per_s=batch_size / elapsed,
+                step_s=round(elapsed, 6),
                 world_size=world,
             )
         if rank == 0 and (global_step % cfg.checkpoint.every_n_steps == 0 or global_step == total):

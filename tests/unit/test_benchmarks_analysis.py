@@ -1,0 +1,71 @@
+"""The benchmark's kill schedule and goodput arithmetic, on synthetic run logs (no runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from benchmarks import analyze, launch
+
+
+def test_kills_are_due_every_t_seconds_from_the_first_step():
+    plan = launch.KillPlan(30, 30)
+    assert [plan.due(100.0, fired) for fired in range(3)] == [130.0, 160.0, 190.0]
+    assert plan.expected(100.0, 195.0) == 3
+    assert plan.expected(100.0, 129.0) == 0
+    once = launch.KillPlan(4)
+    assert once.due(100.0, 1) is None and once.expected(100.0, 200.0) == 1
+
+
+def test_the_newest_attempt_is_the_last_written_not_the_last_by_name(tmp_path):
+    """Ray's attempt ids are random: after a kill the new attempt's log may sort first."""
+    logs = tmp_path / "runlog"
+    logs.mkdir()
+    for name, step, mtime in (("ffff0000", 7, 1_000), ("0000ffff", 3, 2_000)):
+        path = logs / f"{name}.jsonl"
+        path.write_text(json.dumps({"event": "step", "global_step": step}) + "\n")
+        os.utime(path, (mtime, mtime))
+    attempt, last = launch._newest_attempt(tmp_path)
+    assert (attempt, last["global_step"]) == ("0000ffff", 3)
+
+
+def run_log(steps: list[tuple[str, int, float]], resumed: dict[str, tuple[int, str]]):
+    """Events of attempts given as (attempt, global step, time); ``resumed``: attempt ->
+    (checkpoint step, attempt that wrote it)."""
+    events, seen = [], set()
+    for attempt, step, at in steps:
+        if attempt not in seen:
+            seen.add(attempt)
+            back, source = resumed.get(attempt, (None, None))
+            events.append({"event": "start", "attempt": attempt, "time": at - 0.5,
+                           "resumed_from_step": back, "resumed_from_attempt": source,
+                           "world_size": 2, "global_batch_size": 8})  # fmt: skip
+        events.append({"event": "step", "attempt": attempt, "time": at, "global_step": step})
+    events.append({"event": "end", "attempt": steps[-1][0], "time": steps[-1][2]})
+    return events
+
+
+def test_goodput_without_failures_is_one_at_the_no_failure_period():
+    events = run_log([("a", g, 10.0 + g) for g in range(1, 11)], {})
+    result = analyze.goodput(events, [], period_s=1.0)
+    assert result["goodput"] == pytest.approx(1.0)
+    assert result["steps_redone"] == 0
+
+
+def test_goodput_counts_effective_steps_only():
+    """Steps 6-8 of attempt a are rolled back to checkpoint 5 and redone by b after a 4 s
+    restart: 10 effective steps, the wall from step 1 (t=1) to step 10 (t=16)."""
+    first = [("a", g, float(g)) for g in range(1, 9)]
+    second = [("b", g, 12.0 + (g - 6)) for g in range(6, 11)]
+    events = run_log(first + second, {"b": (5, "a")})
+    result = analyze.goodput(events, [{"time": 8.5}], period_s=1.0)
+    assert result["effective_steps"] == 10 and result["steps_redone"] == 3
+    assert result["wall_s"] == pytest.approx(15.0)
+    assert result["goodput"] == pytest.approx(9 / 15)  # 9 steps after the first, at 1 s each
+
+
+def test_a_missing_period_is_a_missing_goodput():
+    events = run_log([("a", g, float(g)) for g in range(1, 11)], {})
+    assert analyze.goodput(events, [], period_s=None)["goodput"] is None
