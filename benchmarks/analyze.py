@@ -238,14 +238,17 @@ def describe(st: dict[str, Any], launcher: str = "ray") -> str:
     """One line of effective settings for a table (torchrun has no health check or upload)."""
     if not st:
         return "settings not recorded"
-    report = st["report_every"] or "none"
     parts = [
         f"{st['task']}",
         f"{st['workers']} workers",
         f"{st['steps']} steps",
-        f"checkpoint every {st['checkpoint_every']}",
+        f"checkpoint {_every(st['checkpoint_every'], 'at the end only')}",
     ]
     if launcher == "ray":
-        parts += [f"upload {st['upload']}", f"report every {report}"]
+        parts += [f"upload {st['upload']}", f"report {_every(st['report_every'], 'never')}"]
         parts += [f"health check {st['health_check_s']:g} s"]
     return ", ".join(parts)
+
+
+def _every(steps: int | None, beyond_the_run: str) -> str:
+    return beyond_the_run if not steps or steps >= 10**9 else f"every {steps}"

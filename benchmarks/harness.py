@@ -70,7 +70,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "recovery_steps": 1000,
         "kill_after_s": 1.0,
         # (launcher, kill every T s, training seconds to aim for without failures)
-        "goodput": [("torchrun", 3, 7)],
+        "goodput": [("torchrun", 4, 9)],
         "timeout_s": 420,
     },
     "full": {
@@ -580,6 +580,7 @@ class Bench:
             "kills_fired": len(w.kills),
             "kills_expected": expected,
             "kill_delays_s": [k["time"] - k["due"] for k in w.kills],
+            "kill_slots": [k["slot"] for k in w.kills],
             **g,
         }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -26,20 +27,28 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 @dataclass
 class KillPlan:
-    """Kill k (k = 0, 1, ...) is due ``first_after_s + k * every_s`` after the run's first step,
-    a fixed schedule that recovery time does not stretch. A kill falls due while the killed
-    attempt has not yet been replaced by a training one fires as soon as one trains."""
+    """Kills due at fixed times: slot k at ``first_after_s + k * every_s`` after the run's first
+    step, so recovery time does not stretch the schedule. A slot that falls while the run is
+    still recovering from the previous kill is skipped (its worker is already down; killing the
+    next attempt at its first step would only stop all progress): such a run reports fewer
+    kills fired than due."""
 
     first_after_s: float  # after the run's first step
     every_s: float | None = None  # None: kill once
 
-    def due(self, first_step: float, fired: int) -> float | None:
-        if fired and self.every_s is None:
-            return None
-        return first_step + self.first_after_s + fired * (self.every_s or 0.0)
+    def slot_time(self, first_step: float, slot: int) -> float:
+        return first_step + self.first_after_s + slot * (self.every_s or 0.0)
+
+    def next_slot(self, first_step: float, training_since: float, after: int) -> int | None:
+        """The first slot after slot ``after`` (-1: none yet) that is due once the current
+        attempt trains; None when the plan has no more kills."""
+        if self.every_s is None:
+            return 0 if after < 0 else None
+        waited = training_since - first_step - self.first_after_s
+        return max(after + 1, math.ceil(waited / self.every_s))
 
     def expected(self, first_step: float | None, end: float | None) -> int:
-        """Kills the schedule holds between the first step and the end of the run."""
+        """Slots the schedule holds between the first step and the end of the run."""
         if first_step is None or end is None or end - first_step < self.first_after_s:
             return 0
         if self.every_s is None:
@@ -61,6 +70,8 @@ class Watch:
     first_step: float | None = None
     kills: list[dict] = field(default_factory=list)
     _killed_attempt: str | None = None
+    _training_attempt: str | None = None  # the attempt seen training last, and since when
+    _training_since: float = 0.0
 
 
 class Launched:
@@ -202,23 +213,29 @@ def _progress(launched: Launched, watch: Watch) -> None:
     attempt, last_step = _newest_attempt(watch.run_dir)
     if last_step is None:
         return
+    now = time.time()
     if watch.first_step is None:
-        watch.first_step = time.time()
-    due = watch.kill.due(watch.first_step, len(watch.kills)) if watch.kill else None
-    if due is None or time.time() < due or attempt == watch._killed_attempt:
-        return  # not yet, or the killed attempt has not been replaced by a training one
+        watch.first_step = now
+    if attempt != watch._training_attempt:
+        watch._training_attempt, watch._training_since = attempt, now
+    if watch.kill is None or attempt == watch._killed_attempt:
+        return  # no kills, or the killed attempt has not been replaced by a training one
+    after = watch.kills[-1]["slot"] if watch.kills else -1
+    slot = watch.kill.next_slot(watch.first_step, watch._training_since, after)
+    if slot is None or now < watch.kill.slot_time(watch.first_step, slot):
+        return
     pid = _rank1_pid(launched, watch)
     if pid is None or pid not in descendants(launched.proc.pid):
         return
-    killed_at = time.time()
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
     watch.kills.append(
         {
-            "time": killed_at,
-            "due": due,
+            "time": time.time(),
+            "slot": slot,
+            "due": watch.kill.slot_time(watch.first_step, slot),
             "pid": pid,
             "attempt": attempt,
             "last_step": last_step["global_step"],

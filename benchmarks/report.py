@@ -219,9 +219,9 @@ def markdown(r: dict[str, Any]) -> str:
             "no-failure step period / wall time. The period is 1 / the steady steps/s of the "
             "overhead scenario's no-failure runs of the same config and launcher in this run; "
             "wall time runs from the first step to the last (start-up is in the overhead "
-            "table). Kills are due at T, 2T, ... after the first step; one due while the run "
-            "is still recovering fires once it trains again, so fired < due when recovery "
-            "takes longer than T.",
+            "table). Kills are due at T, 2T, ... after the first step; a slot that falls while "
+            "the run is still recovering is skipped, so fired < due when recovery takes "
+            "longer than T.",
             "",
         ]
     return "\n".join(out) + "\n"

@@ -12,11 +12,16 @@ from benchmarks import analyze, launch
 
 def test_kills_are_due_every_t_seconds_from_the_first_step():
     plan = launch.KillPlan(30, 30)
-    assert [plan.due(100.0, fired) for fired in range(3)] == [130.0, 160.0, 190.0]
+    assert [plan.slot_time(100.0, slot) for slot in range(3)] == [130.0, 160.0, 190.0]
+    assert plan.next_slot(100.0, training_since=100.0, after=-1) == 0
+    # Recovered from kill 0 at t=138: the next kill is still due at 160, not at 168.
+    assert plan.next_slot(100.0, training_since=138.0, after=0) == 1
+    # A recovery past t=160 skips that slot: the next attempt is killed at 190, not at once.
+    assert plan.next_slot(100.0, training_since=165.0, after=0) == 2
     assert plan.expected(100.0, 195.0) == 3
     assert plan.expected(100.0, 129.0) == 0
     once = launch.KillPlan(4)
-    assert once.due(100.0, 1) is None and once.expected(100.0, 200.0) == 1
+    assert once.next_slot(100.0, 100.0, after=0) is None and once.expected(100.0, 200.0) == 1
 
 
 def test_the_newest_attempt_is_the_last_written_not_the_last_by_name(tmp_path):
