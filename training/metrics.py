@@ -7,15 +7,15 @@ counters ``steps_total``, ``samples_total``, ``attempts_total`` (restarts = atte
 series carries the tag ``ray_train_run_name`` (the run name), the tag Ray Train's own
 ``ray_train_*`` metrics and its Grafana dashboard filter by.
 
-Why a holder actor: Ray's agent drops a gauge soon after the process that set it dies (~2 s on
-a real scrape here), and a worker group restart kills every worker, so gauges set by rank 0
-vanished for the whole restart (~20 s here); it also drops a gauge that no export refreshed
-for two export intervals (2 x 10 s), and an idle process exports nothing. Rank 0 therefore
-sends each log interval's values, fire-and-forget, to one detached actor per run that sets the
-gauges and counters in its own process, which outlives worker-group restarts: one series per
-metric for the run's whole life. A new attempt sets ``global_step`` (the step it resumed from)
-and ``world_size`` at once. The holder exits ``LINGER_S`` after the run ends, or after
-``IDLE_EXIT_S`` without news (a run that failed for good). Counters are monotonic for the
+Why a holder actor: Ray's agent drops a gauge soon after the process that set it dies (~2 s
+on a real scrape here), and a worker group restart kills every worker, so gauges set by rank 0
+vanished for the whole restart (~20 s here); it also drops a gauge value that no export
+refreshed for two export intervals (2 x 10 s). Rank 0 therefore sends each log interval's
+values, fire-and-forget, to one detached actor per run that sets the gauges and counters in its
+own process, which outlives worker-group restarts and re-sets its gauges every ``REFRESH_S``:
+one series per metric for the run's whole life. A new attempt sets ``global_step`` (the step it
+resumed from) and ``world_size`` at once. The holder exits ``LINGER_S`` after the run ends, or
+after ``IDLE_EXIT_S`` without news (a run that failed for good). Counters are monotonic for the
 holder's life; if its node dies they restart at 0 in a new holder: read them with
 ``increase()``/``rate()``, which treat a drop as a reset, as for any restarted process.
 """
@@ -77,6 +77,7 @@ class Holder:
     def record(self, gauges: dict[str, float], counts: dict[str, float]) -> None:
         with self.lock:
             self.heard = time.monotonic()
+            self.closed = None  # the same run started again before the holder left
             self.gauges.update(gauges)
             self._set_gauges(gauges)
             for name, amount in counts.items():
@@ -90,9 +91,11 @@ class Holder:
             _gauge(name).set(value, tags=self.tags)
 
     def _refresh(self) -> None:
-        """Ray's agent evicts a gauge that no export refreshed for two intervals (2 x 10 s),
-        and an idle process exports nothing: without this, a restart or a checkpoint longer
-        than ~20 s empties the scrape. Exits once the run is over."""
+        """Ray's agent evicts a gauge value that no export refreshed for two export intervals
+        (2 x 10 s; ray/_private/telemetry/open_telemetry_metric_recorder.py). Re-setting the
+        values keeps them fresh whatever the exporter does with unchanged ones: without it, one
+        scraped run here lost every gauge for 4 s, 24 s after the last record (another did
+        not). Exits once the run is over."""
         while True:
             time.sleep(REFRESH_S)
             with self.lock:
