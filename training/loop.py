@@ -118,6 +118,11 @@ class Worker:
     interval: Interval = field(default_factory=Interval)
     stager: checkpoint.Stager = field(default_factory=checkpoint.Stager)
     save_done: threading.Event = field(default_factory=threading.Event)  # no save in flight
+    # For the save on failure: the step the model and optimizer hold, the last step in rank 0's
+    # ledger, and the last step whose checkpoint was begun (or resumed from).
+    state_step: int = 0
+    recorded_step: int = 0
+    saved_step: int = 0
 
     def __post_init__(self) -> None:
         self.save_done.set()
@@ -132,6 +137,10 @@ def train_func(config_dict: dict[str, Any]) -> None:
         if worker.rank == 0:
             stops.record(worker.fs, worker.run_dir, exc)
             worker.runlog.write("stopped", global_step=exc.step, reason=str(exc))
+        raise
+    except Exception:
+        if worker.cfg.checkpoint.on_failure:
+            save_on_failure(worker)
         raise
     finally:
         if worker.runlog is not None:
@@ -188,6 +197,7 @@ def start_attempt(config_dict: dict[str, Any]) -> tuple[Worker, Progress]:
         runlog=RunLog(fs, run_dir, attempt) if rank == 0 else None,
     )
     progress, resumed_from = resume(worker)
+    worker.state_step = worker.recorded_step = worker.saved_step = progress.global_step
     # Streaming (#15): tell the task which ids this rank's remaining steps use, so it can read
     # ahead in the background; a no-op for in-memory tasks.
     task.prefetch(train, upcoming_ids(worker, progress.global_step))
@@ -234,6 +244,7 @@ def announce_start(
         global_batch_size=worker.cfg.training.global_batch_size,
         train_samples=len(worker.train),
         task=worker.cfg.task.name,
+        pid=os.getpid(),  # rank 0's process: tells a failure of rank 0 from one of a peer
         **timing,
     )
     worker.runlog.flush()
@@ -257,6 +268,7 @@ def run_steps(worker: Worker, progress: Progress) -> None:
         inject_faults(worker, global_step, "step")
         started = time.perf_counter()
         lr = train_step(worker, global_step)
+        worker.state_step = global_step
         # The step's own timer, without a device sync: exact on CPU, launch time on GPU.
         step_s = time.perf_counter() - started
         checkpoint_due = global_step % cfg.checkpoint.every_n_steps == 0 or global_step == last_step
@@ -269,6 +281,7 @@ def run_steps(worker: Worker, progress: Progress) -> None:
             step_metrics = close_interval(worker, global_step, lr)  # raises on a non-finite loss
         if worker.runlog is not None:
             record_step(worker, global_step, step_s, step_metrics)
+            worker.recorded_step = global_step
         if evaluate_now:
             step_metrics.update(evaluate(worker, global_step))
         # Node drain (training/drain.py): checkpoint now, then take no further step. Checked on
@@ -493,6 +506,7 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
     progress = Progress(global_step, epoch, done_in_epoch, worker.attempt)
     started = time.perf_counter()  # the pause: wait for the previous save, stage, report
     local_dir, staged = None, None
+    worker.saved_step = global_step
     if worker.rank == 0:
         worker.runlog.flush()  # the ledger reaches storage before the checkpoint that needs it
         wait_for_previous_save(worker)
@@ -564,22 +578,78 @@ def make_uploader(worker: Worker, global_step: int, staged: dict[str, Any]):
     def upload(local: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
         try:
             inject_faults(worker, global_step, "serialize")
-            checkpoint.write_state(local.path, staged)
-            target = posixpath.join(worker.run_dir, dir_name)
-            worker.fs.create_dir(target, recursive=True)
-            names = sorted(p for p in os.listdir(local.path) if p != checkpoint.MANIFEST_FILE)
-            for name in names:
-                _copy_file(
-                    posixpath.join(local.path, name), worker.fs, posixpath.join(target, name)
-                )
-            inject_faults(worker, global_step, "checkpoint")
-            manifest = posixpath.join(local.path, checkpoint.MANIFEST_FILE)
-            _copy_file(manifest, worker.fs, posixpath.join(target, checkpoint.MANIFEST_FILE))
+            target = write_to_storage(worker, global_step, staged, local.path, dir_name)
             return ray.train.Checkpoint(target, filesystem=worker.fs)
         finally:
             worker.save_done.set()
 
     return upload
+
+
+def write_to_storage(
+    worker: Worker, global_step: int, state: dict[str, Any], local_dir: str, dir_name: str
+) -> str:
+    """Serialise ``state`` into ``local_dir``, then copy it to the run directory, manifest last."""
+    checkpoint.write_state(local_dir, state)
+    target = posixpath.join(worker.run_dir, dir_name)
+    worker.fs.create_dir(target, recursive=True)
+    names = sorted(p for p in os.listdir(local_dir) if p != checkpoint.MANIFEST_FILE)
+    for name in names:
+        _copy_file(posixpath.join(local_dir, name), worker.fs, posixpath.join(target, name))
+    inject_faults(worker, global_step, "checkpoint")
+    manifest = posixpath.join(local_dir, checkpoint.MANIFEST_FILE)
+    _copy_file(manifest, worker.fs, posixpath.join(target, checkpoint.MANIFEST_FILE))
+    return target
+
+
+def save_on_failure(worker: Worker) -> None:
+    """Rank 0 saves the state it holds when the attempt fails around it (a peer died, a
+    collective timed out), so the next attempt redoes no completed step.
+
+    Under DDP every rank holds the whole state, and after an optimizer step all ranks hold the
+    same one: the step that failed never reached the optimizer (DDP's all-reduce is inside
+    backward), so what rank 0 holds is exactly an uninterrupted run's state at ``state_step``.
+    Only rank 0 saves, because only it writes the ledger the checkpoint needs. Nothing here
+    talks to other ranks. If Ray kills the process first, the manifest is missing and the
+    checkpoint is rejected on resume, which then falls back to the newest periodic one.
+    """
+    step = worker.state_step
+    if worker.rank != 0 or step <= worker.saved_step or not state_is_finite(worker):
+        return
+    started = time.perf_counter()
+    try:
+        if worker.recorded_step < step:  # the failure came between the step and its ledger entry
+            record_step(worker, step, 0.0, {})
+        worker.runlog.flush()
+        epoch, done_in_epoch = divmod(step, worker.plan.steps_per_epoch)
+        state = checkpoint.build_state(
+            unwrap(worker.model),
+            worker.optimizer,
+            worker.scheduler,
+            Progress(step, epoch, done_in_epoch, worker.attempt),
+            worker.config_dict,
+            extra={"scaler": worker.scaler.state_dict(), "task": worker.task.state_dict()},
+        )
+        with tempfile.TemporaryDirectory(prefix="elastic-trainer-ckpt-") as local_dir:
+            path = write_to_storage(
+                worker, step, state, local_dir, checkpoint.dir_name(step, worker.attempt)
+            )
+        took = time.perf_counter() - started
+        worker.runlog.write("checkpoint", global_step=step, blocked_s=took, path=path, failure=True)
+        worker.runlog.flush()
+        log.warning("Saved the state of step %d on failure (%.2f s): %s", step, took, path)
+    except Exception as exc:  # the original failure is what the user must see
+        log.warning("Could not save the state of step %d on failure: %s", step, exc)
+
+
+def state_is_finite(worker: Worker) -> bool:
+    """No NaN/inf in this rank's losses since the last check, nor in the parameters (which the
+    all-reduce would have spread from any rank); no other rank is asked."""
+    bad = worker.interval.first_bad_step
+    if bad is not None and math.isfinite(bad.item()):
+        return False
+    with torch.no_grad():
+        return all(bool(torch.isfinite(p).all()) for p in worker.model.parameters())
 
 
 def _copy_file(source: str, fs: pafs.FileSystem, target: str) -> None:
