@@ -188,9 +188,7 @@ class Bench:
         # cluster another process started on this machine with `ray start` (and the CLI then
         # fails: "num_cpus ... must not be provided"). Short: Ray's socket paths are limited.
         env["RAY_TMPDIR"] = self.ray_tmp
-        # Scenarios labelled "Ray defaults" measure Ray's own 2 s health-check interval; the
-        # project's config default (failure.health_check_interval_s: 0.5) yields to this env var.
-        env[HC] = "2"
+        # Nothing forced: a run gets the shipped config's settings unless its scenario says so.
         env.update(extra or {})
         return env
 
