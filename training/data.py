@@ -70,10 +70,13 @@ def shard_order(seed: int, epoch: int, layout: ShardLayout, batch_size: int = 1)
         ids.append(window_ids)
         slots.append(window_slots)
     order, slot = torch.cat(ids), torch.cat(slots)
+    del ids, slots  # the order is held by every worker: keep its transient copies few
     # A batch that straddles two windows is grouped by slot alone: the rank that reads slots
-    # 0..k of one window reads the same slots of the next.
-    batch_of = torch.arange(len(order)) // batch_size
-    return order[torch.argsort(batch_of * layout.window + slot, stable=True)]
+    # 0..k of one window reads the same slots of the next. The remainder is never trained on.
+    body = len(order) // batch_size * batch_size
+    grouped = torch.argsort(slot[:body].view(-1, batch_size), dim=1, stable=True)
+    order[:body] = order[:body].view(-1, batch_size).gather(1, grouped).view(-1)
+    return order
 
 
 def _window_order(
@@ -89,7 +92,7 @@ def _window_order(
         ids.append(begin + torch.randperm(size, generator=generator))
         phase = torch.rand(1, generator=generator, dtype=torch.float64)
         keys.append((torch.arange(size, dtype=torch.float64) + phase) / size)
-        slots.append(torch.full((size,), slot))
+        slots.append(torch.full((size,), slot, dtype=torch.int32))
     spread = torch.argsort(torch.cat(keys), stable=True)
     return torch.cat(ids)[spread], torch.cat(slots)[spread]
 

@@ -26,11 +26,11 @@ from training.tasks import tabular
 HERE = Path(__file__).resolve().parent
 MB = 2**20
 # 400k rows x 256 float32 features = 417 MB of Parquet (98 row groups of 4096 rows, 4.2 MB
-# decoded each); once it starts loading data a worker may allocate 104 MB above its baseline
+# decoded each); once it starts loading data a worker may allocate 112 MB above its baseline
 # (reader, model, optimizer, DDP, checkpoints, S3 reads, modules imported late: everything),
-# 4x less than the table (the control test, loading it whole, is OOM-killed).
+# 3.5x less than the table (the control test, loading it whole, is OOM-killed).
 ROWS, FEATURES, GROUP_ROWS = 400_000, 256, 4096
-LIMIT = 104 * MB
+LIMIT = 112 * MB
 WINDOW = 2  # at most 2 x 2 row groups (17 MB decoded) held per worker
 BATCH = 1024  # 351 steps per epoch over the 360k training rows
 STEPS_PER_EPOCH = 351
@@ -41,7 +41,7 @@ TASK = "limited_tasks:MemoryLimitedTabular"
 def big_table(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("big") / "table.parquet"
     tabular.write_sharded_demo(pafs.LocalFileSystem(), str(path), ROWS, FEATURES, GROUP_ROWS)
-    assert path.stat().st_size > 4 * LIMIT
+    assert path.stat().st_size > 3.5 * LIMIT
     return path
 
 

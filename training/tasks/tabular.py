@@ -151,7 +151,13 @@ class TabularClassification(ClassificationTask):
                 "(or write the table with smaller row groups)"
             )
         sizes = [rows for _, _, rows in groups]
-        return {"row_groups": len(groups), "row_group_rows_sha256": _sha256(json.dumps(sizes))}
+        return {
+            "row_groups": len(groups),
+            "row_group_rows_sha256": _sha256(json.dumps(sizes)),
+            # Version 2: batches stratified and grouped by slot (data.shard_order). A run
+            # started under another version has another order: resuming it is refused.
+            "shard_order": 2,
+        }
 
     def write_demo(self) -> None:
         write_demo_dataset(self.data.fs, self.data.path, rows=self.options.demo_rows)
