@@ -68,10 +68,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def train(args: argparse.Namespace, root: Path, table: Path, name: str, stream: bool) -> Path:
+def train(args: argparse.Namespace, runs: Path, table: Path, name: str, stream: bool) -> Path:
     overrides = {
         "run.name": name,
-        "storage.path": str(root / "runs"),
+        "storage.path": str(runs),
         "data.path": str(table),
         "data.create_demo_if_missing": "false",
         "task.options.stream": str(stream).lower(),
@@ -91,12 +91,12 @@ def train(args: argparse.Namespace, root: Path, table: Path, name: str, stream: 
         command += ["--set", f"{key}={value}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_DEDUP_LOGS"] = "0"  # every worker's streaming summary line
-    log = root / f"{name}.log"
+    log = runs / f"{name}.log"
     with log.open("w") as out:
         code = subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     if code.returncode != 0:
         raise SystemExit(f"{name} run failed ({code.returncode}); see {log}")
-    return root / "runs" / name
+    return runs / name
 
 
 READ_LINE = re.compile(r"streaming: read (\d+) row groups \((\d+) MB decoded\)")
@@ -133,12 +133,14 @@ def main() -> int:
             pafs.LocalFileSystem(), str(table), args.rows, args.features, args.row_group_rows
         )
     results: dict[str, Any] = {"settings": settings(args), "table_mb": table.stat().st_size / MB}
+    # Fresh run names every time: a run left by an earlier invocation would be resumed.
+    runs = Path(tempfile.mkdtemp(prefix="runs-", dir=root))
     for repeat in range(args.repeats):
         for mode in ("memory", "stream"):  # A B A B: drifting load hits both modes alike
             name, started = f"{mode}-{repeat}", time.perf_counter()
-            measured = measure(train(args, root, table, name, mode == "stream"), args.warmup)
+            measured = measure(train(args, runs, table, name, mode == "stream"), args.warmup)
             if mode == "stream":
-                measured["reads_per_worker"] = reads(root / f"{name}.log")
+                measured["reads_per_worker"] = reads(runs / f"{name}.log")
             results.setdefault(mode, []).append(measured)
             print(f"{name}: {time.perf_counter() - started:.0f} s {json.dumps(measured)}")
     results["ratios"] = {key: spread(results, key) for key in RATIOS}
