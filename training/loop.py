@@ -375,15 +375,18 @@ def autocast(worker: Worker):
 def global_batch_ids(worker: Worker, epoch: int, step_in_epoch: int) -> torch.Tensor:
     # Streaming (#15): a sharded task's layout makes the order shard-aware (None: a shuffle).
     layout = worker.task.shard_layout()
-    order = epoch_order_cached(worker.cfg.training.seed, epoch, len(worker.train), layout)
-    return data.global_batch(order, step_in_epoch, worker.cfg.training.global_batch_size)
+    batch_size = worker.cfg.training.global_batch_size
+    order = epoch_order_cached(
+        worker.cfg.training.seed, epoch, len(worker.train), layout, batch_size
+    )
+    return data.global_batch(order, step_in_epoch, batch_size)
 
 
 @lru_cache(maxsize=4)  # Streaming (#15): the prefetcher may be an epoch ahead of the steps
 def epoch_order_cached(
-    seed: int, epoch: int, num_samples: int, layout: data.ShardLayout | None = None
+    seed: int, epoch: int, num_samples: int, layout: data.ShardLayout | None, batch_size: int
 ) -> torch.Tensor:
-    return data.epoch_order(seed, epoch, num_samples, layout)
+    return data.epoch_order(seed, epoch, num_samples, layout, batch_size)
 
 
 def upcoming_ids(worker: Worker, done: int) -> Iterator[torch.Tensor]:
