@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,38 @@ DETECTED = {
 }
 HC = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 GROUP_STARTED = {"ray": r"Started training worker group", "torchrun": r"Starting worker group"}
+
+
+# Ray Train's own timing of each worker-group start, in its controller's log file (DEBUG level).
+RAY_GROUP_PHASES = {
+    "placement_group_s": re.compile(r"Placement group ready in ([\d.]+)s"),
+    "actors_s": re.compile(r"worker actors created in ([\d.]+)s"),
+    "train_context_s": re.compile(r"Train context initialized on workers in ([\d.]+)s"),
+    "launch_s": re.compile(r"Train function launched on workers in ([\d.]+)s"),
+    "group_total_s": re.compile(r"Worker group startup completed in ([\d.]+)s total"),
+}
+
+
+def ray_group_starts(session_dir: Path) -> dict[str, list[dict[str, float]]]:
+    """Per run name, each worker-group start's phases as Ray Train timed them: placement group,
+    actor processes, train context (where the workers import the training code), launch."""
+    starts: dict[str, list[dict[str, float]]] = {}
+    for log_file in sorted(Path(session_dir).glob("logs/train/ray-train-sys-controller-*.log")):
+        for line in log_file.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            message, run = record.get("message", ""), record.get("run_name", "")
+            for key, pattern in RAY_GROUP_PHASES.items():
+                found = pattern.search(message)
+                if not found:
+                    continue
+                if key == "placement_group_s":
+                    starts.setdefault(run, []).append({})
+                if starts.get(run):
+                    starts[run][-1][key] = float(found.group(1))
+    return starts
 
 
 def stats(values: list[float]) -> dict[str, Any]:

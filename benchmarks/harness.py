@@ -58,6 +58,23 @@ TASKS = {
 }
 
 PLANS: dict[str, dict[str, Any]] = {
+    # Issue 12's rows alone: cold start-up and recovery, Ray Train vs torchrun (~8 min on 16
+    # quiet cores).
+    "restart": {
+        "reps": 3,
+        "scenarios": ["overhead", "ray_scenarios"],
+        "floor_sizes": [],
+        "overhead": {"mlp": 300},
+        "cadence_steps": 0,
+        "cadence": [],
+        "stall_sizes": [],
+        "stall_steps": 0,
+        "recovery": ["project", "before"],
+        "recovery_steps": 2000,
+        "kill_after_s": 4.0,
+        "goodput": [],
+        "timeout_s": 900,
+    },
     "quick": {
         "reps": 1,
         "floor_sizes": ["10 MB"],
@@ -66,7 +83,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "cadence": ["never", "report_10"],
         "stall_sizes": ["10 MB"],
         "stall_steps": 6,
-        "recovery": ["ray_defaults"],
+        "recovery": ["project"],
         "recovery_steps": 1000,
         "kill_after_s": 1.0,
         # (launcher, kill every T s, training seconds to aim for without failures)
@@ -83,7 +100,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "cadence": ["never", "report_10", "local_yaml", "ckpt_10", "local_yaml_hc2"],
         "stall_sizes": ["10 MB", "100 MB", "500 MB"],
         "stall_steps": 12,
-        "recovery": ["ray_defaults", "ray_hc05"],
+        "recovery": ["project", "before"],
         "recovery_steps": 2000,
         "kill_after_s": 4.0,
         "goodput": [("ray", 30, 120), ("ray", 60, 180), ("torchrun", 30, 90)],
@@ -100,7 +117,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "stall_sizes": ["10 MB", "100 MB", "500 MB"],
         "stall_modes": ["async"],
         "stall_steps": 6,
-        "recovery": ["ray_hc05"],
+        "recovery": ["project", "before"],
         "recovery_steps": 600,
         "kill_after_s": 4.0,
         "goodput": [("ray", 30, 90)],
@@ -158,9 +175,20 @@ CADENCE: dict[str, tuple[str, dict[str, Any], dict[str, str], int | None]] = {
     ),
 }
 STALL_MODES = ("sync", "async")
-RECOVERY = {
-    "ray_defaults": ("Ray Train, Ray defaults (health check 2 s)", {HC: "2"}),
-    "ray_hc05": (f"Ray Train, {HC}=0.5", {HC: "0.5"}),
+# label, env, overrides, preload (workers import torch and the training loop as Ray starts them)
+RECOVERY: dict[str, tuple[str, dict[str, str], dict[str, Any], bool]] = {
+    "project": (
+        "project defaults: rank 0 saves on failure, workers preloaded, health check 0.5 s",
+        {},
+        {},
+        True,
+    ),
+    "before": (
+        "before #12: periodic checkpoints only, no preloading, health check 0.5 s",
+        {},
+        {"checkpoint.on_failure": False},
+        False,
+    ),
 }
 
 
@@ -280,7 +308,9 @@ class Bench:
         self.supervise(launched, [watch])
         return watch, launched
 
-    def session(self, runs: list[dict[str, Any]], tag: str) -> tuple[list[Watch], Any]:
+    def session(
+        self, runs: list[dict[str, Any]], tag: str, env: dict[str, str] | None = None
+    ) -> tuple[list[Watch], Any]:
         """Several Ray runs in one Ray instance; each run dict: tag, steps, overrides, env, kill."""
         specs, watches = [], []
         for r in runs:
@@ -297,7 +327,7 @@ class Bench:
         spec_path = self.workdir / f"session-{tag}.json"
         spec_path.write_text(json.dumps(specs, indent=1))
         launched = self.launch(
-            [sys.executable, "-m", "benchmarks.ray_session", str(spec_path)], tag
+            [sys.executable, "-m", "benchmarks.ray_session", str(spec_path)], tag, env
         )
         self.supervise(launched, watches)
         return watches, launched
@@ -460,11 +490,12 @@ class Bench:
             {
                 "tag": f"recovery-{key}",
                 "steps": self.plan["recovery_steps"],
-                "overrides": {"failure.max_failures": -1},
+                "overrides": {"failure.max_failures": -1, **RECOVERY[key][2]},
                 "env": RECOVERY[key][1],
                 "kill": KillPlan(self.plan["kill_after_s"]),
                 "key": key,
                 "scenario": "recovery",
+                "preload": RECOVERY[key][3],
             }
             for _ in range(self.plan["reps"])
             for key in self.plan["recovery"]
@@ -473,11 +504,15 @@ class Bench:
     def recovery(self, runs, watches, launched) -> None:
         per: dict[str, list[dict[str, Any]]] = {k: [] for k in self.plan["recovery"]}
         per["torchrun"] = []
-        for r, w in zip(runs, watches, strict=True):
+        for r, w, session in zip(runs, watches, launched, strict=True):
             if w.begin is None:
                 continue
-            lines = launched.lines_after(w.begin)
-            per[r["key"]] += analyze.recoveries(analyze.events(w.run_dir), w.kills, lines, "ray")
+            lines = session.lines_after(w.begin)
+            recs = analyze.recoveries(analyze.events(w.run_dir), w.kills, lines, "ray")
+            group_starts = analyze.ray_group_starts(session_dir(session)).get(w.name, [])
+            for rec, group in zip(recs, group_starts[1:], strict=False):
+                rec.update(group)  # Ray's own split of the group restart
+            per[r["key"]] += recs
             self.cleanup(w)
         for _ in range(self.plan["reps"]):
             w, tl = self.torchrun(
@@ -497,6 +532,7 @@ class Bench:
         phases = [
             "detect_s",
             "restart_s",
+            *analyze.RAY_GROUP_PHASES,
             "init_load_s",
             "first_step_s",
             "redo_s",
@@ -527,12 +563,25 @@ class Bench:
             "recovery": self.recovery_runs(),
         }
         runs = [r for g in groups.values() for r in g]
-        watches, launched = self.session(runs, "ray-session")
-        by_run = dict(zip([id(r) for r in runs], watches, strict=True))
+        # Preloading is a setting of the Ray instance: runs without it get a session of their own.
+        plain = [r for r in runs if r.get("preload") is False]
+        preloaded = [r for r in runs if r.get("preload") is not False]
+        watches, launched = self.session(preloaded, "ray-session")
+        by_run = {id(r): (w, launched) for r, w in zip(preloaded, watches, strict=True)}
+        if plain:
+            env = {"RAY_preload_python_modules": ""}
+            plain_watches, plain_launched = self.session(plain, "ray-session-no-preload", env)
+            by_run.update(
+                {id(r): (w, plain_launched) for r, w in zip(plain, plain_watches, strict=True)}
+            )
         for scenario, group in groups.items():
+            if not group:
+                continue
             print(f"== analyse {scenario} ({time.strftime('%H:%M:%S')})", flush=True)
             try:
-                getattr(self, scenario)(group, [by_run[id(r)] for r in group], launched)
+                matched = [by_run[id(r)] for r in group]
+                sessions = [m[1] for m in matched] if scenario == "recovery" else launched
+                getattr(self, scenario)(group, [m[0] for m in matched], sessions)
             except Exception:
                 traceback.print_exc()
                 self.failures.append(f"scenario {scenario} raised (see traceback)")
@@ -596,9 +645,10 @@ class Bench:
         for stale in self.logs_dir.glob("*.log"):
             stale.unlink()
         self.write_demo_data()
-        scenarios = [self.floor, self.overhead, self.ray_scenarios]
-        if self.plan["goodput"]:
-            scenarios.append(self.goodput)
+        names = self.plan.get("scenarios", ["floor", "overhead", "ray_scenarios", "goodput"])
+        scenarios = [getattr(self, name) for name in names]
+        if not self.plan["goodput"] and self.goodput in scenarios:
+            scenarios.remove(self.goodput)
         for scenario in scenarios:
             print(f"== {scenario.__name__} ({time.strftime('%H:%M:%S')})", flush=True)
             try:
@@ -635,6 +685,14 @@ class Bench:
         (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
         (self.out / "results.md").write_text(report.markdown(self.results))
         report.plot(self.results, self.out / "results.png")
+
+
+def session_dir(launched) -> Path:
+    """The Ray session directory that ``benchmarks.ray_session`` printed."""
+    for _, line in launched.lines:
+        if line.startswith("BENCH-SESSION "):
+            return Path(line.split(" ", 1)[1].strip())
+    return Path("/nonexistent")
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

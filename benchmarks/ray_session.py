@@ -25,7 +25,13 @@ def main(spec_path: str) -> int:
     from training.config import load_config
 
     specs = json.loads(open(spec_path).read())  # noqa: SIM115
-    ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=True)
+    # As training.driver.connect_ray: the workers import the training code as they start.
+    os.environ.setdefault("RAY_preload_python_modules", driver.WORKER_PRELOAD)
+    # None: the dashboard starts where its packages are installed (always, with this project's
+    # dependencies; a machine with Ray's minimal install can still run the benchmark).
+    ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=None)
+    session_dir = ray._private.worker._global_node.get_session_dir_path()
+    print(f"BENCH-SESSION {session_dir}", flush=True)
     failed = 0
     for spec in specs:
         saved = {key: os.environ.get(key) for key in spec.get("env", {})}

@@ -191,7 +191,21 @@ def markdown(r: dict[str, Any]) -> str:
             "init + load: -> the attempt's `start` event (data, model, DDP, newest valid "
             "checkpoint). Driver-output times can trail the event by up to ~0.5 s.",
             "",
+            "Ray Train's own split of the restart (its controller log), median [min-max] s:",
+            "",
+            "| launcher | placement group | actor processes | train context (imports) | "
+            "launch | group start total |",
+            "|---|---|---|---|---|---|",
         ]
+        for row in r["recovery"]:
+            if row["key"] == "torchrun":
+                continue
+            out.append(
+                f"| {row['label']} | {_s(row.get('placement_group_s'))} | "
+                f"{_s(row.get('actors_s'))} | {_s(row.get('train_context_s'))} | "
+                f"{_s(row.get('launch_s'))} | {_s(row.get('group_total_s'))} |"
+            )
+        out += [""]
     if r.get("goodput"):
         out += [
             "## Goodput with a worker killed every T seconds",

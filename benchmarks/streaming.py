@@ -1,17 +1,19 @@
 """Streamed vs in-memory tabular training on the same table, side by side (issue #15).
 
-    python -m benchmarks.streaming                      # 417 MB table, 2 workers, ~10 minutes
-    python -m benchmarks.streaming --rows 100000        # smaller and faster
+    python -m benchmarks.streaming                      # 417 MB table, 2 workers, 3 pairs
+    python -m benchmarks.streaming --rows 100000 --repeats 1   # smaller and faster
 
-For each mode (``task.options.stream`` false, then true) it trains the same table on an
+For each mode (``task.options.stream`` false, then true; alternating, ``--repeats`` pairs, so
+that load from other jobs on a shared machine hits both alike) it trains the same table on an
 embedded local Ray with 2 CPU workers, SIGKILLs rank 1 before step ``--kill-at`` (chaos) and
 lets the run resume, then reads the run log:
   steps/s     warm throughput of the first attempt: steps after ``--warmup`` over their wall
               time (step events' timestamps), and over the summed per-step timer (``step_s``);
   restart     the second attempt: worker start -> first step (the in-memory mode reads the
-              whole table here), and the last step before the kill -> first step after it.
-Every figure is printed next to the settings that produced it; the JSON goes to
-``benchmarks/results/streaming.json``.
+              whole table here), and the last step before the kill -> first step after it;
+  reads       streamed: what each worker of the resumed attempt read (its log line).
+Ratios are per pair, reported as median [min-max]. Every figure is printed next to the
+settings that produced it; the JSON goes to ``benchmarks/results/streaming.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=300, help="global steps per run")
     parser.add_argument("--kill-at", type=int, default=220, help="SIGKILL rank 1 before this step")
     parser.add_argument("--warmup", type=int, default=20, help="steps left out of steps/s")
+    parser.add_argument("--repeats", type=int, default=3, help="in-memory/streamed pairs")
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     return parser.parse_args()
 
@@ -63,11 +68,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def train(args: argparse.Namespace, root: Path, table: Path, stream: bool) -> Path:
-    name = "stream" if stream else "memory"
+def train(args: argparse.Namespace, runs: Path, table: Path, name: str, stream: bool) -> Path:
     overrides = {
         "run.name": name,
-        "storage.path": str(root / "runs"),
+        "storage.path": str(runs),
         "data.path": str(table),
         "data.create_demo_if_missing": "false",
         "task.options.stream": str(stream).lower(),
@@ -86,12 +90,22 @@ def train(args: argparse.Namespace, root: Path, table: Path, stream: bool) -> Pa
     for key, value in overrides.items():
         command += ["--set", f"{key}={value}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    log = root / f"{name}.log"
+    env["RAY_DEDUP_LOGS"] = "0"  # every worker's streaming summary line
+    log = runs / f"{name}.log"
     with log.open("w") as out:
         code = subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     if code.returncode != 0:
         raise SystemExit(f"{name} run failed ({code.returncode}); see {log}")
-    return root / "runs" / name
+    return runs / name
+
+
+READ_LINE = re.compile(r"streaming: read (\d+) row groups \((\d+) MB decoded\)")
+
+
+def reads(log: Path) -> list[dict[str, int]]:
+    """Row groups and decoded MB each worker of the last attempt read (their summary lines)."""
+    found = READ_LINE.findall(log.read_text())
+    return [{"row_groups": int(groups), "decoded_mb": int(mb)} for groups, mb in found]
 
 
 def measure(run_dir: Path, warmup: int) -> dict[str, float]:
@@ -118,23 +132,39 @@ def main() -> int:
         tabular.write_sharded_demo(
             pafs.LocalFileSystem(), str(table), args.rows, args.features, args.row_group_rows
         )
-    results = {"settings": settings(args), "table_mb": table.stat().st_size / 2**20}
-    for stream in (False, True):
-        started = time.perf_counter()
-        run = train(args, root, table, stream)
-        results["stream" if stream else "memory"] = measure(run, args.warmup)
-        print(f"{'stream' if stream else 'memory'} run: {time.perf_counter() - started:.0f} s")
-    results["ratio_steps_per_s_wall"] = (
-        results["stream"]["steps_per_s_wall"] / results["memory"]["steps_per_s_wall"]
-    )
-    results["ratio_steps_per_s_step_timer"] = (
-        results["stream"]["steps_per_s_step_timer"] / results["memory"]["steps_per_s_step_timer"]
-    )
+    results: dict[str, Any] = {"settings": settings(args), "table_mb": table.stat().st_size / MB}
+    # Fresh run names every time: a run left by an earlier invocation would be resumed.
+    runs = Path(tempfile.mkdtemp(prefix="runs-", dir=root))
+    for repeat in range(args.repeats):
+        for mode in ("memory", "stream"):  # A B A B: drifting load hits both modes alike
+            name, started = f"{mode}-{repeat}", time.perf_counter()
+            measured = measure(train(args, runs, table, name, mode == "stream"), args.warmup)
+            if mode == "stream":
+                measured["reads_per_worker"] = reads(runs / f"{name}.log")
+            results.setdefault(mode, []).append(measured)
+            print(f"{name}: {time.perf_counter() - started:.0f} s {json.dumps(measured)}")
+    results["ratios"] = {key: spread(results, key) for key in RATIOS}
     print(json.dumps(results, indent=1))
     out = REPO / "benchmarks" / "results" / "streaming.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     return 0
+
+
+MB = 2**20
+RATIOS = (
+    "steps_per_s_wall",
+    "steps_per_s_step_timer",
+    "restart_worker_start_to_first_step_s",
+    "restart_kill_to_first_step_s",
+)
+
+
+def spread(results: dict[str, Any], key: str) -> dict[str, float]:
+    """Streamed / in memory for each pair: median, min, max."""
+    pairs = zip(results["memory"], results["stream"], strict=True)
+    ratios = sorted(s[key] / m[key] for m, s in pairs)
+    return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
 
 
 if __name__ == "__main__":

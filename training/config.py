@@ -162,6 +162,12 @@ class CheckpointSection(Section):
         description="async: training continues while the checkpoint uploads (measured: 1.98 s "
         "-> 0.05 s pause per 10 MB checkpoint); sync: report() returns after the upload.",
     )
+    on_failure: bool = Field(
+        True,
+        description="When a peer dies or a collective fails, rank 0 saves the state it holds "
+        "(the last completed step), so the retry redoes no step; if rank 0 itself died, the "
+        "retry resumes from the newest periodic checkpoint.",
+    )
 
 
 class FailureSection(Section):

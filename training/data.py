@@ -56,31 +56,66 @@ def layout_from_record(record: dict | None) -> ShardLayout | None:
 
 
 def epoch_order(
-    seed: int, epoch: int, num_samples: int, layout: ShardLayout | None = None
+    seed: int,
+    epoch: int,
+    num_samples: int,
+    layout: ShardLayout | None = None,
+    batch_size: int = 1,
 ) -> torch.Tensor:
     """The global sample order of one epoch: a pure function of (seed, epoch) and, for a
-    sharded (streamed) dataset, of its layout."""
+    sharded (streamed) dataset, of its layout and the global batch size (fixed for a run);
+    never of the world size."""
     if layout is not None:
-        return shard_order(seed, epoch, layout)
+        return shard_order(seed, epoch, layout, batch_size)
     generator = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
     return torch.randperm(num_samples, generator=generator)
 
 
-def shard_order(seed: int, epoch: int, layout: ShardLayout) -> torch.Tensor:
-    """Shards permuted per epoch, then consecutive groups of ``window`` shards; the samples of
-    each group are shuffled together. A step therefore touches at most the shards of the one or
-    two groups it straddles, so a reader needs about two windows in memory; a sample's position
-    is uniform within its group, and groups are a fresh random draw of shards every epoch."""
+def shard_order(seed: int, epoch: int, layout: ShardLayout, batch_size: int = 1) -> torch.Tensor:
+    """Shards permuted per epoch, then cut into consecutive windows of ``window`` shards whose
+    samples are interleaved (``_window_order``). Inside each global batch the samples are then
+    grouped by their shard's slot in its window: a rank takes a contiguous slice of the batch,
+    so at every step it needs only about 1/world of the window's shards, always the same ones
+    for a window (a rank reads only those). Regrouping inside a batch changes which rank
+    computes a sample, not which step consumes it: the set each step trains on, the ledger and
+    exactly-once are untouched, and the order still does not depend on the world size."""
     starts = torch.tensor((0, *layout.sizes)).cumsum(0)
     shuffled = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch, "shards"))
     shards = torch.randperm(len(layout.sizes), generator=shuffled).tolist()
-    parts = []
+    ids, slots = [], []
     for first in range(0, len(shards), layout.window):
-        group = shards[first : first + layout.window]
-        ids = torch.cat([torch.arange(starts[k], starts[k + 1]) for k in group])
         mixer = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch, "window", first))
-        parts.append(ids[torch.randperm(len(ids), generator=mixer)])
-    return torch.cat(parts)
+        window_ids, window_slots = _window_order(
+            shards[first : first + layout.window], starts, mixer
+        )
+        ids.append(window_ids)
+        slots.append(window_slots)
+    order, slot = torch.cat(ids), torch.cat(slots)
+    del ids, slots  # the order is held by every worker: keep its transient copies few
+    # A batch that straddles two windows is grouped by slot alone: the rank that reads slots
+    # 0..k of one window reads the same slots of the next. The remainder is never trained on.
+    body = len(order) // batch_size * batch_size
+    grouped = torch.argsort(slot[:body].view(-1, batch_size), dim=1, stable=True)
+    order[:body] = order[:body].view(-1, batch_size).gather(1, grouped).view(-1)
+    return order
+
+
+def _window_order(
+    shards: list[int], starts: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, slot of each id's shard) for one window. Each shard's samples are shuffled and
+    spread evenly over the window's stretch (a random phase per shard), so any run of
+    positions holds each shard in proportion to its size, within one sample: every batch is a
+    stratified draw from the window's shards."""
+    ids, keys, slots = [], [], []
+    for slot, shard in enumerate(shards):
+        begin, size = int(starts[shard]), int(starts[shard + 1] - starts[shard])
+        ids.append(begin + torch.randperm(size, generator=generator))
+        phase = torch.rand(1, generator=generator, dtype=torch.float64)
+        keys.append((torch.arange(size, dtype=torch.float64) + phase) / size)
+        slots.append(torch.full((size,), slot, dtype=torch.int32))
+    spread = torch.argsort(torch.cat(keys), stable=True)
+    return torch.cat(ids)[spread], torch.cat(slots)[spread]
 
 
 def global_batch(order: torch.Tensor, step_in_epoch: int, batch_size: int) -> torch.Tensor:

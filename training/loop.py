@@ -118,6 +118,11 @@ class Worker:
     interval: Interval = field(default_factory=Interval)
     stager: checkpoint.Stager = field(default_factory=checkpoint.Stager)
     save_done: threading.Event = field(default_factory=threading.Event)  # no save in flight
+    # For the save on failure: the step the model and optimizer hold, the last step in rank 0's
+    # ledger, and the last step whose checkpoint was begun (or resumed from).
+    state_step: int = 0
+    recorded_step: int = 0
+    saved_step: int = 0
 
     def __post_init__(self) -> None:
         self.save_done.set()
@@ -134,9 +139,23 @@ def train_func(config_dict: dict[str, Any]) -> None:
             worker.runlog.write("stopped", global_step=exc.step, reason=str(exc))
             metrics.run_ended(worker.cfg.run.name)
         raise
+    except Exception:
+        if worker.cfg.checkpoint.on_failure:
+            save_on_failure(worker)
+        raise
     finally:
         if worker.runlog is not None:
             worker.runlog.close()
+
+
+def match_threads_to_cpus() -> None:
+    """Size torch's thread pool to the CPUs Ray gave this worker (OMP_NUM_THREADS, which Ray
+    sets when the actor starts). A worker that imported torch before that (the workers preload
+    it, see training/driver.py) would otherwise run one thread per core of the machine: measured
+    6x slower steps with 2 workers on 2 cores."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0 and torch.get_num_threads() != int(threads):
+        torch.set_num_threads(int(threads))
 
 
 def data_source(cfg: Config) -> tasks.DataSource:
@@ -154,6 +173,7 @@ def start_attempt(config_dict: dict[str, Any]) -> tuple[Worker, Progress]:
     stopped = stops.read(fs, run_dir)
     if stopped:  # a retry after a non-finite loss would only repeat it
         raise RuntimeError(stopped)
+    match_threads_to_cpus()
     if cfg.training.deterministic:
         torch.use_deterministic_algorithms(True)
     task = tasks.build(cfg.task.name, cfg.task.options, data_source(cfg))
@@ -189,6 +209,7 @@ def start_attempt(config_dict: dict[str, Any]) -> tuple[Worker, Progress]:
         runlog=RunLog(fs, run_dir, attempt) if rank == 0 else None,
     )
     progress, resumed_from = resume(worker)
+    worker.state_step = worker.recorded_step = worker.saved_step = progress.global_step
     # Streaming (#15): tell the task which ids this rank's remaining steps use, so it can read
     # ahead in the background; a no-op for in-memory tasks.
     task.prefetch(train, upcoming_ids(worker, progress.global_step))
@@ -238,6 +259,7 @@ def announce_start(
         seed=worker.cfg.training.seed,
         layout=data.layout_record(worker.task.shard_layout()),
         task=worker.cfg.task.name,
+        pid=os.getpid(),  # rank 0's process: tells a failure of rank 0 from one of a peer
         **timing,
     )
     worker.runlog.flush()
@@ -261,6 +283,7 @@ def run_steps(worker: Worker, progress: Progress) -> None:
         inject_faults(worker, global_step, "step")
         started = time.perf_counter()
         lr = train_step(worker, global_step)
+        worker.state_step = global_step
         # The step's own timer, without a device sync: exact on CPU, launch time on GPU.
         step_s = time.perf_counter() - started
         checkpoint_due = global_step % cfg.checkpoint.every_n_steps == 0 or global_step == last_step
@@ -273,6 +296,7 @@ def run_steps(worker: Worker, progress: Progress) -> None:
             step_metrics = close_interval(worker, global_step, lr)  # raises on a non-finite loss
         if worker.runlog is not None:
             record_step(worker, global_step, step_s, step_metrics)
+            worker.recorded_step = global_step
         if evaluate_now:
             step_metrics.update(evaluate(worker, global_step))
         # Node drain (training/drain.py): checkpoint now, then take no further step. Checked on
@@ -356,15 +380,18 @@ def autocast(worker: Worker):
 def global_batch_ids(worker: Worker, epoch: int, step_in_epoch: int) -> torch.Tensor:
     # Streaming (#15): a sharded task's layout makes the order shard-aware (None: a shuffle).
     layout = worker.task.shard_layout()
-    order = epoch_order_cached(worker.cfg.training.seed, epoch, len(worker.train), layout)
-    return data.global_batch(order, step_in_epoch, worker.cfg.training.global_batch_size)
+    batch_size = worker.cfg.training.global_batch_size
+    order = epoch_order_cached(
+        worker.cfg.training.seed, epoch, len(worker.train), layout, batch_size
+    )
+    return data.global_batch(order, step_in_epoch, batch_size)
 
 
 @lru_cache(maxsize=4)  # Streaming (#15): the prefetcher may be an epoch ahead of the steps
 def epoch_order_cached(
-    seed: int, epoch: int, num_samples: int, layout: data.ShardLayout | None = None
+    seed: int, epoch: int, num_samples: int, layout: data.ShardLayout | None, batch_size: int
 ) -> torch.Tensor:
-    return data.epoch_order(seed, epoch, num_samples, layout)
+    return data.epoch_order(seed, epoch, num_samples, layout, batch_size)
 
 
 def upcoming_ids(worker: Worker, done: int) -> Iterator[torch.Tensor]:
@@ -497,6 +524,7 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
     progress = Progress(global_step, epoch, done_in_epoch, worker.attempt)
     started = time.perf_counter()  # the pause: wait for the previous save, stage, report
     local_dir, staged = None, None
+    worker.saved_step = global_step
     if worker.rank == 0:
         worker.runlog.flush()  # the ledger reaches storage before the checkpoint that needs it
         wait_for_previous_save(worker)
@@ -568,22 +596,78 @@ def make_uploader(worker: Worker, global_step: int, staged: dict[str, Any]):
     def upload(local: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
         try:
             inject_faults(worker, global_step, "serialize")
-            checkpoint.write_state(local.path, staged)
-            target = posixpath.join(worker.run_dir, dir_name)
-            worker.fs.create_dir(target, recursive=True)
-            names = sorted(p for p in os.listdir(local.path) if p != checkpoint.MANIFEST_FILE)
-            for name in names:
-                _copy_file(
-                    posixpath.join(local.path, name), worker.fs, posixpath.join(target, name)
-                )
-            inject_faults(worker, global_step, "checkpoint")
-            manifest = posixpath.join(local.path, checkpoint.MANIFEST_FILE)
-            _copy_file(manifest, worker.fs, posixpath.join(target, checkpoint.MANIFEST_FILE))
+            target = write_to_storage(worker, global_step, staged, local.path, dir_name)
             return ray.train.Checkpoint(target, filesystem=worker.fs)
         finally:
             worker.save_done.set()
 
     return upload
+
+
+def write_to_storage(
+    worker: Worker, global_step: int, state: dict[str, Any], local_dir: str, dir_name: str
+) -> str:
+    """Serialise ``state`` into ``local_dir``, then copy it to the run directory, manifest last."""
+    checkpoint.write_state(local_dir, state)
+    target = posixpath.join(worker.run_dir, dir_name)
+    worker.fs.create_dir(target, recursive=True)
+    names = sorted(p for p in os.listdir(local_dir) if p != checkpoint.MANIFEST_FILE)
+    for name in names:
+        _copy_file(posixpath.join(local_dir, name), worker.fs, posixpath.join(target, name))
+    inject_faults(worker, global_step, "checkpoint")
+    manifest = posixpath.join(local_dir, checkpoint.MANIFEST_FILE)
+    _copy_file(manifest, worker.fs, posixpath.join(target, checkpoint.MANIFEST_FILE))
+    return target
+
+
+def save_on_failure(worker: Worker) -> None:
+    """Rank 0 saves the state it holds when the attempt fails around it (a peer died, a
+    collective timed out), so the next attempt redoes no completed step.
+
+    Under DDP every rank holds the whole state, and after an optimizer step all ranks hold the
+    same one: the step that failed never reached the optimizer (DDP's all-reduce is inside
+    backward), so what rank 0 holds is exactly an uninterrupted run's state at ``state_step``.
+    Only rank 0 saves, because only it writes the ledger the checkpoint needs. Nothing here
+    talks to other ranks. If Ray kills the process first, the manifest is missing and the
+    checkpoint is rejected on resume, which then falls back to the newest periodic one.
+    """
+    step = worker.state_step
+    if worker.rank != 0 or step <= worker.saved_step or not state_is_finite(worker):
+        return
+    started = time.perf_counter()
+    try:
+        if worker.recorded_step < step:  # the failure came between the step and its ledger entry
+            record_step(worker, step, 0.0, {})
+        worker.runlog.flush()
+        epoch, done_in_epoch = divmod(step, worker.plan.steps_per_epoch)
+        state = checkpoint.build_state(
+            unwrap(worker.model),
+            worker.optimizer,
+            worker.scheduler,
+            Progress(step, epoch, done_in_epoch, worker.attempt),
+            worker.config_dict,
+            extra={"scaler": worker.scaler.state_dict(), "task": worker.task.state_dict()},
+        )
+        with tempfile.TemporaryDirectory(prefix="elastic-trainer-ckpt-") as local_dir:
+            path = write_to_storage(
+                worker, step, state, local_dir, checkpoint.dir_name(step, worker.attempt)
+            )
+        took = time.perf_counter() - started
+        worker.runlog.write("checkpoint", global_step=step, blocked_s=took, path=path, failure=True)
+        worker.runlog.flush()
+        log.warning("Saved the state of step %d on failure (%.2f s): %s", step, took, path)
+    except Exception as exc:  # the original failure is what the user must see
+        log.warning("Could not save the state of step %d on failure: %s", step, exc)
+
+
+def state_is_finite(worker: Worker) -> bool:
+    """No NaN/inf in this rank's losses since the last check, nor in the parameters (which the
+    all-reduce would have spread from any rank); no other rank is asked."""
+    bad = worker.interval.first_bad_step
+    if bad is not None and math.isfinite(bad.item()):
+        return False
+    with torch.no_grad():
+        return all(bool(torch.isfinite(p).all()) for p in worker.model.parameters())
 
 
 def _copy_file(source: str, fs: pafs.FileSystem, target: str) -> None:

@@ -223,20 +223,27 @@ def consumed_ids(event: dict[str, Any], start: dict[str, Any]) -> list[int]:
     functions the loop slices each rank's share from. Old run logs carry the ids themselves."""
     if "samples" in event:
         return event["samples"]
+    batch_size = start["global_batch_size"]
     order = _epoch_order(
-        start["seed"], event["epoch"], start["train_samples"], json.dumps(start.get("layout"))
+        start["seed"],
+        event["epoch"],
+        start["train_samples"],
+        json.dumps(start.get("layout")),
+        batch_size,
     )
-    batch = data.global_batch(order, event["step_in_epoch"] - 1, start["global_batch_size"])
+    batch = data.global_batch(order, event["step_in_epoch"] - 1, batch_size)
     world = event["world_size"]
     return [i for rank in range(world) for i in data.rank_slice(batch, rank, world).tolist()]
 
 
 @lru_cache(maxsize=4)  # a checker walks the history epoch by epoch
-def _epoch_order(seed: int, epoch: int, train_samples: int, layout: str) -> torch.Tensor:
+def _epoch_order(
+    seed: int, epoch: int, train_samples: int, layout: str, batch_size: int
+) -> torch.Tensor:
     shards = data.layout_from_record(json.loads(layout))
     if shards is not None and sum(shards.sizes) != train_samples:
         raise ValueError(f"the data layout holds {sum(shards.sizes)} samples, not {train_samples}")
-    return data.epoch_order(seed, epoch, train_samples, shards)
+    return data.epoch_order(seed, epoch, train_samples, shards, batch_size)
 
 
 def _abbreviate(values: list[int], limit: int = 10) -> str:

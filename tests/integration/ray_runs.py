@@ -3,6 +3,7 @@ and reading a run back from storage."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import subprocess
@@ -140,3 +141,16 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def redone_steps(logged: list[dict]) -> list[int]:
+    """For each restart: steps the failed attempt completed that the next one did again."""
+    last: dict[str, int] = {}
+    for event in logged:
+        if event["event"] == "step":
+            last[event["attempt"]] = max(last.get(event["attempt"], 0), event["global_step"])
+    starts = [e for e in logged if e["event"] == "start"]
+    return [
+        last.get(before["attempt"], 0) - (after["resumed_from_step"] or 0)
+        for before, after in itertools.pairwise(starts)
+    ]

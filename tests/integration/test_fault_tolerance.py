@@ -18,6 +18,7 @@ from ray_runs import (
     events,
     final_state,
     progress,
+    redone_steps,
     run_dir,
     start_cli,
     train_cli,
@@ -83,7 +84,9 @@ def test_workers_killed_from_outside_several_times(tmp_path, ray_address, refere
         )
         victims = alive_train_workers(ray_address)
         assert len(victims) == 2
-        victim = victims[attempt - 1]  # a different worker each time
+        rank0 = [e for e in events(tmp_path, "kills") if e["event"] == "start"][-1]["pid"]
+        # First a peer of rank 0 dies (rank 0 saves its state), then rank 0 itself.
+        victim = next(v for v in victims if (v.pid == rank0) == (attempt == 2))
         os.kill(victim.pid, signal.SIGKILL)
         timeline.append({"killed_at": time.time(), "step": step, "pid": victim.pid})
     finish(proc, log)
@@ -92,8 +95,15 @@ def test_workers_killed_from_outside_several_times(tmp_path, ray_address, refere
     assert report.ok, report.errors
     assert report.attempts == 3 and report.completed and report.final_step == TOTAL
     assert report.world_sizes == [2, 2, 2]
-    for kill, resumed in zip(timeline, report.resumed_from_steps[1:], strict=True):
-        assert resumed % EVERY == 0 and resumed <= kill["step"] + 1
+    starts = [e for e in events(tmp_path, "kills") if e["event"] == "start"]
+    redone = redone_steps(events(tmp_path, "kills"))
+    rank0_killed = [
+        kill["pid"] == start["pid"] for kill, start in zip(timeline, starts[:2], strict=True)
+    ]
+    assert rank0_killed == [False, True]
+    assert redone[0] == 0, redone  # a peer died: rank 0 saved the state it held
+    resumed = report.resumed_from_steps[2]  # rank 0 died: back to the newest periodic checkpoint
+    assert resumed % EVERY == 0 and redone[1] < EVERY, (resumed, redone)
     assert_bitwise_equal(reference, final_state(tmp_path, "kills"))
     _print_recovery(tmp_path, "kills", timeline)
 
@@ -143,12 +153,32 @@ def test_worker_killed_while_saving_a_checkpoint(tmp_path, ray_address, referenc
     assert f"chaos: kill on rank 0 at step 100 ({during})" in logged
 
 
+def test_peer_killed_rank_0_saves_its_state_and_no_step_is_redone(tmp_path, ray_address, reference):
+    """Rank 1 is SIGKILLed before step 40: rank 0's all-reduce of step 40 fails, and it saves
+    the state of step 39 (not a periodic step) before Ray restarts the group."""
+    config = slow_config(
+        tmp_path, "peer", chaos={"faults": [{"kind": "kill", "rank": 1, "step": 40}]}
+    )
+    result = train_cli(config, address=ray_address)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logged = events(tmp_path, "peer")
+    report = runlog.check_ledger(logged)
+    assert report.ok, report.errors
+    assert report.resumed_from_steps == [None, 39], report.resumed_from_steps
+    assert redone_steps(logged) == [0]
+    saved = [e for e in logged if e["event"] == "checkpoint" and e.get("failure")]
+    assert [e["global_step"] for e in saved] == [39]
+    assert_bitwise_equal(reference, final_state(tmp_path, "peer"))
+    print(f"peer killed before step 40: saved step 39 in {saved[0]['blocked_s']:.3f} s")
+
+
 def test_corrupted_newest_checkpoint_is_skipped_on_resume(tmp_path, ray_address, reference):
     config = slow_config(
         tmp_path,
         "corrupt",
         chaos={"faults": [{"kind": "raise", "rank": 1, "step": 110}]},
         failure={"max_failures": 0},
+        checkpoint={"on_failure": False},  # about the periodic checkpoints
     )
     assert train_cli(config, address=ray_address).returncode == 1  # stopped after checkpoint 100
     newest = checkpoint.scan(pafs.LocalFileSystem(), run_dir(tmp_path, "corrupt"))[0]
@@ -167,7 +197,9 @@ def test_corrupted_newest_checkpoint_is_skipped_on_resume(tmp_path, ray_address,
 
 
 def test_driver_stopped_then_killed_and_resubmitted(tmp_path, ray_address, reference):
-    config = slow_config(tmp_path, "driver")
+    # The driver's death stops the workers without a failure inside the attempt; the periodic
+    # checkpoints are what a resubmission finds.
+    config = slow_config(tmp_path, "driver", checkpoint={"on_failure": False})
     log = tmp_path / "driver.log"
 
     # SIGTERM (what `ray job stop` and Kubernetes send): a clean exit 130 and a clear message.

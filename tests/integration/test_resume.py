@@ -22,6 +22,7 @@ def test_stopped_run_resumes_bitwise_equal(tmp_path, ray_address):
         tmp_path,
         run={"name": "resumed"},
         chaos={"faults": [{"kind": "raise", "rank": 1, "step": 47}]},
+        checkpoint={"on_failure": False},  # about the periodic checkpoint
         failure={"max_failures": 0},
     )
     result = train_cli(stopped, address=ray_address)

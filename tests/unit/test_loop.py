@@ -1,5 +1,6 @@
 """The loop's step without Ray (one process, no DDP): micro-batches give the gradient of one pass,
-mixed precision trains, evaluation is bounded, and a non-finite loss is caught with its step."""
+mixed precision trains, evaluation is bounded, a non-finite loss is caught with its step, and the
+state saved on failure is the last completed step (or nothing, when saving would be wrong)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from training import data, loop, stops, tasks
+from training import checkpoint, data, loop, runlog, stops, tasks
 from training.config import parse_config
 from training.optim import build_optimizer, build_scheduler
+from training.runlog import RunLog
 from training.tasks import tabular
 
 FS = pafs.LocalFileSystem()
@@ -108,3 +110,42 @@ def test_a_non_finite_loss_is_caught_with_its_step(table):
     worker.interval.watch(3, torch.tensor(float("inf")))
     with pytest.raises(stops.NonFiniteLoss, match="at step 2"):
         loop.close_interval(worker, 3, lr=0.0)
+
+
+def test_state_saved_on_failure_is_the_last_completed_step(table, tmp_path):
+    worker = make_worker(table)
+    worker.run_dir = str(tmp_path / "run")
+    worker.runlog = RunLog(FS, worker.run_dir, worker.attempt)
+    for step in (1, 2, 3):
+        loop.train_step(worker, step)
+        worker.state_step = step
+        if step < 3:  # step 3 failed after the optimizer step, before its ledger entry
+            loop.record_step(worker, step, 0.01, {})
+            worker.recorded_step = step
+    loop.save_on_failure(worker)
+
+    saved = checkpoint.newest_valid(FS, worker.run_dir)
+    assert saved is not None and saved.step == 3
+    state = checkpoint.load(FS, saved.path)
+    saved_params = list(state["model"].values())
+    assert all(torch.equal(a, b) for a, b in zip(params(worker), saved_params, strict=True))
+    logged = runlog.read_events(FS, worker.run_dir)
+    assert [e["global_step"] for e in logged if e["event"] == "step"] == [1, 2, 3]
+    assert [e["global_step"] for e in logged if e.get("failure")] == [3]
+
+
+@pytest.mark.parametrize("why", ["already saved", "not finite", "not rank 0"])
+def test_nothing_is_saved_on_failure_when_it_would_be_wrong(table, tmp_path, why):
+    worker = make_worker(table)
+    worker.run_dir = str(tmp_path / "run")
+    worker.runlog = RunLog(FS, worker.run_dir, worker.attempt)
+    loop.train_step(worker, 1)
+    worker.state_step = worker.recorded_step = 1
+    if why == "already saved":
+        worker.saved_step = 1
+    elif why == "not finite":
+        next(worker.model.parameters()).data.fill_(float("nan"))
+    else:
+        worker.rank = 1
+    loop.save_on_failure(worker)
+    assert checkpoint.scan(FS, worker.run_dir) == []

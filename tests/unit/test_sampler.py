@@ -126,7 +126,7 @@ def test_a_streamed_layout_is_recorded_and_used():
     assert runlog.check_ledger(events).ok
     start = next(e for e in events if e["event"] == "start")
     step = next(e for e in events if e["event"] == "step")
-    order = data.epoch_order(4, 0, 130, layout)
+    order = data.epoch_order(4, 0, 130, layout, 12)  # the global batch size groups each batch
     assert runlog.consumed_ids(step, start) == order[:12].tolist()
     assert order[:12].tolist() != data.epoch_order(4, 0, 130)[:12].tolist()
 
