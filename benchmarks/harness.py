@@ -175,19 +175,13 @@ CADENCE: dict[str, tuple[str, dict[str, Any], dict[str, str], int | None]] = {
     ),
 }
 STALL_MODES = ("sync", "async")
-# label, env, overrides, preload (workers import torch and the training loop as Ray starts them)
-RECOVERY: dict[str, tuple[str, dict[str, str], dict[str, Any], bool]] = {
-    "project": (
-        "project defaults: rank 0 saves on failure, workers preloaded, health check 0.5 s",
-        {},
-        {},
-        True,
-    ),
+# label, env, overrides
+RECOVERY: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
+    "project": ("project defaults: rank 0 saves on failure, health check 0.5 s", {}, {}),
     "before": (
-        "before #12: periodic checkpoints only, no preloading, health check 0.5 s",
+        "periodic checkpoints only (checkpoint.on_failure: false), health check 0.5 s",
         {},
         {"checkpoint.on_failure": False},
-        False,
     ),
 }
 
@@ -308,9 +302,7 @@ class Bench:
         self.supervise(launched, [watch])
         return watch, launched
 
-    def session(
-        self, runs: list[dict[str, Any]], tag: str, env: dict[str, str] | None = None
-    ) -> tuple[list[Watch], Any]:
+    def session(self, runs: list[dict[str, Any]], tag: str) -> tuple[list[Watch], Any]:
         """Several Ray runs in one Ray instance; each run dict: tag, steps, overrides, env, kill."""
         specs, watches = [], []
         for r in runs:
@@ -327,7 +319,7 @@ class Bench:
         spec_path = self.workdir / f"session-{tag}.json"
         spec_path.write_text(json.dumps(specs, indent=1))
         launched = self.launch(
-            [sys.executable, "-m", "benchmarks.ray_session", str(spec_path)], tag, env
+            [sys.executable, "-m", "benchmarks.ray_session", str(spec_path)], tag
         )
         self.supervise(launched, watches)
         return watches, launched
@@ -495,7 +487,6 @@ class Bench:
                 "kill": KillPlan(self.plan["kill_after_s"]),
                 "key": key,
                 "scenario": "recovery",
-                "preload": RECOVERY[key][3],
             }
             for _ in range(self.plan["reps"])
             for key in self.plan["recovery"]
@@ -504,13 +495,13 @@ class Bench:
     def recovery(self, runs, watches, launched) -> None:
         per: dict[str, list[dict[str, Any]]] = {k: [] for k in self.plan["recovery"]}
         per["torchrun"] = []
-        for r, w, session in zip(runs, watches, launched, strict=True):
+        group_starts = analyze.ray_group_starts(session_dir(launched))
+        for r, w in zip(runs, watches, strict=True):
             if w.begin is None:
                 continue
-            lines = session.lines_after(w.begin)
+            lines = launched.lines_after(w.begin)
             recs = analyze.recoveries(analyze.events(w.run_dir), w.kills, lines, "ray")
-            group_starts = analyze.ray_group_starts(session_dir(session)).get(w.name, [])
-            for rec, group in zip(recs, group_starts[1:], strict=False):
+            for rec, group in zip(recs, group_starts.get(w.name, [])[1:], strict=False):
                 rec.update(group)  # Ray's own split of the group restart
             per[r["key"]] += recs
             self.cleanup(w)
@@ -563,25 +554,14 @@ class Bench:
             "recovery": self.recovery_runs(),
         }
         runs = [r for g in groups.values() for r in g]
-        # Preloading is a setting of the Ray instance: runs without it get a session of their own.
-        plain = [r for r in runs if r.get("preload") is False]
-        preloaded = [r for r in runs if r.get("preload") is not False]
-        watches, launched = self.session(preloaded, "ray-session")
-        by_run = {id(r): (w, launched) for r, w in zip(preloaded, watches, strict=True)}
-        if plain:
-            env = {"RAY_preload_python_modules": ""}
-            plain_watches, plain_launched = self.session(plain, "ray-session-no-preload", env)
-            by_run.update(
-                {id(r): (w, plain_launched) for r, w in zip(plain, plain_watches, strict=True)}
-            )
+        watches, launched = self.session(runs, "ray-session")
+        by_run = {id(r): w for r, w in zip(runs, watches, strict=True)}
         for scenario, group in groups.items():
             if not group:
                 continue
             print(f"== analyse {scenario} ({time.strftime('%H:%M:%S')})", flush=True)
             try:
-                matched = [by_run[id(r)] for r in group]
-                sessions = [m[1] for m in matched] if scenario == "recovery" else launched
-                getattr(self, scenario)(group, [m[0] for m in matched], sessions)
+                getattr(self, scenario)(group, [by_run[id(r)] for r in group], launched)
             except Exception:
                 traceback.print_exc()
                 self.failures.append(f"scenario {scenario} raised (see traceback)")

@@ -25,8 +25,6 @@ def main(spec_path: str) -> int:
     from training.config import load_config
 
     specs = json.loads(open(spec_path).read())  # noqa: SIM115
-    # As training.driver.connect_ray: the workers import the training code as they start.
-    os.environ.setdefault("RAY_preload_python_modules", driver.WORKER_PRELOAD)
     # None: the dashboard starts where its packages are installed (always, with this project's
     # dependencies; a machine with Ray's minimal install can still run the benchmark).
     ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=None)

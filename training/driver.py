@@ -161,9 +161,6 @@ def ensure_data(cfg: Config, task: tasks.Task, source: tasks.DataSource) -> None
     task.write_demo()
 
 
-WORKER_PRELOAD = "torch,training.loop"
-
-
 def connect_ray(cfg: Config) -> None:
     """Join the cluster under `ray job submit` or RAY_ADDRESS; otherwise start a local Ray."""
     import ray
@@ -173,9 +170,6 @@ def connect_ray(cfg: Config) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
-    # Ray's worker processes import these as they start (the image sets the same for
-    # `ray start`), so a worker group restarted after a failure does not pay for them.
-    os.environ.setdefault("RAY_preload_python_modules", WORKER_PRELOAD)
     needed = cfg.scaling.max_workers * cfg.scaling.cpus_per_worker
     # A laptop with fewer cores than workers still runs the demo: CPUs here are a scheduling
     # unit, not a reservation of physical cores.

@@ -150,9 +150,9 @@ def train_func(config_dict: dict[str, Any]) -> None:
 
 def match_threads_to_cpus() -> None:
     """Size torch's thread pool to the CPUs Ray gave this worker (OMP_NUM_THREADS, which Ray
-    sets when the actor starts). A worker that imported torch before that (the workers preload
-    it, see training/driver.py) would otherwise run one thread per core of the machine: measured
-    6x slower steps with 2 workers on 2 cores."""
+    sets as the actor starts). A worker process that imported torch before that (for example
+    with ``RAY_preload_python_modules=torch``) would otherwise run one thread per core of the
+    machine: measured 6x slower steps with 2 workers on 2 cores."""
     threads = os.environ.get("OMP_NUM_THREADS", "")
     if threads.isdigit() and int(threads) > 0 and torch.get_num_threads() != int(threads):
         torch.set_num_threads(int(threads))
