@@ -102,8 +102,10 @@ def test_workers_killed_from_outside_several_times(tmp_path, ray_address, refere
     ]
     assert rank0_killed == [False, True]
     assert redone[0] == 0, redone  # a peer died: rank 0 saved the state it held
-    resumed = report.resumed_from_steps[2]  # rank 0 died: back to the newest periodic checkpoint
-    assert resumed % EVERY == 0 and redone[1] < EVERY, (resumed, redone)
+    # Rank 0 died: back to the newest periodic checkpoint. The kill can cut short the upload of
+    # the newest one, so up to two intervals are redone.
+    resumed = report.resumed_from_steps[2]
+    assert resumed % EVERY == 0 and redone[1] < 2 * EVERY, (resumed, redone)
     assert_bitwise_equal(reference, final_state(tmp_path, "kills"))
     _print_recovery(tmp_path, "kills", timeline)
 
