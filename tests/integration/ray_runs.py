@@ -3,6 +3,7 @@ and reading a run back from storage."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -154,3 +155,19 @@ def redone_steps(logged: list[dict]) -> list[int]:
         last.get(before["attempt"], 0) - (after["resumed_from_step"] or 0)
         for before, after in itertools.pairwise(starts)
     ]
+
+
+@contextlib.contextmanager
+def two_worker_cluster():
+    """A head with no CPUs (no training worker lands there) and two 1-CPU worker nodes."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_port": free_port()}
+    )
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    try:
+        yield cluster, nodes
+    finally:
+        cluster.shutdown()

@@ -6,8 +6,7 @@ task (scikit-learn's digits, a small CNN with seeded augmentation)."""
 from __future__ import annotations
 
 import pytest
-from ray.cluster_utils import Cluster
-from ray_runs import events, free_port, start_cli, wait_for, write_config
+from ray_runs import events, start_cli, two_worker_cluster, wait_for, write_config
 
 from training import runlog
 
@@ -15,13 +14,8 @@ from training import runlog
 @pytest.fixture
 def cluster():
     """A head with no CPUs (no training worker lands there) and two 1-CPU worker nodes."""
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_port": free_port()}
-    )
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    yield cluster, workers
-    cluster.shutdown()
+    with two_worker_cluster() as (cluster, workers):
+        yield cluster, workers
 
 
 def attempt_state(storage, name):

@@ -16,8 +16,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 from memory_limit import MemoryCgroup
-from ray.cluster_utils import Cluster
-from ray_runs import REPO, events, free_port, wait_for, write_config
+from ray_runs import REPO, events, two_worker_cluster, wait_for, write_config
 from test_s3_storage import KEY, SECRET, s3, s3_endpoint  # noqa: F401  (the S3 server fixture)
 
 from training import checkpoint, runlog
@@ -73,13 +72,8 @@ def cluster(limits):
         env.setenv("AWS_ACCESS_KEY_ID", KEY)
         env.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
         env.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        ray_cluster = Cluster(
-            initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_port": free_port()}
-        )
-        nodes = [ray_cluster.add_node(num_cpus=1) for _ in range(2)]
-        ray_cluster.wait_for_nodes()
-        yield ray_cluster, nodes
-        ray_cluster.shutdown()
+        with two_worker_cluster() as (ray_cluster, nodes):
+            yield ray_cluster, nodes
 
 
 def start(config: Path, log: Path, address: str) -> subprocess.Popen:
