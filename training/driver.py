@@ -186,6 +186,7 @@ def build_trainer(cfg: Config, run: RunState):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from training.loop import train_func
+    from training.shutdown_grace import WaitForFailureSave
 
     scaling = cfg.scaling
     workers: int | tuple[int, int] = (
@@ -221,6 +222,8 @@ def build_trainer(cfg: Config, run: RunState):
             # Ray deletes the checkpoints it registered beyond num_to_keep; checkpoint.prune
             # deletes what Ray does not know about (lost from its registry, partial uploads).
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            # Rank 0's save on failure finishes before Ray kills the group (up to 4.5 s).
+            callbacks=[WaitForFailureSave()] if cfg.checkpoint.on_failure else [],
         ),
     )
 

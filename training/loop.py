@@ -40,7 +40,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training import chaos, checkpoint, data, drain, metrics, pace, stops, storage, tasks
+from training import (
+    chaos,
+    checkpoint,
+    data,
+    drain,
+    metrics,
+    pace,
+    shutdown_grace,
+    stops,
+    storage,
+    tasks,
+)
 from training.checkpoint import Progress
 from training.config import Config
 from training.optim import build_optimizer, build_scheduler
@@ -130,7 +141,12 @@ class Worker:
 
 def train_func(config_dict: dict[str, Any]) -> None:
     """Entry point on every Ray Train worker."""
-    worker, progress = start_attempt(config_dict)
+    shutdown_grace.set_state(shutdown_grace.TRAINING)
+    try:
+        worker, progress = start_attempt(config_dict)
+    except BaseException:
+        shutdown_grace.set_state(shutdown_grace.IDLE)
+        raise
     try:
         run_steps(worker, progress)
     except stops.NonFiniteLoss as exc:
@@ -146,6 +162,7 @@ def train_func(config_dict: dict[str, Any]) -> None:
     finally:
         if worker.runlog is not None:
             worker.runlog.close()
+        shutdown_grace.set_state(shutdown_grace.IDLE)  # Ray may now kill this process
 
 
 def match_threads_to_cpus() -> None:
@@ -628,12 +645,14 @@ def save_on_failure(worker: Worker) -> None:
     same one: the step that failed never reached the optimizer (DDP's all-reduce is inside
     backward), so what rank 0 holds is exactly an uninterrupted run's state at ``state_step``.
     Only rank 0 saves, because only it writes the ledger the checkpoint needs. Nothing here
-    talks to other ranks. If Ray kills the process first, the manifest is missing and the
-    checkpoint is rejected on resume, which then falls back to the newest periodic one.
+    talks to other ranks. Ray's shutdown of the group waits for it (``shutdown_grace``) up to
+    4.5 s; if Ray kills the process before it ends, the manifest is missing and the checkpoint
+    is rejected on resume, which then falls back to the newest periodic one.
     """
     step = worker.state_step
     if worker.rank != 0 or step <= worker.saved_step or not state_is_finite(worker):
         return
+    shutdown_grace.set_state(shutdown_grace.SAVING)  # Ray's shutdown waits for what follows
     started = time.perf_counter()
     try:
         if worker.recorded_step < step:  # the failure came between the step and its ledger entry

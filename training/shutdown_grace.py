@@ -1,0 +1,53 @@
+"""Let rank 0 finish its save on failure before Ray kills the worker group.
+
+When a worker dies, Ray Train's controller asks every worker to shut down (``Worker.shutdown``,
+which runs the workers' ``before_worker_shutdown`` callbacks) and kills them all once they
+return or after 5 s. Rank 0 notices the dead peer through its collective and starts saving the
+state it holds (``loop.save_on_failure``); without this callback the kill lands mid-upload on a
+slow store (S3) and the retry falls back to the newest periodic checkpoint, redoing its steps.
+
+The callback holds the shutdown while that save runs, never past Ray's patience. Ray starts one
+attempt at a time in a worker process, so the attempt's state is kept per process.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from ray.train.v2._internal.execution.callback import WorkerCallback
+
+# Ray's patience for shutdown hooks is 5 s (worker_group/state.py: _shutdown_workers).
+HOLD_AT_MOST_S = 4.5
+# How long a still-running attempt gets to notice the failure and start its save: the dead
+# peer breaks rank 0's collective at once, Ray's controller sees it within a health check.
+NOTICE_WITHIN_S = 1.0
+
+IDLE, TRAINING, SAVING = "idle", "training", "saving"
+_state = IDLE
+_changed = threading.Condition()
+
+
+def set_state(state: str) -> None:
+    global _state
+    with _changed:
+        _state = state
+        _changed.notify_all()
+
+
+def wait_for_failure_save(notice_within_s: float, hold_at_most_s: float) -> str:
+    """Block while a save on failure may still come or is running; returns the state seen last."""
+    started = time.monotonic()
+    with _changed:
+        _changed.wait_for(lambda: _state != TRAINING, timeout=notice_within_s)
+        if _state == SAVING:
+            remaining = hold_at_most_s - (time.monotonic() - started)
+            _changed.wait_for(lambda: _state != SAVING, timeout=max(0.0, remaining))
+        return _state
+
+
+class WaitForFailureSave(WorkerCallback):
+    """Passed in ``RunConfig.callbacks``; Ray copies it to every worker."""
+
+    def before_worker_shutdown(self) -> None:
+        wait_for_failure_save(NOTICE_WITHIN_S, HOLD_AT_MOST_S)
