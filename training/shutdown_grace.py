@@ -12,6 +12,7 @@ attempt at a time in a worker process, so the attempt's state is kept per proces
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -22,6 +23,8 @@ HOLD_AT_MOST_S = 4.5
 # How long a still-running attempt gets to notice the failure and start its save: the dead
 # peer breaks rank 0's collective at once, Ray's controller sees it within a health check.
 NOTICE_WITHIN_S = 1.0
+
+log = logging.getLogger(__name__)
 
 IDLE, TRAINING, SAVING = "idle", "training", "saving"
 _state = IDLE
@@ -50,4 +53,13 @@ class WaitForFailureSave(WorkerCallback):
     """Passed in ``RunConfig.callbacks``; Ray copies it to every worker."""
 
     def before_worker_shutdown(self) -> None:
-        wait_for_failure_save(NOTICE_WITHIN_S, HOLD_AT_MOST_S)
+        started = time.monotonic()
+        held_while = _state
+        ended_as = wait_for_failure_save(NOTICE_WITHIN_S, HOLD_AT_MOST_S)
+        if held_while != IDLE:
+            log.warning(
+                "Held Ray's shutdown of this worker %.2f s (%s -> %s)",
+                time.monotonic() - started,
+                held_while,
+                ended_as,
+            )

@@ -157,10 +157,15 @@ def test_worker_killed_while_saving_a_checkpoint(tmp_path, ray_address, referenc
 
 def test_peer_killed_rank_0_saves_its_state_and_no_step_is_redone(tmp_path, ray_address, reference):
     """Rank 1 is SIGKILLed before step 40: rank 0's all-reduce of step 40 fails, and it saves
-    the state of step 39 (not a periodic step) before Ray restarts the group."""
-    config = slow_config(
-        tmp_path, "peer", chaos={"faults": [{"kind": "kill", "rank": 1, "step": 40}]}
-    )
+    the state of step 39 (not a periodic step) before Ray restarts the group.
+
+    Rank 0 is still busy (stalled 0.5 s) when Ray, a health check (0.5 s) after the kill, shuts
+    the group down: the shutdown must wait for rank 0 to notice the failure and save."""
+    faults = [
+        {"kind": "kill", "rank": 1, "step": 40},
+        {"kind": "stall", "rank": 0, "step": 40, "seconds": 0.5},
+    ]
+    config = slow_config(tmp_path, "peer", chaos={"faults": faults})
     result = train_cli(config, address=ray_address)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     logged = events(tmp_path, "peer")
