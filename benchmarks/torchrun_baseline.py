@@ -119,7 +119,9 @@ def main() -> None:
             orders = {epoch: data.epoch_order(cfg.training.seed, epoch, len(train))}
         batch = data.global_batch(orders[epoch], step_in_epoch, batch_size)
         ids = data.rank_slice(batch, rank, world)
-        torch.manual_seed(data.derive_seed(cfg.training.seed, "step", global_step, rank))
+        data.seed_step(
+            data.derive_seed(cfg.training.seed, "step", global_step, rank), torch.device("cpu")
+        )
         model.train()
         batch_seed = data.derive_seed(cfg.training.seed, "batch", epoch)
         loss = task.step(model, task.batch(train, ids, batch_seed)).loss

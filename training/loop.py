@@ -352,10 +352,11 @@ def train_step(worker: Worker, global_step: int) -> float:
     for index, chunk in enumerate(chunks):
         batch = tasks.to_device(worker.task.batch(worker.train, chunk, batch_seed), worker.device)
         # In-step randomness (dropout) depends only on (seed, global step, rank, micro-batch).
-        torch.manual_seed(
+        data.seed_step(
             data.derive_seed(
                 cfg.seed, "step", global_step, worker.rank, *((index,) if index else ())
-            )
+            ),
+            worker.device,
         )
         last = index == len(chunks) - 1
         with no_sync_unless(worker.model, last), autocast(worker):

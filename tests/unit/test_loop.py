@@ -149,3 +149,12 @@ def test_nothing_is_saved_on_failure_when_it_would_be_wrong(table, tmp_path, why
         worker.rank = 1
     loop.save_on_failure(worker)
     assert checkpoint.scan(FS, worker.run_dir) == []
+
+
+def test_seed_step_draws_what_torch_manual_seed_draws_on_the_cpu():
+    dropout = torch.nn.Dropout(0.5)
+    torch.manual_seed(1234)
+    expected = dropout(torch.ones(64))
+    torch.manual_seed(99)
+    data.seed_step(1234, torch.device("cpu"))
+    assert torch.equal(dropout(torch.ones(64)), expected)
