@@ -75,6 +75,22 @@ PLANS: dict[str, dict[str, Any]] = {
         "goodput": [],
         "timeout_s": 900,
     },
+    # Issue 11's steady-state row alone: the shipped configs under Ray Train vs torchrun.
+    "overhead": {
+        "reps": 3,
+        "scenarios": ["overhead"],
+        "floor_sizes": [],
+        "overhead": {"mlp": 1500, "lm": 400},
+        "cadence_steps": 0,
+        "cadence": [],
+        "stall_sizes": [],
+        "stall_steps": 0,
+        "recovery": [],
+        "recovery_steps": 0,
+        "kill_after_s": 0.0,
+        "goodput": [],
+        "timeout_s": 900,
+    },
     "quick": {
         "reps": 1,
         "floor_sizes": ["10 MB"],

@@ -97,6 +97,12 @@ class Interval:
             self.totals[key] = self.totals[key] + value if key in self.totals else value
 
     def watch(self, global_step: int, *values: torch.Tensor) -> None:
+        if values[0].device.type == "cpu":  # reading a CPU tensor syncs nothing: check in Python
+            if self.first_bad_step is None and not all(
+                math.isfinite(x) for v in values for x in v.detach().float().flatten().tolist()
+            ):
+                self.first_bad_step = torch.tensor(float(global_step))
+            return
         finite = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all()
         step = torch.where(finite, math.inf, float(global_step)).to(values[0].device)
         if self.first_bad_step is None:
