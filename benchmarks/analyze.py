@@ -263,6 +263,7 @@ def settings(run_dir: Path, env: dict[str, str] | None = None) -> dict[str, Any]
         "upload": cfg["checkpoint"]["upload"],
         "report_every": cfg["training"]["report_every_n_steps"],
         "log_every": cfg["training"]["log_every_n_steps"],
+        "eval_batches": cfg.get("eval", {}).get("batches"),
         "health_check_s": float(env.get(HC, cfg["failure"]["health_check_interval_s"])),
     }
 
@@ -280,6 +281,8 @@ def describe(st: dict[str, Any], launcher: str = "ray") -> str:
     if launcher == "ray":
         parts += [f"upload {st['upload']}", f"report {_every(st['report_every'], 'never')}"]
         parts += [f"health check {st['health_check_s']:g} s"]
+        if st.get("eval_batches") == 0:
+            parts += ["evaluation off"]
     return ", ".join(parts)
 
 

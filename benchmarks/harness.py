@@ -91,6 +91,40 @@ PLANS: dict[str, dict[str, Any]] = {
         "goodput": [],
         "timeout_s": 900,
     },
+    # Issue 11's other rows: checkpoint pause vs the copy floor at 10/100/500 MB (async upload),
+    # and goodput with a worker killed every 60 s, Ray vs torchrun (~16 min on 2 cores).
+    "pause": {
+        "reps": 3,
+        "scenarios": ["floor", "overhead", "ray_scenarios", "goodput"],
+        "floor_sizes": ["10 MB", "100 MB", "500 MB"],
+        "overhead": {"mlp": 1500},
+        "cadence_steps": 0,
+        "cadence": [],
+        "stall_sizes": ["10 MB", "100 MB", "500 MB"],
+        "stall_modes": ["async"],
+        "stall_steps": 12,
+        "recovery": [],
+        "recovery_steps": 0,
+        "kill_after_s": 0.0,
+        "goodput": [("ray", 60, 180), ("torchrun", 60, 180)],
+        "timeout_s": 1500,
+    },
+    "stall": {
+        "reps": 3,
+        "scenarios": ["floor", "ray_scenarios"],
+        "floor_sizes": ["10 MB", "100 MB", "500 MB"],
+        "overhead": {},
+        "cadence_steps": 0,
+        "cadence": [],
+        "stall_sizes": ["10 MB", "100 MB", "500 MB"],
+        "stall_modes": ["async"],
+        "stall_steps": 12,
+        "recovery": [],
+        "recovery_steps": 0,
+        "kill_after_s": 0.0,
+        "goodput": [],
+        "timeout_s": 900,
+    },
     "quick": {
         "reps": 1,
         "floor_sizes": ["10 MB"],
@@ -458,6 +492,9 @@ class Bench:
                     "checkpoint.upload": mode,
                     "training.report_every_n_steps": NEVER,
                     "training.log_every_n_steps": 1,
+                    # The pause of the checkpoint itself: evaluation (on checkpoint steps by
+                    # default) would add its forward passes, seconds at 500 MB.
+                    "eval.batches": 0,
                 }
                 runs.append(
                     {

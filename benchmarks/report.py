@@ -149,9 +149,12 @@ def markdown(r: dict[str, Any]) -> str:
         out += [
             "",
             "- paused: gap between the step before and after the checkpoint minus a normal "
-            "step interval (includes evaluation, torch.save + SHA-256 manifest on rank 0, and "
-            "the report call); n = checkpoints in one run. blocked_s: only the "
-            "`ray.train.report` call, as the loop logs it.",
+            "step interval (a step that ran while the previous save was still being written "
+            "in the background), as the other ranks see it too; n = checkpoints in one run. "
+            "blocked_s: rank 0's own checkpoint call as the loop logs it (wait for the "
+            "previous save, copy the state into reusable CPU buffers, ray.train.report); "
+            "serialising, checksumming and writing run in the background. Evaluation is off "
+            "in these runs (see settings) so that its forward passes are not counted.",
             "",
             "Floor, measured in-process on the same disk:",
             "",
