@@ -149,10 +149,12 @@ def train_func(config_dict: dict[str, Any]) -> None:
     """Entry point on every Ray Train worker."""
     shutdown_grace.set_state(shutdown_grace.TRAINING)
     try:
-        worker, progress = start_attempt(config_dict)
-    except BaseException:
-        shutdown_grace.set_state(shutdown_grace.IDLE)
-        raise
+        run_attempt(*start_attempt(config_dict))
+    finally:
+        shutdown_grace.set_state(shutdown_grace.IDLE)  # Ray may now kill this process
+
+
+def run_attempt(worker: Worker, progress: Progress) -> None:
     try:
         run_steps(worker, progress)
     except stops.NonFiniteLoss as exc:
@@ -168,7 +170,6 @@ def train_func(config_dict: dict[str, Any]) -> None:
     finally:
         if worker.runlog is not None:
             worker.runlog.close()
-        shutdown_grace.set_state(shutdown_grace.IDLE)  # Ray may now kill this process
 
 
 def match_threads_to_cpus() -> None:
