@@ -178,6 +178,12 @@ class FailureSection(Section):
         "bounds failure detection and how long every ray.train.report waits. An exported "
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S takes precedence.",
     )
+    spare_workers: bool = Field(
+        True,
+        description="Keep one idle worker process per train worker on each node, with torch and "
+        "the project already imported, so a restart does not wait for new processes and "
+        "imports (training/spares.py). Costs ~0.4 GB of RAM per spare.",
+    )
 
 
 class Fault(Section):

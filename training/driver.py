@@ -182,9 +182,11 @@ def connect_ray(cfg: Config) -> None:
 
 
 def build_trainer(cfg: Config, run: RunState):
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from training import spares
     from training.loop import train_func
     from training.shutdown_grace import WaitForFailureSave
 
@@ -224,6 +226,12 @@ def build_trainer(cfg: Config, run: RunState):
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             # Rank 0's save on failure finishes before Ray kills the group (up to 4.5 s).
             callbacks=[WaitForFailureSave()] if cfg.checkpoint.on_failure else [],
+            # Warm spare processes for restarts (training/spares.py).
+            worker_runtime_env=(
+                spares.runtime_env(ray.get_runtime_context().get_job_id())
+                if cfg.failure.spare_workers
+                else {}
+            ),
         ),
     )
 

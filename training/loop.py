@@ -48,6 +48,7 @@ from training import (
     metrics,
     pace,
     shutdown_grace,
+    spares,
     stops,
     storage,
     tasks,
@@ -132,6 +133,7 @@ class Worker:
     scaler: torch.amp.GradScaler
     attempt: str
     runlog: RunLog | None  # rank 0 only
+    spare_keeper: spares.Keeper | None = None  # the lowest local rank of each node only
     interval: Interval = field(default_factory=Interval)
     stager: checkpoint.Stager = field(default_factory=checkpoint.Stager)
     save_done: threading.Event = field(default_factory=threading.Event)  # no save in flight
@@ -168,6 +170,8 @@ def run_attempt(worker: Worker, progress: Progress) -> None:
             save_on_failure(worker)
         raise
     finally:
+        if worker.spare_keeper is not None:
+            worker.spare_keeper.stop()
         if worker.runlog is not None:
             worker.runlog.close()
 
@@ -231,6 +235,11 @@ def start_attempt(config_dict: dict[str, Any]) -> tuple[Worker, Progress]:
         scaler=scaler,
         attempt=attempt,
         runlog=RunLog(fs, run_dir, attempt) if rank == 0 else None,
+        spare_keeper=(
+            spares.Keeper(context.get_local_world_size())
+            if cfg.failure.spare_workers and context.get_local_rank() == 0
+            else None
+        ),
     )
     progress, resumed_from = resume(worker)
     worker.state_step = worker.recorded_step = worker.saved_step = progress.global_step
@@ -284,6 +293,9 @@ def announce_start(
         layout=data.layout_record(worker.task.shard_layout()),
         task=worker.cfg.task.name,
         pid=os.getpid(),  # rank 0's process: tells a failure of rank 0 from one of a peer
+        # Before the failure: the attempt runs in a warm spare (training/spares.py).
+        process_started_at=spares.process_started_at(),
+        preloaded_at=spares.preloaded_at,
         **timing,
     )
     worker.runlog.flush()
@@ -308,6 +320,8 @@ def run_steps(worker: Worker, progress: Progress) -> None:
         started = time.perf_counter()
         lr = train_step(worker, global_step)
         worker.state_step = global_step
+        if global_step == progress.global_step + 1 and worker.spare_keeper is not None:
+            worker.spare_keeper.start()  # after the first step: the spares' imports do not delay it
         # The step's own timer, without a device sync: exact on CPU, launch time on GPU.
         step_s = time.perf_counter() - started
         checkpoint_due = global_step % cfg.checkpoint.every_n_steps == 0 or global_step == last_step

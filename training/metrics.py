@@ -32,6 +32,8 @@ from typing import Any
 import ray
 from ray.util import metrics as ray_metrics
 
+from training import spares
+
 RUN_TAG = "ray_train_run_name"  # = Ray Train's RUN_NAME_TAG_KEY
 NAMESPACE = "elastic-trainer"  # every attempt of a run finds its holder here
 IDLE_EXIT_S = 3600.0
@@ -108,7 +110,11 @@ class Holder:
 @cache  # one handle per worker process; a restarted rank 0 looks it up again
 def _holder(run: str) -> Any:
     return Holder.options(
-        name=f"metrics:{run}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+        name=f"metrics:{run}",
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        runtime_env=spares.without_spares(),  # not a warm spare's job, nor torch's import
     ).remote(run)
 
 

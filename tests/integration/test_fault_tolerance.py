@@ -26,7 +26,7 @@ from ray_runs import (
     write_config,
 )
 
-from training import checkpoint, runlog
+from training import checkpoint, runlog, spares
 
 EVERY = 25  # checkpoint cadence of these runs
 SLOW_RUN = {  # ~0.1 s a step on this machine: long enough to kill things mid-run
@@ -177,6 +177,51 @@ def test_peer_killed_rank_0_saves_its_state_and_no_step_is_redone(tmp_path, ray_
     assert [e["global_step"] for e in saved] == [39]
     assert_bitwise_equal(reference, final_state(tmp_path, "peer"))
     print(f"peer killed before step 40: saved step 39 in {saved[0]['blocked_s']:.3f} s")
+
+
+def test_restarted_group_runs_in_the_warm_spares_started_before_the_failure(
+    tmp_path, ray_address, reference
+):
+    """Ray Train replaces the whole group after a worker dies; the new rank 0 must be one of
+    the spare processes (torch and the project already imported) that existed before the kill,
+    not a process Ray started after it."""
+    config = slow_config(tmp_path, "spares")
+    log = tmp_path / "spares.log"
+    proc = start_cli(config, log, address=ray_address)
+    wait_for(lambda: _reached(tmp_path, "spares", 1, 30), 240, "30 steps", proc)
+    # Ray shows a registered, idle worker process as ray::IDLE: the spare can take an actor.
+    ready = wait_for(lambda: _idle_spares(2), 120, "two idle spare processes", proc)
+    rank0 = [e for e in events(tmp_path, "spares") if e["event"] == "start"][-1]["pid"]
+    victim = next(v for v in alive_train_workers(ray_address) if v.pid != rank0)
+    os.kill(victim.pid, signal.SIGKILL)
+    killed_at = time.time()
+    finish(proc, log)
+
+    logged = events(tmp_path, "spares")
+    report = runlog.check_ledger(logged)
+    assert report.ok, report.errors
+    assert redone_steps(logged) == [0]
+    restarted = [e for e in logged if e["event"] == "start"][1]
+    assert restarted["pid"] in ready, (restarted["pid"], ready)
+    assert restarted["process_started_at"] < killed_at
+    assert restarted["preloaded_at"] is not None
+    assert_bitwise_equal(reference, final_state(tmp_path, "spares"))
+    first = min(
+        e["time"] for e in logged if e["event"] == "step" and e["attempt"] == restarted["attempt"]
+    )
+    print(f"kill -> first step in a warm spare: {first - killed_at:.2f} s")
+
+
+def _idle_spares(wanted: int) -> list[int] | None:
+    idle = [pid for pid in spares.spare_pids() if b"ray::IDLE" in _title(pid)]
+    return idle if len(idle) >= wanted else None
+
+
+def _title(pid: int) -> bytes:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return b""
 
 
 def test_corrupted_newest_checkpoint_is_skipped_on_resume(tmp_path, ray_address, reference):
