@@ -191,9 +191,18 @@ def recoveries(
             "total_s": t_first - t_kill,
             "back_to_kill_point_s": _diff(caught_up, t_kill),
             "restore_s": new["start"].get("restore_s"),
+            # Ray: 1 when the new rank 0 ran in a spare preloaded before the kill, else 0.
+            "warm_spare": _warm(new["start"], t_kill) if kind == "ray" else None,
         }
         out.append(record)
     return out
+
+
+def _warm(start: dict[str, Any], t_kill: float) -> int | None:
+    preloaded = start.get("preloaded_at")
+    if "preloaded_at" not in start:
+        return None  # a run log from before spares existed
+    return int(preloaded is not None and preloaded < t_kill)
 
 
 def first_line(lines, pattern: str, since: float, until: float | None) -> float | None:

@@ -176,15 +176,17 @@ def markdown(r: dict[str, Any]) -> str:
             "",
             "| launcher | detect (s) | restart group (s) | init + checkpoint load (s) | "
             "first step (s) | kill -> first step (s) | steps redone | kill -> back at the "
-            "killed step (s) |",
-            "|---|---|---|---|---|---|---|---|",
+            "killed step (s) | new rank 0 in a warm spare |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in r["recovery"]:
+            warm = [x.get("warm_spare") for x in row.get("runs", [])]
+            warm_cell = f"{sum(warm)}/{len(warm)}" if warm and None not in warm else "-"
             out.append(
                 f"| {row['label']} | {_s(row['detect_s'])} | {_s(row['restart_s'])} | "
                 f"{_s(row['init_load_s'])} | {_s(row['first_step_s'], 3)} | "
                 f"**{_s(row['total_s'])}** | {_s(row['steps_redone'], 0)} | "
-                f"{_s(row['back_to_kill_point_s'])} |"
+                f"{_s(row['back_to_kill_point_s'])} | {warm_cell} |"
             )
         out += [
             "",

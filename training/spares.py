@@ -14,9 +14,11 @@ environment and has run nothing yet. This module makes such processes exist befo
   keep as many idle spares as the node runs train workers (Ray's ``PrestartWorkers``, with a
   keep-alive so Ray does not reap them as idle), and checks again every minute.
 
-The spares cost memory (one interpreter with torch imported each, ~0.4 GB on CPU) and a few
-seconds of CPU once per attempt while they import; ``failure.spare_workers: false`` turns them
-off. Anything that goes wrong here is logged and training goes on, as it would without spares.
+A spare imports at the lowest CPU priority (nice 19, in a thread of its own), so it takes only
+the CPU training leaves idle; a failure that comes before it is done gets a partly warm process.
+The spares cost memory (one interpreter with torch imported each, ~0.4 GB on CPU);
+``failure.spare_workers: false`` turns them off. Anything that goes wrong here is logged and
+training goes on, as it would without spares.
 """
 
 from __future__ import annotations
@@ -48,14 +50,35 @@ preloaded_at: float | None = None
 
 
 def preload() -> None:
-    """Ray runs this as each train worker process starts, before any actor lands on it."""
+    """Ray runs this as each train worker process starts, before any actor lands on it.
+
+    A spare (a process started while this job's workers train on the node) imports at the
+    lowest CPU priority, so it takes only what training leaves idle; the imports run in a
+    thread of their own (Linux keeps a nice value per thread) that this one waits for, so the
+    process's main thread, which later trains, keeps its priority."""
     global preloaded_at
+    if _training_here(os.environ.get(JOB_MARKER, "")):
+        importer = threading.Thread(target=_import_all, kwargs={"nice": 19}, name="spare-preload")
+        importer.start()
+        importer.join()
+    else:
+        _import_all()
+    preloaded_at = time.time()
+
+
+def _import_all(nice: int = 0) -> None:
+    if nice:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     for name in PRELOAD:
         try:
             importlib.import_module(name)
         except Exception:  # a missing module only loses the warm start, never the worker
             log.warning("spare worker: could not preload %s", name, exc_info=True)
-    preloaded_at = time.time()
+
+
+def _training_here(job_id: str, proc: Path = Path("/proc")) -> bool:
+    """A train worker of ``job_id`` runs on this node (then this new process is a spare)."""
+    return bool(job_id) and any(b"RayTrainWorker" in title for _, title in _marked(proc, job_id))
 
 
 def runtime_env(job_id: str) -> dict:
@@ -80,7 +103,12 @@ def _hook_variable() -> str:
 def spare_pids(job_id: str | None = None, proc: Path = Path("/proc")) -> list[int]:
     """Spare processes on this node (of ``job_id``, or of any job): started with the marker,
     not (yet) holding a train worker."""
-    pids = []
+    return [pid for pid, title in _marked(proc, job_id) if b"RayTrainWorker" not in title]
+
+
+def _marked(proc: Path, job_id: str | None) -> list[tuple[int, bytes]]:
+    """(pid, command line) of this node's processes that carry a job's marker."""
+    found = []
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
@@ -91,9 +119,9 @@ def spare_pids(job_id: str | None = None, proc: Path = Path("/proc")) -> list[in
             continue
         marker = next((v for v in environ if v.startswith(f"{JOB_MARKER}=".encode())), b"")
         job = marker.partition(b"=")[2].decode()
-        if job and job_id in (None, job) and b"RayTrainWorker" not in title:
-            pids.append(int(entry.name))
-    return pids
+        if job and job_id in (None, job):
+            found.append((int(entry.name), title))
+    return found
 
 
 def process_started_at(proc: Path = Path("/proc")) -> float | None:

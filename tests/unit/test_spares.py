@@ -97,3 +97,28 @@ def test_helper_actors_clear_the_hook_and_the_marker():
     hook_and_marker = set(spares.runtime_env("01000000")["env_vars"])
     assert set(spares.without_spares()["env_vars"]) == hook_and_marker
     assert all(v == "" for v in spares.without_spares()["env_vars"].values())
+
+
+def test_only_a_process_started_beside_a_running_train_worker_counts_as_a_spare(proc):
+    assert spares._training_here("01000000", proc)  # pid 11 trains for job 01000000
+    assert not spares._training_here("02000000", proc)  # job 02000000 has only a spare
+    assert not spares._training_here("", proc)  # spares off: no marker
+
+
+def test_a_spare_imports_at_the_lowest_priority_in_a_thread_of_its_own(monkeypatch):
+    seen = []
+
+    def record(name):
+        thread = spares.threading.current_thread()
+        nice = spares.os.getpriority(spares.os.PRIO_PROCESS, spares.threading.get_native_id())
+        seen.append((name, thread.name, nice))
+
+    monkeypatch.setattr(spares, "PRELOAD", ("json",))
+    monkeypatch.setattr(spares.importlib, "import_module", record)
+    main_nice = spares.os.getpriority(spares.os.PRIO_PROCESS, 0)
+    monkeypatch.setattr(spares, "_training_here", lambda job: True)
+    spares.preload()
+    monkeypatch.setattr(spares, "_training_here", lambda job: False)
+    spares.preload()  # the first group's workers (nothing trains yet) import at full speed
+    assert seen == [("json", "spare-preload", 19), ("json", "MainThread", main_nice)]
+    assert spares.os.getpriority(spares.os.PRIO_PROCESS, 0) == main_nice
