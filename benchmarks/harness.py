@@ -90,7 +90,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "recovery": ["project", "no_spares"],
         # A failure long after the start: the spares have finished their imports (up to ~12 s
         # on 2 busy cores); each kill's row says whether the new rank 0 ran in one.
-        "recovery_steps": 5000,
+        "recovery_steps": 8000,
         "kill_after_s": 20.0,
     },
     # Issue 11's steady-state rows: the shipped configs under Ray Train vs torchrun (~13 min).
@@ -103,6 +103,15 @@ PLANS: dict[str, dict[str, Any]] = {
         **ONLY,
         **STALL_ROWS,
         "scenarios": ["floor", "overhead", "ray_scenarios", "goodput"],
+        "overhead": {"mlp": 1500},
+        "goodput": [("ray", 60, 180), ("torchrun", 60, 180)],
+        "timeout_s": 1500,
+    },
+    # Goodput alone: a worker killed every 60 s, Ray vs torchrun, with the MLP's no-failure
+    # rate from the overhead scenario of the same run (~10 min).
+    "goodput": {
+        **ONLY,
+        "scenarios": ["overhead", "goodput"],
         "overhead": {"mlp": 1500},
         "goodput": [("ray", 60, 180), ("torchrun", 60, 180)],
         "timeout_s": 1500,
