@@ -23,6 +23,7 @@ training goes on, as it would without spares.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -43,7 +44,7 @@ PRELOAD = (
 HOOK = f"{__name__}.preload"
 # Marks this job's spares among the node's processes (a spare serves one job only).
 JOB_MARKER = "ELASTIC_TRAINER_SPARES_JOB"
-KEEP_ALIVE_S = 3600  # Ray's keep-alive per request; the keeper tops the spares up long before
+KEEP_ALIVE_S = 3600  # Ray may reap an idle spare after this; the keeper then starts another
 CHECK_EVERY_S = 60.0
 # When this process finished its preload (None: it did not run): a spare's is before the failure.
 preloaded_at: float | None = None
@@ -68,7 +69,8 @@ def preload() -> None:
 
 def _import_all(nice: int = 0) -> None:
     if nice:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        with contextlib.suppress(OSError):  # not allowed here: import at normal priority
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     for name in PRELOAD:
         try:
             importlib.import_module(name)
