@@ -157,7 +157,7 @@ def test_streamed_table_shrinks_and_grows_mid_epoch_within_the_memory_limit(
     tmp_path, big_table, new_workers, cluster
 ):
     ray_cluster, nodes = cluster
-    # A step takes ~15 ms and an epoch seconds, a resize here a minute: rank 0 stalls (once
+    # A step takes ~15 ms and an epoch seconds, a resize up to a minute: rank 0 stalls (once
     # each) before step 40, where the node is removed, and before step 300, where the cluster
     # grows back; the resize restarts the group and ends the stall. Both resizes mid-epoch.
     stalls = [{"kind": "stall", "rank": 0, "step": s, "seconds": 400} for s in (40, 300)]
@@ -176,7 +176,16 @@ def test_streamed_table_shrinks_and_grows_mid_epoch_within_the_memory_limit(
             proc,
         )
         ray_cluster.remove_node(nodes[1])
-        wait_for(lambda: running_on(tmp_path, "elastic", 1, 40), 300, "40 steps on 1", proc)
+        # Grow back only once the 1-worker attempt (resumed from 30) is in its stall before
+        # step 300 with checkpoint 270 saved: the resize must not race the steps before it.
+        wait_for(
+            lambda: (
+                running_on(tmp_path, "elastic", 1, 269) and checkpointed(tmp_path, "elastic", 270)
+            ),
+            300,
+            "the stall at step 300 on 1 worker, with checkpoint 270 on storage",
+            proc,
+        )
         shrunk_at = attempt_state(tmp_path, "elastic")[0]
         ray_cluster.add_node(num_cpus=1)
         wait_for(
