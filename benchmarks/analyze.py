@@ -199,10 +199,9 @@ def recoveries(
 
 
 def _warm(start: dict[str, Any], t_kill: float) -> int | None:
-    preloaded = start.get("preloaded_at")
     if "preloaded_at" not in start:
         return None  # a run log from before spares existed
-    return int(preloaded is not None and preloaded < t_kill)
+    return int(start["preloaded_at"] is not None and start["preloaded_at"] < t_kill)
 
 
 def first_line(lines, pattern: str, since: float, until: float | None) -> float | None:

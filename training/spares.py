@@ -80,7 +80,9 @@ def _import_all(nice: int = 0) -> None:
 
 def _training_here(job_id: str, proc: Path = Path("/proc")) -> bool:
     """A train worker of ``job_id`` runs on this node (then this new process is a spare)."""
-    return bool(job_id) and any(b"RayTrainWorker" in title for _, title in _marked(proc, job_id))
+    return bool(job_id) and any(
+        b"RayTrainWorker" in title for _, title in marked_processes(job_id, proc)
+    )
 
 
 def runtime_env(job_id: str) -> dict:
@@ -105,11 +107,14 @@ def _hook_variable() -> str:
 def spare_pids(job_id: str | None = None, proc: Path = Path("/proc")) -> list[int]:
     """Spare processes on this node (of ``job_id``, or of any job): started with the marker,
     not (yet) holding a train worker."""
-    return [pid for pid, title in _marked(proc, job_id) if b"RayTrainWorker" not in title]
+    return [pid for pid, title in marked_processes(job_id, proc) if b"RayTrainWorker" not in title]
 
 
-def _marked(proc: Path, job_id: str | None) -> list[tuple[int, bytes]]:
-    """(pid, command line) of this node's processes that carry a job's marker."""
+def marked_processes(
+    job_id: str | None = None, proc: Path = Path("/proc")
+) -> list[tuple[int, bytes]]:
+    """(pid, command line) of this node's processes that carry the marker (of ``job_id``, or
+    of any job): train workers and spares."""
     found = []
     for entry in proc.iterdir():
         if not entry.name.isdigit():

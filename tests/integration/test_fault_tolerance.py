@@ -213,15 +213,8 @@ def test_restarted_group_runs_in_the_warm_spares_started_before_the_failure(
 
 
 def _idle_spares(wanted: int) -> list[int] | None:
-    idle = [pid for pid in spares.spare_pids() if b"ray::IDLE" in _title(pid)]
+    idle = [pid for pid, title in spares.marked_processes() if b"ray::IDLE" in title]
     return idle if len(idle) >= wanted else None
-
-
-def _title(pid: int) -> bytes:
-    try:
-        return open(f"/proc/{pid}/cmdline", "rb").read()
-    except OSError:
-        return b""
 
 
 def test_corrupted_newest_checkpoint_is_skipped_on_resume(tmp_path, ray_address, reference):
