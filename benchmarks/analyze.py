@@ -222,14 +222,24 @@ def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
+def span_period(evs: list[dict[str, Any]]) -> float | None:
+    """Seconds per step of a no-failure run from its first step to its last: the span a
+    goodput's wall time covers, so the two compare like for like."""
+    runs = attempts(evs)
+    steps = runs[0]["steps"] if runs else []
+    if len(runs) != 1 or len(steps) < 2:
+        return None
+    return (steps[-1]["time"] - steps[0]["time"]) / (len(steps) - 1)
+
+
 def goodput(
     evs: list[dict[str, Any]], kills: list[dict[str, Any]], period_s: float | None
 ) -> dict[str, Any]:
     """Goodput, the standard definition: effective steps (those the final model contains,
     not the redone ones) x the no-failure step period / wall time.
 
-    ``period_s`` is the seconds per step of a no-failure run of the same config (its steady
-    steps/s, checkpoints and evaluations at the same cadence included). Wall time runs from
+    ``period_s`` is the seconds per step of a no-failure run of the same config and length
+    (``span_period``: checkpoints and evaluations at the same cadence included). Wall time runs from
     the first step to the last effective step, the same span a steady rate covers: start-up
     is measured in the overhead scenario. A missing period gives a missing goodput.
     """

@@ -235,10 +235,10 @@ def markdown(r: dict[str, Any]) -> str:
             "",
             "- goodput (the standard definition): effective steps (those the final model "
             "contains, `training.runlog.effective_history`; redone steps excluded) x the "
-            "no-failure step period / wall time. The period is 1 / the steady steps/s of the "
-            "overhead scenario's no-failure runs of the same config and launcher in this run; "
-            "wall time runs from the first step to the last (start-up is in the overhead "
-            "table). Kills are due at T, 2T, ... after the first step; a slot that falls while "
+            "no-failure step period / wall time. The period comes from a no-failure run of the "
+            "same config, launcher and length in this benchmark run, over the same span: its "
+            "first step to its last (start-up is in the overhead table). Kills are due at T, "
+            "2T, ... after the first step; a slot that falls while "
             "the run is still recovering is skipped, so fired < due when recovery takes "
             "longer than T.",
             "",

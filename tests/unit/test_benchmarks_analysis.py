@@ -74,3 +74,13 @@ def test_goodput_counts_effective_steps_only():
 def test_a_missing_period_is_a_missing_goodput():
     events = run_log([("a", g, float(g)) for g in range(1, 11)], {})
     assert analyze.goodput(events, [], period_s=None)["goodput"] is None
+
+
+def test_the_no_failure_period_spans_first_to_last_step_of_a_single_attempt():
+    """Goodput's reference is a no-failure run as long as the faulty one, over the same span;
+    a reference that restarted is no reference."""
+    steady = run_log([("a", g, 10.0 + 0.5 * g) for g in range(1, 11)], {})
+    assert analyze.span_period(steady) == pytest.approx(0.5)
+    restarted = run_log([("a", 1, 1.0), ("a", 2, 2.0), ("b", 2, 5.0), ("b", 3, 6.0)], {})
+    assert analyze.span_period(restarted) is None
+    assert analyze.span_period(run_log([("a", 1, 1.0)], {})) is None
