@@ -138,7 +138,7 @@ class Worker:
     stager: checkpoint.Stager = field(default_factory=checkpoint.Stager)
     save_done: threading.Event = field(default_factory=threading.Event)  # no save in flight
     # For the save on failure: the step the model and optimizer hold, the last step in rank 0's
-    # ledger, and the last step whose checkpoint was begun (or resumed from).
+    # ledger, and the last step whose checkpoint is complete on storage (or resumed from).
     state_step: int = 0
     recorded_step: int = 0
     saved_step: int = 0
@@ -563,7 +563,6 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
     progress = Progress(global_step, epoch, done_in_epoch, worker.attempt)
     started = time.perf_counter()  # the pause: wait for the previous save, stage, report
     local_dir, staged = None, None
-    worker.saved_step = global_step
     if worker.rank == 0:
         worker.runlog.flush()  # the ledger reaches storage before the checkpoint that needs it
         wait_for_previous_save(worker)
@@ -636,6 +635,7 @@ def make_uploader(worker: Worker, global_step: int, staged: dict[str, Any]):
         try:
             inject_faults(worker, global_step, "serialize")
             target = write_to_storage(worker, global_step, staged, local.path, dir_name)
+            worker.saved_step = max(worker.saved_step, global_step)
             return ray.train.Checkpoint(target, filesystem=worker.fs)
         finally:
             worker.save_done.set()
@@ -676,6 +676,13 @@ def save_on_failure(worker: Worker) -> None:
         return
     shutdown_grace.set_state(shutdown_grace.SAVING)  # Ray's shutdown waits for what follows
     started = time.perf_counter()
+    if not worker.save_done.is_set():
+        # A periodic checkpoint is still uploading in the background, often of this very step
+        # (a peer died just after it): let it finish rather than let Ray's kill cut it short.
+        worker.save_done.wait(timeout=shutdown_grace.HOLD_AT_MOST_S)
+        if step <= worker.saved_step:
+            log.warning("Finished the upload of checkpoint %d on failure", step)
+            return
     try:
         if worker.recorded_step < step:  # the failure came between the step and its ledger entry
             record_step(worker, step, 0.0, {})

@@ -310,6 +310,28 @@ def test_checkpoint_reported_just_before_a_crash_is_not_lost(tmp_path, ray_addre
     )
 
 
+def test_peer_killed_while_the_periodic_upload_runs_the_upload_finishes(
+    tmp_path, ray_address, reference
+):
+    """Checkpoint 100's background upload is slow (stalled 2 s) and rank 1 dies at step 101:
+    rank 0 must hold Ray's shutdown until that upload ends, so the retry resumes from 100 with
+    nothing redone (it used to go idle at once and Ray's kill cut the upload: resume from 75)."""
+    faults = [
+        {"kind": "stall", "rank": 0, "step": 100, "during": "serialize", "seconds": 2.0},
+        {"kind": "kill", "rank": 1, "step": 101},
+    ]
+    config = slow_config(tmp_path, "inflight", chaos={"faults": faults})
+    result = train_cli(config, address=ray_address)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logged = events(tmp_path, "inflight")
+    report = runlog.check_ledger(logged)
+    assert report.ok, report.errors
+    assert report.resumed_from_steps == [None, 100], report.resumed_from_steps
+    assert redone_steps(logged) == [0]
+    assert not [e for e in logged if e["event"] == "checkpoint" and e.get("failure")]
+    assert_bitwise_equal(reference, final_state(tmp_path, "inflight"))
+
+
 def newest_valid_step(storage, name):
     newest = checkpoint.newest_valid(pafs.LocalFileSystem(), run_dir(storage, name))
     return newest.step if newest else None

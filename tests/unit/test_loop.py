@@ -5,6 +5,8 @@ state saved on failure is the last completed step (or nothing, when saving would
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import pyarrow.fs as pafs
 import pytest
@@ -149,6 +151,34 @@ def test_nothing_is_saved_on_failure_when_it_would_be_wrong(table, tmp_path, why
         worker.rank = 1
     loop.save_on_failure(worker)
     assert checkpoint.scan(FS, worker.run_dir) == []
+
+
+@pytest.mark.parametrize("upload", ["completes", "fails"])
+def test_save_on_failure_waits_for_the_periodic_upload_in_flight(table, tmp_path, upload):
+    """A peer died just after checkpoint 1 was staged, while its upload still runs in the
+    background: rank 0 lets it finish instead of letting Ray's kill cut it short, and saves
+    the state itself only if that upload did not complete."""
+    worker = make_worker(table)
+    worker.run_dir = str(tmp_path / "run")
+    worker.runlog = RunLog(FS, worker.run_dir, worker.attempt)
+    loop.train_step(worker, 1)
+    loop.record_step(worker, 1, 0.01, {})
+    worker.state_step = worker.recorded_step = 1
+    worker.save_done.clear()
+
+    def background_upload():
+        time.sleep(0.3)  # the upload thread, still writing when the failure is noticed
+        if upload == "completes":
+            worker.saved_step = 1
+        worker.save_done.set()
+
+    uploader = threading.Thread(target=background_upload)
+    uploader.start()
+    loop.save_on_failure(worker)
+    assert worker.save_done.is_set()  # it returned only after the upload ended
+    uploader.join()
+    saved = [c.step for c in checkpoint.scan(FS, worker.run_dir)]
+    assert saved == ([] if upload == "completes" else [1])
 
 
 def test_seed_step_draws_what_torch_manual_seed_draws_on_the_cpu():
