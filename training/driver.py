@@ -178,15 +178,17 @@ def connect_ray(cfg: Config) -> None:
         address="local",
         num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
         include_dashboard=True,
+        # Ray starts one idle worker per CPU for the first driver; nothing of a training run
+        # can use them (every actor it starts has a runtime env of its own), and on a small
+        # machine they take CPU from the start-up.
+        _system_config={"prestart_worker_first_driver": False},
     )
 
 
 def build_trainer(cfg: Config, run: RunState):
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from training import spares
     from training.loop import train_func
     from training.shutdown_grace import WaitForFailureSave
 
@@ -196,7 +198,6 @@ def build_trainer(cfg: Config, run: RunState):
         if scaling.min_workers == scaling.max_workers
         else (scaling.min_workers, scaling.max_workers)
     )
-    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
     # Ray Train reads this when the trainer is built and passes it to its controller and workers.
     # A value the user exported wins, as it would with plain Ray Train.
     os.environ.setdefault(
@@ -213,7 +214,7 @@ def build_trainer(cfg: Config, run: RunState):
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=scaling.use_gpu,
-            resources_per_worker=resources,
+            resources_per_worker=worker_resources(cfg),
             elastic_resize_monitor_interval_s=scaling.resize_check_interval_s,
         ),
         run_config=RunConfig(
@@ -227,13 +228,38 @@ def build_trainer(cfg: Config, run: RunState):
             # Rank 0's save on failure finishes before Ray kills the group (up to 4.5 s).
             callbacks=[WaitForFailureSave()] if cfg.checkpoint.on_failure else [],
             # Warm spare processes for restarts (training/spares.py).
-            worker_runtime_env=(
-                spares.runtime_env(ray.get_runtime_context().get_job_id())
-                if cfg.failure.spare_workers
-                else {}
-            ),
+            worker_runtime_env=worker_runtime_env(cfg),
         ),
     )
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    return {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
+
+
+def worker_runtime_env(cfg: Config) -> dict:
+    """The train workers' runtime env: the warm-process preload (training/spares.py), or none."""
+    import ray
+
+    from training import spares
+
+    if not cfg.failure.spare_workers:
+        return {}
+    return spares.runtime_env(ray.get_runtime_context().get_job_id())
+
+
+def start_workers_ahead(cfg: Config) -> None:
+    """The first group's processes start importing now, while Ray Train starts its controller
+    (after build_trainer: the env vars Ray Train passes on must be set)."""
+    from training import spares
+
+    if not cfg.failure.spare_workers:
+        return
+    started = spares.start_first_group(
+        worker_runtime_env(cfg), cfg.scaling.max_workers, worker_resources(cfg)
+    )
+    if started:
+        print(f"Started {started} train worker process(es) ahead of Ray Train", flush=True)
 
 
 def train(
@@ -256,7 +282,9 @@ def train(
         connect_ray(cfg)
         on_connected()
         try:
-            build_trainer(cfg, run).fit()
+            trainer = build_trainer(cfg, run)
+            start_workers_ahead(cfg)
+            trainer.fit()
         except Exception:
             stopped = stops.read(run.fs, run.run_dir)
             if stopped:  # the workers' traceback says less than the marker

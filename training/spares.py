@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import threading
@@ -46,6 +47,7 @@ HOOK = f"{__name__}.preload"
 JOB_MARKER = "ELASTIC_TRAINER_SPARES_JOB"
 KEEP_ALIVE_S = 3600  # Ray may reap an idle spare after this; the keeper then starts another
 CHECK_EVERY_S = 60.0
+FIRST_GROUP_KEEP_ALIVE_S = 120  # processes the driver starts before Ray Train's first group
 # When this process finished its preload (None: it did not run): a spare's is before the failure.
 preloaded_at: float | None = None
 
@@ -131,10 +133,11 @@ def marked_processes(
     return found
 
 
-def process_started_at(proc: Path = Path("/proc")) -> float | None:
-    """Wall-clock start of this process (Linux), to tell a spare from a process started late."""
+def process_started_at(proc: Path = Path("/proc"), pid: int | str = "self") -> float | None:
+    """Wall-clock start of a process (Linux; this one by default), to tell a spare from a
+    process started late."""
     try:
-        ticks = int((proc / "self/stat").read_text().rpartition(")")[2].split()[19])
+        ticks = int((proc / str(pid) / "stat").read_text().rpartition(")")[2].split()[19])
         boot = next(
             float(line.split()[1])
             for line in (proc / "stat").read_text().splitlines()
@@ -148,26 +151,106 @@ def process_started_at(proc: Path = Path("/proc")) -> float | None:
 def prestart(count: int) -> None:
     """Ask this node's raylet for ``count`` idle processes with this worker's runtime env."""
     import ray
+
+    context = ray.get_runtime_context()
+    # Ray reuses a process only for the same runtime env, compared by a hash of its serialized
+    # text: use this actor's text as Ray holds it, not a re-serialisation (spacing differs).
+    _prestart(_raylet_address(context.get_node_id()), count, context.get_runtime_env_string())
+
+
+def _raylet_address(node_id: str) -> str:
+    import ray
+
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    return f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"
+
+
+def _prestart(address: str, count: int, env_text: str, keep_alive_s: int = KEEP_ALIVE_S) -> None:
+    import ray
     from ray._private.grpc_utils import init_grpc_channel
     from ray._private.utils import get_runtime_env_info
     from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
+    from ray.runtime_env import RuntimeEnv
 
-    context = ray.get_runtime_context()
-    node = next(n for n in ray.nodes() if n["NodeID"] == context.get_node_id())
-    address = f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"
-    # Ray reuses a process only for the same runtime env, compared by a hash of its serialized
-    # text: use this actor's text as Ray holds it, not a re-serialisation (spacing differs).
-    runtime_env_info = get_runtime_env_info(context.runtime_env, serialize=False)
-    runtime_env_info.serialized_runtime_env = context.get_runtime_env_string()
+    runtime_env_info = get_runtime_env_info(RuntimeEnv(**json.loads(env_text)), serialize=False)
+    runtime_env_info.serialized_runtime_env = env_text
     request = node_manager_pb2.PrestartWorkersRequest(
         language=common_pb2.Language.PYTHON,
-        job_id=bytes.fromhex(context.get_job_id()),
+        job_id=bytes.fromhex(ray.get_runtime_context().get_job_id()),
         runtime_env_info=runtime_env_info,
-        keep_alive_duration_secs=KEEP_ALIVE_S,
+        keep_alive_duration_secs=keep_alive_s,
         num_workers=count,
     )
     stub = node_manager_pb2_grpc.NodeManagerServiceStub(init_grpc_channel(address))
     stub.PrestartWorkers(request, timeout=10)
+
+
+def train_worker_env_text(worker_env: dict) -> str:
+    """The runtime env text Ray Train's workers will hold, computed in the driver.
+
+    Ray Train starts its controller with its own env vars on top of the job's runtime env, and
+    the workers with ``RunConfig.worker_runtime_env`` on top of the controller's. Ray merges
+    ``env_vars`` (the child's value wins), takes any other field from the child, and holds the
+    result as compact JSON with sorted keys (checked against a worker's
+    ``get_runtime_env_string()`` by the integration test of the first group)."""
+    import ray
+    from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
+    from ray.train.v2._internal.constants import (
+        DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+        get_env_vars_to_propagate,
+    )
+    from ray.train.v2._internal.execution.worker_group.worker_group import WorkerGroup
+
+    job = json.loads(ray.get_runtime_context().get_runtime_env_string() or "{}")
+    controller_vars = get_env_vars_to_propagate()
+    controller_vars.setdefault(
+        RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE
+    )
+    merged = _merge(job, {"env_vars": controller_vars})
+    merged = _merge(merged, WorkerGroup._get_worker_runtime_env(worker_env))
+    return json.dumps(merged, sort_keys=True, separators=(",", ":"))
+
+
+def _merge(parent: dict, child: dict) -> dict:
+    merged = {**parent, **child}
+    if "env_vars" in parent and "env_vars" in child:
+        merged["env_vars"] = {**parent["env_vars"], **child["env_vars"]}
+    return merged
+
+
+def first_group_plan(nodes: list[dict], max_workers: int, resources: dict[str, float]) -> dict:
+    """How many train workers each alive node can hold ({raylet address: count}), up to
+    ``max_workers`` in all: where the first group's processes are started ahead of Ray Train."""
+    plan: dict[str, int] = {}
+    left = max_workers
+    for node in nodes:
+        if not node.get("Alive") or left <= 0:
+            continue
+        have = node.get("Resources", {})
+        fits = min(int(have.get(k, 0) // v) for k, v in resources.items() if v > 0)
+        if fits > 0:
+            address = f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"
+            plan[address] = min(fits, left)
+            left -= plan[address]
+    return plan
+
+
+def start_first_group(worker_env: dict, max_workers: int, resources: dict[str, float]) -> int:
+    """Start the first worker group's processes now, from the driver, so they import torch and
+    the project while Ray Train starts its controller (~5 s on 2 cores) and land its actors in
+    them. Returns how many were asked for; any error is one warning and a normal start."""
+    import ray
+
+    try:
+        env_text = train_worker_env_text(worker_env)
+        plan = first_group_plan(ray.nodes(), max_workers, resources)
+        for address, count in plan.items():
+            # Unused ones (a placement that packs differently) go after a short keep-alive.
+            _prestart(address, count, env_text, keep_alive_s=FIRST_GROUP_KEEP_ALIVE_S)
+    except Exception:
+        log.warning("Could not start the worker processes ahead; they start cold", exc_info=True)
+        return 0
+    return sum(plan.values())
 
 
 class Keeper:

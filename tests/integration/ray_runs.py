@@ -138,6 +138,18 @@ def alive_train_workers(address: str) -> list:
     )
 
 
+def alive_actor_pid(address: str, class_name: str) -> int:
+    """The process of the one alive actor of ``class_name``, through Ray's state API."""
+    from ray.util.state import list_actors
+
+    (actor,) = list_actors(
+        address=address,
+        filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")],
+        timeout=10,
+    )
+    return actor.pid
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -13,6 +13,7 @@ import time
 import pyarrow.fs as pafs
 import pytest
 from ray_runs import (
+    alive_actor_pid,
     alive_train_workers,
     assert_bitwise_equal,
     events,
@@ -184,14 +185,20 @@ def test_restarted_group_runs_in_the_warm_spares_started_before_the_failure(
 ):
     """Ray Train replaces the whole group after a worker dies; the new rank 0 must be one of
     the spare processes (torch and the project already imported) that existed before the kill,
-    not a process Ray started after it."""
+    not a process Ray started after it. The first group too runs in processes started ahead."""
     config = slow_config(tmp_path, "spares")
     log = tmp_path / "spares.log"
     proc = start_cli(config, log, address=ray_address)
     wait_for(lambda: _reached(tmp_path, "spares", 1, 30), 240, "30 steps", proc)
     # Ray shows a registered, idle worker process as ray::IDLE: the spare can take an actor.
     ready = wait_for(lambda: _idle_spares(2), 120, "two idle spare processes", proc)
-    rank0 = [e for e in events(tmp_path, "spares") if e["event"] == "start"][-1]["pid"]
+    first_group = [e for e in events(tmp_path, "spares") if e["event"] == "start"][-1]
+    rank0 = first_group["pid"]
+    # The first group ran in processes the driver started ahead of Ray Train: before Ray
+    # Train's controller process existed (Ray starts train workers only when it asks).
+    controller = alive_actor_pid(ray_address, "TrainController")
+    assert first_group["process_started_at"] < spares.process_started_at(pid=controller)
+    assert first_group["preloaded_at"] is not None
     victim = next(v for v in alive_train_workers(ray_address) if v.pid != rank0)
     os.kill(victim.pid, signal.SIGKILL)
     killed_at = time.time()

@@ -122,3 +122,38 @@ def test_a_spare_imports_at_the_lowest_priority_in_a_thread_of_its_own(monkeypat
     spares.preload()  # the first group's workers (nothing trains yet) import at full speed
     assert seen == [("json", "spare-preload", 19), ("json", "MainThread", main_nice)]
     assert spares.os.getpriority(spares.os.PRIO_PROCESS, 0) == main_nice
+
+
+def node(address: str, alive: bool = True, **resources: float) -> dict:
+    return {
+        "Alive": alive,
+        "NodeManagerAddress": address,
+        "NodeManagerPort": 1,
+        "Resources": resources,
+    }
+
+
+def test_the_first_group_is_started_where_train_workers_fit_up_to_max_workers():
+    nodes = [
+        node("head", CPU=0.0),  # a head started with --num-cpus=0 holds no train worker
+        node("dead", alive=False, CPU=8.0),
+        node("a", CPU=3.0),
+        node("b", CPU=1.0),
+        node("c", CPU=4.0),
+    ]
+    assert spares.first_group_plan(nodes, 5, {"CPU": 1}) == {"a:1": 3, "b:1": 1, "c:1": 1}
+    assert spares.first_group_plan(nodes, 2, {"CPU": 2}) == {"a:1": 1, "c:1": 1}
+    gpus = [node("cpu-only", CPU=8.0), node("gpu", CPU=8.0, GPU=1.0)]
+    assert spares.first_group_plan(gpus, 4, {"CPU": 1, "GPU": 1}) == {"gpu:1": 1}
+
+
+def test_runtime_envs_merge_as_ray_merges_a_child_into_its_parent():
+    """env_vars are merged (the child's value wins); any other field is the child's."""
+    job = {"working_dir": "gcs://job.zip", "env_vars": {"A": "job", "B": "job"}}
+    child = {"env_vars": {"B": "child", "C": "child"}, "pip": ["x"]}
+    assert spares._merge(job, child) == {
+        "working_dir": "gcs://job.zip",
+        "env_vars": {"A": "job", "B": "child", "C": "child"},
+        "pip": ["x"],
+    }
+    assert spares._merge({}, child) == child
