@@ -137,6 +137,11 @@ class Worker:
     interval: Interval = field(default_factory=Interval)
     stager: checkpoint.Stager = field(default_factory=checkpoint.Stager)
     save_done: threading.Event = field(default_factory=threading.Event)  # no save in flight
+    # Ray runs the uploader only if the report's barrier held: whether it began, and whether the
+    # attempt failed first (then the save on failure writes the state and the uploader must not).
+    upload_began: bool = False
+    failing: bool = False
+    upload_lock: threading.Lock = field(default_factory=threading.Lock)
     # For the save on failure: the step the model and optimizer hold, the last step in rank 0's
     # ledger, and the last step whose checkpoint is complete on storage (or resumed from).
     state_step: int = 0
@@ -578,9 +583,13 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
         )
         local_dir = tempfile.mkdtemp(prefix="elastic-trainer-ckpt-")
         worker.save_done.clear()
+        worker.upload_began = False
     else:
         inject_faults(worker, global_step, "checkpoint")
+    if staged is not None:  # a peer that dies inside the report's barrier blocks this thread
+        shutdown_grace.set_rescue(lambda: rescue_staged(worker, global_step, staged))
     report_checkpoint(worker, global_step, step_metrics, local_dir, staged)
+    shutdown_grace.set_rescue(None)
     if worker.rank == 0:
         blocked = time.perf_counter() - started
         worker.runlog.write(
@@ -632,6 +641,11 @@ def make_uploader(worker: Worker, global_step: int, staged: dict[str, Any]):
     directory or one that validation rejects, never one that looks complete."""
 
     def upload(local: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        with worker.upload_lock:
+            if worker.failing:  # the save on failure writes this state itself
+                worker.save_done.set()
+                raise RuntimeError(f"checkpoint {global_step}: the attempt failed first")
+            worker.upload_began = True
         try:
             inject_faults(worker, global_step, "serialize")
             target = write_to_storage(worker, global_step, staged, local.path, dir_name)
@@ -659,6 +673,36 @@ def write_to_storage(
     return target
 
 
+def rescue_staged(worker: Worker, global_step: int, staged: dict[str, Any]) -> None:
+    """Ray shuts the group down while rank 0 is still blocked in the report of checkpoint
+    ``global_step``: a peer died inside the report's barrier, so Ray never begins the upload and
+    rank 0 never sees a failure. The staged copy is that step's whole state: write it from Ray's
+    shutdown callback (``shutdown_grace``), as the save on failure would."""
+    with worker.upload_lock:
+        if worker.upload_began or worker.failing:
+            return
+        worker.failing = True
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="elastic-trainer-ckpt-") as local_dir:
+            path = write_to_storage(
+                worker,
+                global_step,
+                staged,
+                local_dir,
+                checkpoint.dir_name(global_step, worker.attempt),
+            )
+        worker.saved_step = global_step
+        took = time.perf_counter() - started
+        worker.runlog.write(
+            "checkpoint", global_step=global_step, blocked_s=took, path=path, failure=True
+        )
+        worker.runlog.flush()
+        log.warning("Saved the staged state of step %d on shutdown (%.2f s)", global_step, took)
+    except Exception as exc:
+        log.warning("Could not save the staged state of step %d: %s", global_step, exc)
+
+
 def save_on_failure(worker: Worker) -> None:
     """Rank 0 saves the state it holds when the attempt fails around it (a peer died, a
     collective timed out), so the next attempt redoes no completed step.
@@ -676,10 +720,15 @@ def save_on_failure(worker: Worker) -> None:
         return
     shutdown_grace.set_state(shutdown_grace.SAVING)  # Ray's shutdown waits for what follows
     started = time.perf_counter()
-    if not worker.save_done.is_set():
+    with worker.upload_lock:
+        worker.failing = True
+        uploading = worker.upload_began and not worker.save_done.is_set()
+    if uploading:
         # A periodic checkpoint is still uploading in the background, often of this very step
         # (a peer died just after it): let it finish rather than let Ray's kill cut it short.
-        worker.save_done.wait(timeout=shutdown_grace.HOLD_AT_MOST_S)
+        finished = worker.save_done.wait(timeout=shutdown_grace.HOLD_AT_MOST_S)
+        if not finished:  # Ray's kill comes now; a second writer would only race the first
+            return
         if step <= worker.saved_step:
             log.warning("Finished the upload of checkpoint %d on failure", step)
             return

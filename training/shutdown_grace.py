@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from ray.train.v2._internal.execution.callback import WorkerCallback
 
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 IDLE, TRAINING, SAVING = "idle", "training", "saving"
 _state = IDLE
 _changed = threading.Condition()
+# What to save when Ray shuts the group down while the training thread is still blocked (in
+# the report of a staged checkpoint whose barrier a dead peer broke): set by the loop.
+_rescue: Callable[[], None] | None = None
 
 
 def set_state(state: str) -> None:
@@ -38,15 +42,26 @@ def set_state(state: str) -> None:
         _changed.notify_all()
 
 
+def set_rescue(rescue: Callable[[], None] | None) -> None:
+    global _rescue
+    with _changed:
+        _rescue = rescue
+
+
 def wait_for_failure_save(notice_within_s: float, hold_at_most_s: float) -> str:
-    """Block while a save on failure may still come or is running; returns the state seen last."""
+    """Block while a save on failure may still come or is running; returns the state seen last.
+    A training thread still blocked after ``notice_within_s`` with a rescue set: run it here."""
     started = time.monotonic()
     with _changed:
         _changed.wait_for(lambda: _state != TRAINING, timeout=notice_within_s)
+        rescue = _rescue if _state == TRAINING else None
         if _state == SAVING:
             remaining = hold_at_most_s - (time.monotonic() - started)
             _changed.wait_for(lambda: _state != SAVING, timeout=max(0.0, remaining))
-        return _state
+        if rescue is None:
+            return _state
+    rescue()  # Ray kills the process at its 5 s patience, whatever this thread is doing
+    return "rescued"
 
 
 class WaitForFailureSave(WorkerCallback):

@@ -339,6 +339,25 @@ def test_peer_killed_while_the_periodic_upload_runs_the_upload_finishes(
     assert_bitwise_equal(reference, final_state(tmp_path, "inflight"))
 
 
+def test_peer_killed_inside_the_checkpoint_report_rank_0_saves_that_step(
+    tmp_path, ray_address, reference
+):
+    """Rank 1 dies as checkpoint 100 is reported: the report's barrier breaks and Ray never
+    runs rank 0's upload. Rank 0 must save step 100 itself at once (it used to count it as
+    saved and resume from 75, then, for one commit, to wait the whole hold for an upload that
+    never came)."""
+    faults = [{"kind": "kill", "rank": 1, "step": 100, "during": "checkpoint"}]
+    config = slow_config(tmp_path, "inreport", chaos={"faults": faults})
+    result = train_cli(config, address=ray_address)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logged = events(tmp_path, "inreport")
+    report = runlog.check_ledger(logged)
+    assert report.ok, report.errors
+    assert report.resumed_from_steps == [None, 100], report.resumed_from_steps
+    assert redone_steps(logged) == [0]
+    assert_bitwise_equal(reference, final_state(tmp_path, "inreport"))
+
+
 def newest_valid_step(storage, name):
     newest = checkpoint.newest_valid(pafs.LocalFileSystem(), run_dir(storage, name))
     return newest.step if newest else None

@@ -153,11 +153,12 @@ def test_nothing_is_saved_on_failure_when_it_would_be_wrong(table, tmp_path, why
     assert checkpoint.scan(FS, worker.run_dir) == []
 
 
-@pytest.mark.parametrize("upload", ["completes", "fails"])
+@pytest.mark.parametrize("upload", ["completes", "fails", "never began"])
 def test_save_on_failure_waits_for_the_periodic_upload_in_flight(table, tmp_path, upload):
-    """A peer died just after checkpoint 1 was staged, while its upload still runs in the
-    background: rank 0 lets it finish instead of letting Ray's kill cut it short, and saves
-    the state itself only if that upload did not complete."""
+    """A peer died just after checkpoint 1 was staged. If its upload is running, rank 0 lets it
+    finish instead of letting Ray's kill cut it short, and saves the state itself only if that
+    upload failed. If Ray never began it (the report's barrier broke on the dead peer), rank 0
+    saves at once, and an upload Ray would begin after that refuses to write the same step."""
     worker = make_worker(table)
     worker.run_dir = str(tmp_path / "run")
     worker.runlog = RunLog(FS, worker.run_dir, worker.attempt)
@@ -165,6 +166,7 @@ def test_save_on_failure_waits_for_the_periodic_upload_in_flight(table, tmp_path
     loop.record_step(worker, 1, 0.01, {})
     worker.state_step = worker.recorded_step = 1
     worker.save_done.clear()
+    worker.upload_began = upload != "never began"
 
     def background_upload():
         time.sleep(0.3)  # the upload thread, still writing when the failure is noticed
@@ -173,10 +175,16 @@ def test_save_on_failure_waits_for_the_periodic_upload_in_flight(table, tmp_path
         worker.save_done.set()
 
     uploader = threading.Thread(target=background_upload)
-    uploader.start()
+    if worker.upload_began:
+        uploader.start()
     loop.save_on_failure(worker)
-    assert worker.save_done.is_set()  # it returned only after the upload ended
-    uploader.join()
+    if worker.upload_began:
+        assert worker.save_done.is_set()  # it returned only after the upload ended
+        uploader.join()
+    else:
+        late = loop.make_uploader(worker, 1, {})
+        with pytest.raises(RuntimeError, match="the attempt failed first"):
+            late(None, "checkpoint_1")
     saved = [c.step for c in checkpoint.scan(FS, worker.run_dir)]
     assert saved == ([] if upload == "completes" else [1])
 

@@ -13,6 +13,7 @@ from training import shutdown_grace as grace
 def idle_after():
     yield
     grace.set_state(grace.IDLE)
+    grace.set_rescue(None)
 
 
 def test_shutdown_waits_until_the_save_on_failure_has_ended():
@@ -42,3 +43,22 @@ def test_a_save_longer_than_rays_patience_is_given_up():
 
 def test_a_finished_attempt_is_not_held():
     assert grace.wait_for_failure_save(notice_within_s=10, hold_at_most_s=10) == grace.IDLE
+
+
+def test_a_training_thread_still_blocked_has_its_staged_checkpoint_rescued():
+    """Rank 0 blocked in a checkpoint report whose barrier a dead peer broke never notices the
+    failure: the shutdown runs the rescue (write the staged state) in its own thread."""
+    rescued = []
+    grace.set_state(grace.TRAINING)
+    grace.set_rescue(lambda: rescued.append(threading.current_thread().name))
+    assert grace.wait_for_failure_save(notice_within_s=0.05, hold_at_most_s=10) == "rescued"
+    assert rescued == [threading.current_thread().name]
+
+
+def test_no_rescue_once_the_attempt_has_ended_or_saves_itself():
+    rescued = []
+    grace.set_rescue(lambda: rescued.append(1))
+    for state in (grace.IDLE, grace.SAVING):
+        grace.set_state(state)
+        grace.wait_for_failure_save(notice_within_s=0.05, hold_at_most_s=0.05)
+    assert rescued == []
