@@ -182,7 +182,8 @@ class FailureSection(Section):
         True,
         description="Keep one idle worker process per train worker on each node, with torch and "
         "the project already imported, so a restart does not wait for new processes and "
-        "imports (training/spares.py). Costs ~0.4 GB of RAM per spare.",
+        "imports, and start the first group's processes from the driver while Ray Train "
+        "starts (training/spares.py). Costs ~0.4 GB of RAM per spare.",
     )
 
 
