@@ -166,17 +166,9 @@ def test_peer_killed_rank_0_saves_its_state_and_no_step_is_redone(tmp_path, ray_
         {"kind": "kill", "rank": 1, "step": 40},
         {"kind": "stall", "rank": 0, "step": 40, "seconds": 0.5},
     ]
-    config = slow_config(tmp_path, "peer", chaos={"faults": faults})
-    result = train_cli(config, address=ray_address)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    logged = events(tmp_path, "peer")
-    report = runlog.check_ledger(logged)
-    assert report.ok, report.errors
-    assert report.resumed_from_steps == [None, 39], report.resumed_from_steps
-    assert redone_steps(logged) == [0]
+    logged = resumed_without_redoing(tmp_path, ray_address, reference, "peer", faults, 39)
     saved = [e for e in logged if e["event"] == "checkpoint" and e.get("failure")]
     assert [e["global_step"] for e in saved] == [39]
-    assert_bitwise_equal(reference, final_state(tmp_path, "peer"))
     print(f"peer killed before step 40: saved step 39 in {saved[0]['blocked_s']:.3f} s")
 
 
@@ -317,45 +309,40 @@ def test_checkpoint_reported_just_before_a_crash_is_not_lost(tmp_path, ray_addre
     )
 
 
-def test_peer_killed_while_the_periodic_upload_runs_the_upload_finishes(
-    tmp_path, ray_address, reference
-):
-    """Checkpoint 100's background upload is slow (stalled 2 s) and rank 1 dies at step 101:
-    rank 0 must hold Ray's shutdown until that upload ends, so the retry resumes from 100 with
-    nothing redone (it used to go idle at once and Ray's kill cut the upload: resume from 75)."""
-    faults = [
+RANK_1_DIES_AROUND_CHECKPOINT_100 = {
+    # Checkpoint 100's background upload is slow (stalled 2 s) and rank 1 dies at step 101:
+    # rank 0 must hold Ray's shutdown until the upload ends (it used to go idle at once, and
+    # Ray's kill cut the upload: resume from 75).
+    "upload_running": [
         {"kind": "stall", "rank": 0, "step": 100, "during": "serialize", "seconds": 2.0},
         {"kind": "kill", "rank": 1, "step": 101},
-    ]
-    config = slow_config(tmp_path, "inflight", chaos={"faults": faults})
-    result = train_cli(config, address=ray_address)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    logged = events(tmp_path, "inflight")
-    report = runlog.check_ledger(logged)
-    assert report.ok, report.errors
-    assert report.resumed_from_steps == [None, 100], report.resumed_from_steps
-    assert redone_steps(logged) == [0]
-    assert not [e for e in logged if e["event"] == "checkpoint" and e.get("failure")]
-    assert_bitwise_equal(reference, final_state(tmp_path, "inflight"))
+    ],
+    # Rank 1 dies as checkpoint 100 is reported: the report's barrier breaks, so rank 0 never
+    # sees a failure and Ray never begins its upload. Ray's shutdown callback must write the
+    # staged copy of step 100 (it used to count as saved: resume from 75).
+    "inside_report": [{"kind": "kill", "rank": 1, "step": 100, "during": "checkpoint"}],
+}
 
 
-def test_peer_killed_inside_the_checkpoint_report_rank_0_saves_that_step(
-    tmp_path, ray_address, reference
-):
-    """Rank 1 dies as checkpoint 100 is reported: the report's barrier breaks and Ray never
-    runs rank 0's upload. Rank 0 must save step 100 itself at once (it used to count it as
-    saved and resume from 75, then, for one commit, to wait the whole hold for an upload that
-    never came)."""
-    faults = [{"kind": "kill", "rank": 1, "step": 100, "during": "checkpoint"}]
-    config = slow_config(tmp_path, "inreport", chaos={"faults": faults})
+@pytest.mark.parametrize("when", sorted(RANK_1_DIES_AROUND_CHECKPOINT_100))
+def test_a_peer_dying_around_a_checkpoint_loses_no_step(tmp_path, ray_address, reference, when):
+    faults = RANK_1_DIES_AROUND_CHECKPOINT_100[when]
+    resumed_without_redoing(tmp_path, ray_address, reference, "around100", faults, 100)
+
+
+def resumed_without_redoing(tmp_path, ray_address, reference, name, faults, resumed_from):
+    """Run with ``faults``; the retry must resume from ``resumed_from`` with no step redone,
+    the ledger exact and the result bitwise equal to the uninterrupted run. Returns the log."""
+    config = slow_config(tmp_path, name, chaos={"faults": faults})
     result = train_cli(config, address=ray_address)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    logged = events(tmp_path, "inreport")
+    logged = events(tmp_path, name)
     report = runlog.check_ledger(logged)
     assert report.ok, report.errors
-    assert report.resumed_from_steps == [None, 100], report.resumed_from_steps
+    assert report.resumed_from_steps == [None, resumed_from], report.resumed_from_steps
     assert redone_steps(logged) == [0]
-    assert_bitwise_equal(reference, final_state(tmp_path, "inreport"))
+    assert_bitwise_equal(reference, final_state(tmp_path, name))
+    return logged
 
 
 def newest_valid_step(storage, name):
