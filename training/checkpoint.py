@@ -225,19 +225,33 @@ def prune(fs: pafs.FileSystem, run_dir: str, keep: int, attempt: str) -> list[st
     registered = ray_registered(fs, run_dir)
     if registered is None:
         return []
+    # Ray writes its snapshot without a checkpoint it drops (num_to_keep) before it deletes the
+    # directory: a prune in between would delete it first, and Ray's delete then fails the run
+    # (FileNotFoundError in its controller). A name once seen registered is Ray's to delete.
+    seen = _seen_registered.setdefault(run_dir, set())
+    seen |= registered
     infos = scan(fs, run_dir, full=False)  # sizes only: cheap enough to run at every checkpoint
     kept = {i.step for i in infos if i.valid}
     kept = set(sorted(kept, reverse=True)[:keep])
     doomed = [
         i.path
         for i in infos
-        if posixpath.basename(i.path) not in registered
+        if posixpath.basename(i.path) not in seen
         and not posixpath.basename(i.path).endswith(f"_{attempt}")
         and not (i.valid and i.step in kept)
     ]
     for path in doomed:
         storage.delete_dir(fs, path)
     return doomed
+
+
+# Per run directory, every checkpoint name this process has seen in Ray's snapshot (see prune).
+_seen_registered: dict[str, set[str]] = {}
+
+
+def remember_registered(fs: pafs.FileSystem, run_dir: str) -> None:
+    """Note what Ray has registered now (at an attempt's start, before Ray can drop any)."""
+    _seen_registered.setdefault(run_dir, set()).update(ray_registered(fs, run_dir) or set())
 
 
 def ray_registered(fs: pafs.FileSystem, run_dir: str) -> set[str] | None:

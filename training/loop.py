@@ -259,6 +259,8 @@ def start_attempt(config_dict: dict[str, Any]) -> tuple[Worker, Progress]:
 def resume(worker: Worker) -> tuple[Progress, str | None]:
     """Load the newest valid checkpoint on storage, if any; rank 0 chooses it for everyone."""
     fs, run_dir = worker.fs, worker.run_dir
+    if worker.rank == 0:
+        checkpoint.remember_registered(fs, run_dir)  # prune leaves these to Ray
     chosen = checkpoint.newest_valid(fs, run_dir) if worker.rank == 0 else None
     path = broadcast(chosen.path if chosen else None)
     progress = Progress(global_step=0, epoch=0, step_in_epoch=0, attempt="")
@@ -588,8 +590,10 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
         inject_faults(worker, global_step, "checkpoint")
     if staged is not None:  # a peer that dies inside the report's barrier blocks this thread
         shutdown_grace.set_rescue(lambda: rescue_staged(worker, global_step, staged))
-    report_checkpoint(worker, global_step, step_metrics, local_dir, staged)
-    shutdown_grace.set_rescue(None)
+    try:
+        report_checkpoint(worker, global_step, step_metrics, local_dir, staged)
+    finally:
+        shutdown_grace.set_rescue(None)
     if worker.rank == 0:
         blocked = time.perf_counter() - started
         worker.runlog.write(

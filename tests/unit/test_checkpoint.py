@@ -137,7 +137,15 @@ def test_prune_never_deletes_what_ray_registered(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
         checkpoint.dir_name(s) for s in (10, 20, 30)
     ]
+    # Ray drops 10 and 30 from its snapshot, then deletes them: a prune in between must leave
+    # them to Ray (its delete of a missing directory fails the run).
     (tmp_path / checkpoint.RAY_SNAPSHOT_FILE).write_text(json.dumps({"checkpoint_results": []}))
+    checkpoint.prune(FS, str(tmp_path), keep=1, attempt="x")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        checkpoint.dir_name(s) for s in (10, 20, 30)
+    ]
+    # A process that never saw them registered takes them for leftovers Ray lost.
+    checkpoint._seen_registered.clear()
     checkpoint.prune(FS, str(tmp_path), keep=1, attempt="x")
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [checkpoint.dir_name(20)]
 
