@@ -686,25 +686,26 @@ def rescue_staged(worker: Worker, global_step: int, staged: dict[str, Any]) -> N
         if worker.upload_began or worker.failing:
             return
         worker.failing = True
-    started = time.perf_counter()
     try:
-        with tempfile.TemporaryDirectory(prefix="elastic-trainer-ckpt-") as local_dir:
-            path = write_to_storage(
-                worker,
-                global_step,
-                staged,
-                local_dir,
-                checkpoint.dir_name(global_step, worker.attempt),
-            )
-        worker.saved_step = global_step
-        took = time.perf_counter() - started
-        worker.runlog.write(
-            "checkpoint", global_step=global_step, blocked_s=took, path=path, failure=True
-        )
-        worker.runlog.flush()
-        log.warning("Saved the staged state of step %d on shutdown (%.2f s)", global_step, took)
+        save_for_retry(worker, global_step, staged, time.perf_counter(), "staged, on shutdown")
     except Exception as exc:
         log.warning("Could not save the staged state of step %d: %s", global_step, exc)
+
+
+def save_for_retry(
+    worker: Worker, step: int, state: dict[str, Any], started: float, how: str
+) -> None:
+    """Write ``state`` as checkpoint ``step`` of this attempt (manifest last), outside Ray's
+    registry, and log it as a save on failure: the retry resumes from it."""
+    with tempfile.TemporaryDirectory(prefix="elastic-trainer-ckpt-") as local_dir:
+        path = write_to_storage(
+            worker, step, state, local_dir, checkpoint.dir_name(step, worker.attempt)
+        )
+    worker.saved_step = step
+    took = time.perf_counter() - started
+    worker.runlog.write("checkpoint", global_step=step, blocked_s=took, path=path, failure=True)
+    worker.runlog.flush()
+    log.warning("Saved the state of step %d (%s, %.2f s): %s", step, how, took, path)
 
 
 def save_on_failure(worker: Worker) -> None:
@@ -749,14 +750,7 @@ def save_on_failure(worker: Worker) -> None:
             worker.config_dict,
             extra={"scaler": worker.scaler.state_dict(), "task": worker.task.state_dict()},
         )
-        with tempfile.TemporaryDirectory(prefix="elastic-trainer-ckpt-") as local_dir:
-            path = write_to_storage(
-                worker, step, state, local_dir, checkpoint.dir_name(step, worker.attempt)
-            )
-        took = time.perf_counter() - started
-        worker.runlog.write("checkpoint", global_step=step, blocked_s=took, path=path, failure=True)
-        worker.runlog.flush()
-        log.warning("Saved the state of step %d on failure (%.2f s): %s", step, took, path)
+        save_for_retry(worker, step, state, started, "on failure")
     except Exception as exc:  # the original failure is what the user must see
         log.warning("Could not save the state of step %d on failure: %s", step, exc)
 

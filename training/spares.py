@@ -161,7 +161,10 @@ def prestart(count: int) -> None:
 def _raylet_address(node_id: str) -> str:
     import ray
 
-    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    return _address(next(n for n in ray.nodes() if n["NodeID"] == node_id))
+
+
+def _address(node: dict) -> str:
     return f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"
 
 
@@ -191,8 +194,9 @@ def train_worker_env_text(worker_env: dict) -> str:
     Ray Train starts its controller with its own env vars on top of the job's runtime env, and
     the workers with ``RunConfig.worker_runtime_env`` on top of the controller's. Ray merges
     ``env_vars`` (the child's value wins), takes any other field from the child, and holds the
-    result as compact JSON with sorted keys (checked against a worker's
-    ``get_runtime_env_string()`` by the integration test of the first group)."""
+    result as compact JSON with sorted keys. Compared by hand with a worker's
+    ``get_runtime_env_string()``; a mismatch would leave the processes unused, which the spares
+    integration test catches (the first group must run in processes older than the controller)."""
     import ray
     from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
     from ray.train.v2._internal.constants import (
@@ -229,9 +233,8 @@ def first_group_plan(nodes: list[dict], max_workers: int, resources: dict[str, f
         have = node.get("Resources", {})
         fits = min(int(have.get(k, 0) // v) for k, v in resources.items() if v > 0)
         if fits > 0:
-            address = f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"
-            plan[address] = min(fits, left)
-            left -= plan[address]
+            plan[_address(node)] = min(fits, left)
+            left -= plan[_address(node)]
     return plan
 
 
