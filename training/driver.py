@@ -270,16 +270,22 @@ def train(
 ) -> dict[str, Any]:
     """Run (or resume) training to the end; returns the run summary.
 
-    Raises lease.LeaseHeld (before Ray is touched) when another driver trains the same run,
-    unless ``wait_for_lease``."""
+    Raises lease.LeaseHeld when another driver trains the same run, unless ``wait_for_lease``:
+    before Ray is touched, or, for the loser of two drivers starting within the lease's settle
+    window, after it connected to Ray and before it started anything there."""
     cfg = with_absolute_paths(cfg)
     run = prepare_run(cfg)  # every check of the input first: a run that cannot start writes nothing
-    with lease.hold(run.fs, run.run_dir, wait=wait_for_lease, dead_jobs=dead_jobs):  # one writer
+    # Ray starts during the lease's settle wait (it writes nothing to the run); a run that
+    # storage already shows finished needs no Ray.
+    start_ray = (lambda: None) if run.finished else (lambda: connect_ray(cfg))
+    with lease.hold(
+        run.fs, run.run_dir, wait=wait_for_lease, dead_jobs=dead_jobs, while_settling=start_ray
+    ):  # one writer
         run = current_state(run)  # as storage says now that no other driver writes the run
         print(run.describe(cfg.run.name), flush=True)
         if run.finished:
             return run_summary(run.fs, run.run_dir)
-        connect_ray(cfg)
+        connect_ray(cfg)  # returns at once if it started while settling
         on_connected()
         try:
             trainer = build_trainer(cfg, run)

@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import pyarrow.fs as pafs
@@ -146,23 +146,41 @@ class Lease:
     def release(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        with contextlib.suppress(OSError):
-            current = read(self.fs, posixpath.dirname(self.path))
-            if current is not None and current.token == self.holder.token:
-                self.fs.delete_file(self.path)
+        _delete_if_ours(self.fs, self.path, self.holder.token)
+
+
+def _delete_if_ours(fs: pafs.FileSystem, path: str, token: str) -> None:
+    with contextlib.suppress(OSError):
+        current = read(fs, posixpath.dirname(path))
+        if current is not None and current.token == token:
+            fs.delete_file(path)
 
 
 def try_acquire(
-    fs: pafs.FileSystem, run_dir: str, ttl: float, settle_s: float, dead_jobs: tuple[str, ...] = ()
+    fs: pafs.FileSystem,
+    run_dir: str,
+    ttl: float,
+    settle_s: float,
+    dead_jobs: tuple[str, ...] = (),
+    while_settling: Callable[[], None] = lambda: None,
 ) -> Lease:
-    """Take the lease or raise LeaseHeld naming the live holder."""
+    """Take the lease or raise LeaseHeld naming the live holder. ``while_settling`` runs during
+    the settle wait (work that writes nothing to the run, such as starting Ray), which then
+    only sleeps for what is left of ``settle_s``."""
     current = read(fs, run_dir)
     if current is not None and is_alive(current, time.time(), ttl, dead_jobs):
         raise LeaseHeld(current.describe(time.time()))
     holder = me(uuid.uuid4().hex, since=time.time())
     path = posixpath.join(run_dir, LEASE_FILE)
     storage.write_bytes(fs, path, json.dumps(asdict(holder)).encode())
-    time.sleep(settle_s)  # a racing writer's record lands within this window (see above)
+    settle_until = time.monotonic() + settle_s
+    try:
+        while_settling()
+    except BaseException:
+        _delete_if_ours(fs, path, holder.token)  # a failed start leaves no lease to wait for
+        raise
+    # A racing writer's record lands within this window (see above).
+    time.sleep(max(0.0, settle_until - time.monotonic()))
     winner = read(fs, run_dir)
     if winner is None or winner.token != holder.token:
         raise LeaseHeld(winner.describe(time.time()) if winner else "a racing driver")
@@ -176,13 +194,14 @@ def hold(
     wait: bool,
     settle_s: float = SETTLE_S,
     dead_jobs: tuple[str, ...] = (),
+    while_settling: Callable[[], None] = lambda: None,
 ) -> Iterator[Lease]:
     """Hold the run's lease for the block; wait for it (polling) or raise LeaseHeld.
     A lease held by one of ``dead_jobs`` (Ray submission ids known to have ended) is free."""
     ttl = ttl_s()
     while True:
         try:
-            lease = try_acquire(fs, run_dir, ttl, settle_s, dead_jobs)
+            lease = try_acquire(fs, run_dir, ttl, settle_s, dead_jobs, while_settling)
             break
         except LeaseHeld as held:
             if not wait:

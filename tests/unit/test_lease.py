@@ -124,3 +124,31 @@ def test_lease_of_a_job_known_dead_is_taken_over_at_once(run_dir):
     with pytest.raises(lease.LeaseHeld):
         lease.try_acquire(FS, run_dir, ttl=30, settle_s=0, dead_jobs=("raysubmit_other",))
     lease.try_acquire(FS, run_dir, ttl=30, settle_s=0, dead_jobs=("raysubmit_abc",)).release()
+
+
+def test_work_done_while_settling_shortens_the_wait_and_a_racer_still_wins(run_dir, monkeypatch):
+    """The settle wait is filled with other work (the driver starts Ray there), not added to
+    it; a writer that lands during that work still takes the lease from us."""
+    racer = elsewhere()
+    slept: list[float] = []
+    monkeypatch.setattr(lease.time, "sleep", slept.append)  # the lease module's sleeps
+
+    def race_while_we_settle():
+        deadline = time.monotonic() + 0.3  # busy: time.sleep only records, see above
+        while time.monotonic() < deadline:
+            pass
+        write_holder(run_dir, racer)
+
+    with pytest.raises(lease.LeaseHeld):
+        lease.try_acquire(FS, run_dir, ttl=30, settle_s=0.5, while_settling=race_while_we_settle)
+    assert lease.read(FS, run_dir).token == racer.token
+    assert len(slept) == 1 and slept[0] <= 0.2  # only what the work left of the 0.5 s settle
+
+
+def test_a_failure_while_settling_leaves_no_lease_behind(run_dir):
+    def start_fails():
+        raise ConnectionError("no cluster at RAY_ADDRESS")
+
+    with pytest.raises(ConnectionError):
+        lease.try_acquire(FS, run_dir, ttl=30, settle_s=0, while_settling=start_fails)
+    assert lease.read(FS, run_dir) is None
