@@ -1,7 +1,7 @@
 """Run every benchmark, side by side, and write ``benchmarks/results/results.{md,json,png}``.
 
     python -m benchmarks                 # full mode: the numbers (about 30 minutes on 2 cores)
-    python -m benchmarks --plan device   # n=3, fewer and shorter scenarios (<= 9 min, 16 cores)
+    python -m benchmarks --plan device   # n=3, fewer and shorter scenarios (~9.5 min, 16 cores)
     python -m benchmarks --quick         # CI smoke: tiny sizes, one repetition (a few minutes)
 
 Scenarios (see README "Benchmarks"):
@@ -147,33 +147,30 @@ PLANS: dict[str, dict[str, Any]] = {
         "goodput": [("ray", 30, 120), ("ray", 60, 180), ("torchrun", 30, 90)],
         "timeout_s": 1500,
     },
-    # For a short session on a quiet 16-core machine (<= 9 min): n=3 where it counts, no
-    # cadence sweep, the shipped async upload only, recovery at the project's health check.
+    # For a short session on a quiet 16-core machine (~9.5 min, inside one 10-minute device
+    # call): n=3 where it counts, no cadence sweep or goodput, the shipped async upload only,
+    # recovery at the project defaults vs torchrun, the kill late enough for the warm spares.
     "device": {
-        "reps": 3,
-        "floor_sizes": ["10 MB", "100 MB", "500 MB"],
-        "overhead": {"mlp": 400, "lm": 100},
-        "cadence_steps": 0,
-        "cadence": [],
-        "stall_sizes": ["10 MB", "100 MB", "500 MB"],
-        "stall_modes": ["async"],
+        **ONLY,
+        **STALL_ROWS,
         "stall_steps": 6,
-        "recovery": ["project", "before"],
-        "recovery_steps": 600,
-        "kill_after_s": 4.0,
-        "goodput": [("ray", 30, 90)],
+        "overhead": {"mlp": 1000},
+        "recovery": ["project"],
+        "recovery_steps": 5000,
+        "kill_after_s": 10.0,
         "timeout_s": 420,
     },
 }
 
-# Assumed costs for the duration estimate (seconds) on a quiet 16-core machine; guesses from
-# the 2-core figures (README: CLI start-up 15-20 s, MLP ~8.5 ms a step, kill -> training again
-# ~7.7 s at Ray's 2 s health check), not measurements of that machine.
+# Assumed costs for the duration estimate (seconds) on a quiet 16-core machine. Start-up as
+# measured on an H100 host's 16 cores with the CUDA build of torch (2026-11-26: command -> first
+# step 27 s under Ray, 16 s under torchrun, plus their teardown; the MLP at ~270 steps/s); the
+# rest guessed from the 2-core figures (kill -> training again ~7.7 s at a 2 s health check).
 COST = {
-    "ray_cli_startup": 12,
+    "ray_cli_startup": 30,
     "ray_session_run": 6,
-    "torchrun_startup": 5,
-    "step": {"mlp": 0.01, "lm": 0.05},
+    "torchrun_startup": 18,
+    "step": {"mlp": 0.004, "lm": 0.05},
     "recovery": 8,
     "checkpoint": {"10 MB": 0.3, "100 MB": 2.0, "500 MB": 8.0},
 }
@@ -252,7 +249,7 @@ def estimate_s(plan: dict[str, Any]) -> float:
         checkpoints = plan["stall_steps"] // 2
         modes = len(plan.get("stall_modes", STALL_MODES))
         total += modes * (c["ray_session_run"] + checkpoints * c["checkpoint"][size])
-    recovery_run = plan["kill_after_s"] + c["recovery"] + plan["recovery_steps"] * 0.01
+    recovery_run = plan["kill_after_s"] + c["recovery"] + plan["recovery_steps"] * c["step"]["mlp"]
     total += reps * (len(plan["recovery"]) + 1) * (c["ray_session_run"] + recovery_run)
     for kind, every, target in plan["goodput"]:
         startup = c["ray_cli_startup"] if kind == "ray" else c["torchrun_startup"]
@@ -754,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(PLANS),
         default="full",
         help="full: every scenario, n=3 (~30 min on 2 cores); device: n=3, fewer and shorter "
-        "scenarios (<= 9 min on a quiet 16-core machine); quick: a smoke run.",
+        "scenarios (~9.5 min on a quiet 16-core machine); quick: a smoke run.",
     )
     parser.add_argument(
         "--workdir",
