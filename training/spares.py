@@ -233,8 +233,8 @@ def first_group_plan(nodes: list[dict], max_workers: int, resources: dict[str, f
         have = node.get("Resources", {})
         fits = min(int(have.get(k, 0) // v) for k, v in resources.items() if v > 0)
         if fits > 0:
-            plan[_address(node)] = min(fits, left)
-            left -= plan[_address(node)]
+            count = plan[_address(node)] = min(fits, left)
+            left -= count
     return plan
 
 

@@ -2,10 +2,11 @@
 
 import json
 
+import pytest
 import ray
 from click.testing import CliRunner
 
-from training import driver
+from training import driver, lease
 from training.cli import main
 from training.config import parse_config
 
@@ -103,3 +104,30 @@ def test_relative_paths_are_resolved_for_the_workers(tmp_path, monkeypatch):
     assert cfg.data.path == str(tmp_path / "data" / "d.parquet")
     remote = driver.with_absolute_paths(parse_config({"storage": {"path": "s3://b/runs"}}))
     assert remote.storage.path == "s3://b/runs"
+
+
+def test_ray_starts_inside_the_lease_settle_window_not_after_it(tmp_path, monkeypatch):
+    """Starting Ray fills the lease's settle wait (training/lease.py) instead of following it."""
+    cfg = parse_config(
+        {
+            "storage": {"path": str(tmp_path)},
+            "data": {"path": str(tmp_path / "d.parquet"), "create_demo_if_missing": True},
+            "task": {"options": {"demo_rows": 256}},
+        }
+    )
+    slept: list[float] = []
+    monkeypatch.setattr(lease.time, "sleep", slept.append)  # the settle wait, recorded
+    sleeps_before_connect: list[list[float]] = []
+    monkeypatch.setattr(driver, "connect_ray", lambda _: sleeps_before_connect.append(list(slept)))
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_):
+        raise Stop
+
+    monkeypatch.setattr(driver, "build_trainer", stop)
+    with pytest.raises(Stop):
+        driver.train(cfg)
+    assert sleeps_before_connect[0] == []  # Ray was started before any settle sleep...
+    assert slept and slept[0] < lease.SETTLE_S  # ...and the sleep that followed was shortened
