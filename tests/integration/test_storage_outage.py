@@ -79,6 +79,21 @@ class WeedServer:
                     pytest.fail(f"S3 not ready: {(self.root / 'weed.log').read_text()[-2000:]}")
                 time.sleep(0.5)
 
+    def wait_readable(self, path: str) -> None:
+        """After a restart S3 answers listings before it serves the objects written earlier
+        (GetObject: INTERNAL_FAILURE): ready for a resumed run = ``path`` reads back."""
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with s3(self.endpoint).open_input_file(path) as f:
+                    f.read()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    log = (self.root / "weed.log").read_text()[-2000:]
+                    pytest.fail(f"{path} still unreadable after a restart: {log}")
+                time.sleep(0.5)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -135,6 +150,7 @@ def test_s3_outage_mid_run_loses_nothing(tmp_path, weed):
     stopped = time.monotonic()
     time.sleep(OUTAGE_S)  # the outage itself: S3 stays down this long
     weed.start()
+    weed.wait_readable("training/data/demo.parquet")
     print(f"S3 down {time.monotonic() - stopped:.1f}s at checkpoint step {before} "
           f"(t+{stopped - started:.1f}s)", flush=True)  # fmt: skip
 
