@@ -5,9 +5,12 @@
 
 It reuses the project's config, its task (``training.tasks``: data, model, batch, loss) and the
 ``training.data`` order functions, so each global step consumes exactly the samples the Ray loop's
-step does, with the same optimizer and LR schedule (``training/optim.py``, Ray-free). It
-deliberately leaves out what the project adds on top of plain DDP: the sample ids in the run log,
-Prometheus gauges, evaluation, the checkpoint manifest and ``ray.train.report``.
+step does, with the same optimizer and LR schedule (``training/optim.py``, Ray-free), and the same
+evaluation (``eval.batches`` held-out global batches at each checkpoint or every
+``eval.every_n_steps``): evaluation is the user's workload, not the price of fault tolerance, so
+both sides of a comparison do it. It deliberately leaves out what the project adds on top of plain
+DDP: the run log's ledger and metrics, Prometheus gauges, the checkpoint manifest and
+``ray.train.report``.
 
 It has its own simple checkpointing (rank 0 ``torch.save`` + rename every
 ``checkpoint.every_n_steps``) and resumes from the newest one, so ``torchrun --max-restarts``
@@ -67,7 +70,7 @@ def main() -> None:
     task = tasks.build(
         cfg.task.name, cfg.task.options, tasks.DataSource(fs, path, path, cfg.data.val_fraction)
     )
-    train, _ = task.load()
+    train, val = task.load()
     per_epoch = data.steps_per_epoch(len(train), cfg.training.global_batch_size)
     total = per_epoch * cfg.training.epochs
     if cfg.training.max_steps is not None:
@@ -141,7 +144,12 @@ def main() -> None:
                 step_s=round(elapsed, 6),
                 world_size=world,
             )
-        if rank == 0 and (global_step % cfg.checkpoint.every_n_steps == 0 or global_step == total):
+        checkpoint_due = global_step % cfg.checkpoint.every_n_steps == 0 or global_step == total
+        if eval_due(cfg, global_step, checkpoint_due):
+            val_metrics = evaluate(task, model.module, val, cfg, rank, world)
+            if log:
+                log.write("eval", global_step=global_step, **val_metrics)
+        if rank == 0 and checkpoint_due:
             blocked = time.perf_counter()
             save(ckpt_dir, model.module, optimizer, scheduler, global_step, attempt)
             log.write(
@@ -151,6 +159,34 @@ def main() -> None:
         log.write("end", global_step=total)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def eval_due(cfg, global_step: int, checkpoint_due: bool) -> bool:
+    """As the project's loop decides (``training.loop.eval_due``, not imported: it needs Ray)."""
+    if cfg.eval.batches == 0:
+        return False
+    every = cfg.eval.every_n_steps
+    return checkpoint_due if every is None else global_step % every == 0
+
+
+@torch.no_grad()
+def evaluate(task, model: nn.Module, val, cfg, rank: int, world: int) -> dict[str, float]:
+    """The project's evaluation: the first ``eval.batches`` global batches of val, each sharded
+    over the ranks, the task's totals summed over all ranks."""
+    size = cfg.training.global_batch_size
+    count = min(len(val), cfg.eval.batches * size)
+    model.eval()
+    totals: dict[str, torch.Tensor] = {}
+    for start in range(0, count, size):
+        ids = data.rank_slice(torch.arange(start, min(start + size, count)), rank, world)
+        if len(ids):
+            for key, value in task.step(model, task.batch(val, ids, None)).totals.items():
+                totals[key] = totals[key] + value if key in totals else value
+    keys = sorted(totals)
+    summed = torch.stack([totals[k].float() for k in keys]) if keys else torch.zeros(0)
+    dist.all_reduce(summed)
+    summed_totals = dict(zip(keys, summed.tolist(), strict=True))
+    return {f"val_{k}": v for k, v in task.metrics(summed_totals).items()}
 
 
 def newest_checkpoint(ckpt_dir: Path) -> Path | None:

@@ -173,10 +173,11 @@ class CheckpointSection(Section):
 class FailureSection(Section):
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts allowed; -1 = no limit.")
     health_check_interval_s: PositiveFloat = Field(
-        0.5,
+        0.2,
         description="How often Ray Train's controller polls the workers (Ray's default: 2). It "
-        "bounds failure detection and how long every ray.train.report waits. An exported "
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S takes precedence.",
+        "bounds failure detection, how long every ray.train.report waits, and how many "
+        "checkpoints Ray registers: one per poll, so checkpoints that come faster make training "
+        "wait. An exported RAY_TRAIN_HEALTH_CHECK_INTERVAL_S takes precedence.",
     )
     spare_workers: bool = Field(
         True,

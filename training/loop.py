@@ -147,6 +147,7 @@ class Worker:
     state_step: int = 0
     recorded_step: int = 0
     saved_step: int = 0
+    warned_slow_save: bool = False
 
     def __post_init__(self) -> None:
         self.save_done.set()
@@ -602,18 +603,33 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
             blocked_s=blocked,
             path=posixpath.join(worker.run_dir, checkpoint.dir_name(global_step, worker.attempt)),
         )
-        checkpoint.prune(
-            worker.fs, worker.run_dir, worker.cfg.checkpoint.num_to_keep, worker.attempt
-        )
+
+
+SLOW_SAVE_WARNING_S = 0.05  # far above a free pipeline's wait (0), below a poll interval
 
 
 def wait_for_previous_save(worker: Worker) -> None:
-    """The staging buffers are reused: the previous save must have finished with them."""
+    """The staging buffers are reused: the previous save must have finished with them.
+
+    Ray Train registers one report per controller poll (one upload thread, a result queue of
+    one), so checkpoints that come faster than ``failure.health_check_interval_s`` queue up
+    behind it and training ends up waiting here: say so once, with the way out."""
     waited = time.perf_counter()
     while not worker.save_done.wait(timeout=60):
         log.warning(
             "still waiting for the previous checkpoint's upload (%.0f s)",
             time.perf_counter() - waited,
+        )
+    waited = time.perf_counter() - waited
+    if waited > SLOW_SAVE_WARNING_S and not worker.warned_slow_save:
+        worker.warned_slow_save = True
+        log.warning(
+            "Training waited %.2f s for the previous checkpoint: Ray Train registers at most one "
+            "checkpoint per health-check interval (%s s) and the upload must finish first. "
+            "Checkpoint less often (checkpoint.every_n_steps) or lower "
+            "failure.health_check_interval_s.",
+            waited,
+            os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "?"),
         )
 
 
@@ -642,7 +658,8 @@ def report_checkpoint(
 def make_uploader(worker: Worker, global_step: int, staged: dict[str, Any]):
     """Serialise the staged state into the (empty) local directory, checksumming as it writes,
     then copy it to storage with the manifest last, so a crash at any point leaves either no
-    directory or one that validation rejects, never one that looks complete."""
+    directory or one that validation rejects, never one that looks complete; then prune dead
+    attempts' leftovers."""
 
     def upload(local: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
         with worker.upload_lock:
@@ -654,11 +671,23 @@ def make_uploader(worker: Worker, global_step: int, staged: dict[str, Any]):
             inject_faults(worker, global_step, "serialize")
             target = write_to_storage(worker, global_step, staged, local.path, dir_name)
             worker.saved_step = max(worker.saved_step, global_step)
+            prune_leftovers(worker)
             return ray.train.Checkpoint(target, filesystem=worker.fs)
         finally:
             worker.save_done.set()
 
     return upload
+
+
+def prune_leftovers(worker: Worker) -> None:
+    """Off the training thread (on S3 the listing and reads are requests, not microseconds).
+    A failure costs nothing saved: the next checkpoint's prune sees the same leftovers."""
+    try:
+        checkpoint.prune(
+            worker.fs, worker.run_dir, worker.cfg.checkpoint.num_to_keep, worker.attempt
+        )
+    except Exception as exc:
+        log.warning("Could not prune old checkpoints of %s: %s", worker.run_dir, exc)
 
 
 def write_to_storage(

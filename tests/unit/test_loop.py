@@ -189,6 +189,30 @@ def test_save_on_failure_waits_for_the_periodic_upload_in_flight(table, tmp_path
     assert saved == ([] if upload == "completes" else [1])
 
 
+def test_training_that_waits_for_a_checkpoint_still_in_flight_says_why_once(table, caplog):
+    """Ray registers one checkpoint per controller poll: a save that outlasts the interval to
+    the next checkpoint makes training wait, and the log names the two ways out, once."""
+    worker = make_worker(table)
+
+    def save_in_flight():
+        worker.save_done.clear()
+        finisher = threading.Timer(0.1, worker.save_done.set)  # the upload, still running
+        finisher.start()
+        return finisher
+
+    for _ in range(2):
+        finisher = save_in_flight()
+        with caplog.at_level("WARNING", logger=loop.log.name):
+            loop.wait_for_previous_save(worker)
+        assert worker.save_done.is_set()
+        finisher.join()
+    loop.wait_for_previous_save(worker)  # nothing in flight: no wait, no warning
+    warnings = [r.getMessage() for r in caplog.records if "previous checkpoint" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "health-check interval" in warnings[0]
+    assert "checkpoint.every_n_steps" in warnings[0]
+
+
 def test_seed_step_draws_what_torch_manual_seed_draws_on_the_cpu():
     dropout = torch.nn.Dropout(0.5)
     torch.manual_seed(1234)
