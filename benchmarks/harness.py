@@ -177,8 +177,8 @@ COST = {
 
 # label, overrides, env, steps cap (each sync report waits for the controller's poll, up to
 # the health-check interval, so frequent-report runs are kept short). No row sets more than
-# it says: the rest is the shipped local.yaml (health check 0.5 s, checkpoint every 100 with
-# async upload, no metrics-only reports).
+# it says: the rest is the shipped local.yaml (its health check, checkpoint every 100 with
+# async upload, no metrics-only reports); each row's settings column states the values.
 CADENCE: dict[str, tuple[str, dict[str, Any], dict[str, str], int | None]] = {
     "never": (
         "no report, no checkpoint until the end",
@@ -216,7 +216,7 @@ STALL_MODES = ("sync", "async")
 # label, env, overrides
 RECOVERY: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
     "project": (
-        "project defaults: warm spares, rank 0 saves on failure, health check 0.5 s",
+        "project defaults: warm spares, rank 0 saves on failure",
         {},
         {},
     ),
@@ -226,7 +226,7 @@ RECOVERY: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
         {"failure.spare_workers": False},
     ),
     "before": (
-        "periodic checkpoints only (checkpoint.on_failure: false), health check 0.5 s",
+        "periodic checkpoints only (checkpoint.on_failure: false)",
         {},
         {"checkpoint.on_failure": False},
     ),
