@@ -145,7 +145,7 @@ def main() -> None:
                 world_size=world,
             )
         checkpoint_due = global_step % cfg.checkpoint.every_n_steps == 0 or global_step == total
-        if eval_due(cfg, global_step, checkpoint_due):
+        if cfg.eval.due(global_step, checkpoint_due):
             val_metrics = evaluate(task, model.module, val, cfg, rank, world)
             if log:
                 log.write("eval", global_step=global_step, **val_metrics)
@@ -159,14 +159,6 @@ def main() -> None:
         log.write("end", global_step=total)
     dist.barrier()
     dist.destroy_process_group()
-
-
-def eval_due(cfg, global_step: int, checkpoint_due: bool) -> bool:
-    """As the project's loop decides (``training.loop.eval_due``, not imported: it needs Ray)."""
-    if cfg.eval.batches == 0:
-        return False
-    every = cfg.eval.every_n_steps
-    return checkpoint_due if every is None else global_step % every == 0
 
 
 @torch.no_grad()

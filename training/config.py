@@ -153,6 +153,14 @@ class EvalSection(Section):
         20, description="Held-out global batches per evaluation, sharded over the ranks; 0: off."
     )
 
+    def due(self, global_step: int, checkpoint_due: bool) -> bool:
+        """Whether to evaluate after ``global_step`` (the Ray loop and the torchrun baseline)."""
+        if self.batches == 0:
+            return False
+        return (
+            checkpoint_due if self.every_n_steps is None else global_step % self.every_n_steps == 0
+        )
+
 
 class CheckpointSection(Section):
     every_n_steps: PositiveInt = Field(50, description="Checkpoint every N global steps.")

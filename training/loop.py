@@ -335,7 +335,7 @@ def run_steps(worker: Worker, progress: Progress) -> None:
         checkpoint_due = global_step % cfg.checkpoint.every_n_steps == 0 or global_step == last_step
         every_report = cfg.training.report_every_n_steps
         report_due = every_report is not None and global_step % every_report == 0
-        evaluate_now = eval_due(cfg, global_step, checkpoint_due)
+        evaluate_now = cfg.eval.due(global_step, checkpoint_due)
         log_due = global_step % cfg.training.log_every_n_steps == 0
         step_metrics: dict[str, Any] = {}
         if checkpoint_due or report_due or evaluate_now or log_due:
@@ -357,13 +357,6 @@ def run_steps(worker: Worker, progress: Progress) -> None:
     if worker.runlog is not None:
         worker.runlog.write("end", global_step=last_step)
         metrics.run_ended(cfg.run.name)
-
-
-def eval_due(cfg: Config, global_step: int, checkpoint_due: bool) -> bool:
-    if cfg.eval.batches == 0:
-        return False
-    every = cfg.eval.every_n_steps
-    return checkpoint_due if every is None else global_step % every == 0
 
 
 def train_step(worker: Worker, global_step: int) -> float:

@@ -146,3 +146,13 @@ def test_identity_diff_names_changed_fields_only():
 def test_model_change_is_an_identity_change():
     other = parse_config({"task": {"options": {"mlp": {"hidden_sizes": [64]}}}}).model_dump()
     assert identity_diff(parse_config({}).model_dump(), other)[0].startswith("task:")
+
+
+def test_evaluation_is_due_at_checkpoints_or_every_n_steps_and_never_when_off():
+    at_checkpoints = parse_config({"eval": {"batches": 2}}).eval
+    assert at_checkpoints.due(100, checkpoint_due=True)
+    assert not at_checkpoints.due(99, checkpoint_due=False)
+    every_30 = parse_config({"eval": {"batches": 2, "every_n_steps": 30}}).eval
+    assert every_30.due(60, checkpoint_due=False)
+    assert not every_30.due(100, checkpoint_due=True)
+    assert not parse_config({"eval": {"batches": 0}}).eval.due(100, checkpoint_due=True)
