@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from training import runlog
+from training import checkpoint, runlog
 
 # Driver-output lines that mark recovery phases (timestamped when the harness read them).
 DETECTED = {
@@ -131,24 +131,68 @@ def report_pauses(attempt: dict[str, Any], report_every: int) -> list[float]:
     return [gaps[g] - typical for g in sorted(reported)]
 
 
-def checkpoint_stalls(attempt: dict[str, Any]) -> list[dict[str, float]]:
+def checkpoint_stalls(
+    attempt: dict[str, Any], saved_at: dict[int, float] | None = None
+) -> list[dict[str, float]]:
     """Per checkpoint: ``blocked_s`` as logged, and how long training actually paused: the gap
-    between the step before and the step after, minus a normal step-to-step interval."""
-    steps = attempt["steps"]
-    by_step = {s["global_step"]: s for s in steps}
-    gaps = [b["time"] - a["time"] for a, b in itertools.pairwise(steps)]
-    ckpt_steps = {c["global_step"] for c in attempt["ckpts"]}
-    normal = [
-        g for g, a in zip(gaps, steps, strict=False) if a["global_step"] not in ckpt_steps
-    ] or [0.0]
-    typical = statistics.median(normal)
+    between the step before and the step after, minus a normal step-to-step interval. With
+    ``saved_at`` (checkpoint step -> when its save ended) "normal" means no save in flight;
+    without it, any interval that does not start at a checkpoint."""
+    gaps = step_gaps(attempt, saved_at)
+    typical = statistics.median(gaps["quiet"] or gaps["saving"] or [0.0])
     out = []
     for c in attempt["ckpts"]:
         g = c["global_step"]
-        paused = None
-        if g in by_step and g + 1 in by_step:
-            paused = by_step[g + 1]["time"] - by_step[g]["time"] - typical
-        out.append({"step": g, "blocked_s": c["blocked_s"], "paused_s": paused})
+        paused = gaps["at_checkpoint"].get(g)
+        out.append(
+            {
+                "step": g,
+                "blocked_s": c["blocked_s"],
+                "paused_s": None if paused is None else paused - typical,
+            }
+        )
+    return out
+
+
+def step_gaps(attempt: dict[str, Any], saved_at: dict[int, float] | None) -> dict[str, Any]:
+    """Step-to-step intervals by what ran beside them: ``at_checkpoint`` (checkpoint step ->
+    the interval that starts there), ``saving`` (a checkpoint's background save still in
+    flight, known only from ``saved_at``) and ``quiet`` (the rest)."""
+    steps = attempt["steps"]
+    ckpt_steps = {c["global_step"] for c in attempt["ckpts"]}
+    in_flight = [
+        (times["time"], saved_at[g])
+        for g, times in ((s["global_step"], s) for s in steps)
+        if g in ckpt_steps and saved_at and g in saved_at
+    ]
+    out: dict[str, Any] = {"at_checkpoint": {}, "saving": [], "quiet": []}
+    for a, b in itertools.pairwise(steps):
+        gap = b["time"] - a["time"]
+        if a["global_step"] in ckpt_steps:
+            out["at_checkpoint"][a["global_step"]] = gap
+        elif any(began < a["time"] < ended for began, ended in in_flight):
+            out["saving"].append(gap)
+        else:
+            out["quiet"].append(gap)
+    return out
+
+
+def save_dip(attempt: dict[str, Any], saved_at: dict[int, float]) -> float | None:
+    """Steps/s while a background save runs, as a fraction of steps/s with none in flight."""
+    gaps = step_gaps(attempt, saved_at)
+    if len(gaps["saving"]) < 3 or len(gaps["quiet"]) < 3:
+        return None
+    return statistics.median(gaps["quiet"]) / statistics.median(gaps["saving"])
+
+
+def saves_ended(run_dir: Path) -> dict[int, float]:
+    """Checkpoint step -> when its save ended: its manifest, written last, was last modified
+    (the run's workers and this process share the machine's clock)."""
+    out = {}
+    for info in checkpoint.scan(pafs.LocalFileSystem(), str(run_dir), check=False):
+        manifest = Path(info.path) / checkpoint.MANIFEST_FILE
+        if manifest.exists():
+            out[info.step] = manifest.stat().st_mtime
     return out
 
 

@@ -77,7 +77,7 @@ STALL_ROWS: dict[str, Any] = {
     "floor_sizes": ["10 MB", "100 MB", "500 MB"],
     "stall_sizes": ["10 MB", "100 MB", "500 MB"],
     "stall_modes": ["async"],
-    "stall_steps": 12,
+    "stall_steps": 36,
 }
 
 PLANS: dict[str, dict[str, Any]] = {
@@ -123,7 +123,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "cadence_steps": 40,
         "cadence": ["never", "report_10"],
         "stall_sizes": ["10 MB"],
-        "stall_steps": 6,
+        "stall_steps": 12,
         "recovery": ["project"],
         "recovery_steps": 1000,
         "kill_after_s": 1.0,
@@ -140,7 +140,7 @@ PLANS: dict[str, dict[str, Any]] = {
         # the per-report pause gives its cost.
         "cadence": ["never", "report_10", "local_yaml", "ckpt_10", "local_yaml_hc2"],
         "stall_sizes": ["10 MB", "100 MB", "500 MB"],
-        "stall_steps": 12,
+        "stall_steps": 36,
         "recovery": ["project", "before"],
         "recovery_steps": 2000,
         "kill_after_s": 4.0,
@@ -153,7 +153,7 @@ PLANS: dict[str, dict[str, Any]] = {
     "device": {
         **ONLY,
         **STALL_ROWS,
-        "stall_steps": 6,
+        "stall_steps": 24,
         "overhead": {"mlp": 1000},
         "recovery": ["project"],
         "recovery_steps": 5000,
@@ -213,6 +213,11 @@ CADENCE: dict[str, tuple[str, dict[str, Any], dict[str, str], int | None]] = {
     ),
 }
 STALL_MODES = ("sync", "async")
+# A checkpoint every 6 steps: the background save of the previous one has ended (measured: the
+# dip column), so the pause is the checkpoint's own and steps with no save in flight are left to
+# compare with.
+STALL_EVERY = 6
+STALL_FIGURES = ("paused_s", "blocked_s", "save_dip")
 # label, env, overrides
 RECOVERY: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
     "project": (
@@ -246,9 +251,9 @@ def estimate_s(plan: dict[str, Any]) -> float:
         steps = min(cap, plan["cadence_steps"])
         total += reps * (c["ray_session_run"] + steps * c["step"]["mlp"])
     for size in plan["stall_sizes"]:
-        checkpoints = plan["stall_steps"] // 2
+        checkpoints = plan["stall_steps"] // STALL_EVERY
         modes = len(plan.get("stall_modes", STALL_MODES))
-        total += modes * (c["ray_session_run"] + checkpoints * c["checkpoint"][size])
+        total += reps * modes * (c["ray_session_run"] + checkpoints * c["checkpoint"][size])
     recovery_run = plan["kill_after_s"] + c["recovery"] + plan["recovery_steps"] * c["step"]["mlp"]
     total += reps * (len(plan["recovery"]) + 1) * (c["ray_session_run"] + recovery_run)
     for kind, every, target in plan["goodput"]:
@@ -485,7 +490,8 @@ class Bench:
             for mode in self.plan.get("stall_modes", STALL_MODES):
                 extra = {
                     "task.options.mlp.hidden_sizes": SIZES[label],
-                    "checkpoint.every_n_steps": 2,
+                    "checkpoint.every_n_steps": STALL_EVERY,
+                    "checkpoint.num_to_keep": NEVER,  # every manifest's time: when it ended
                     "checkpoint.upload": mode,
                     "training.report_every_n_steps": NEVER,
                     "training.log_every_n_steps": 1,
@@ -493,39 +499,51 @@ class Bench:
                     # default) would add its forward passes, seconds at 500 MB.
                     "eval.batches": 0,
                 }
-                runs.append(
+                runs += [
                     {
-                        "tag": f"stall-{label.replace(' ', '')}-{mode}",
+                        "tag": f"stall-{label.replace(' ', '')}-{mode}-{rep}",
                         "steps": self.plan["stall_steps"],
                         "overrides": extra,
                         "label": label,
                         "mode": mode,
                         "scenario": "stall",
                     }
-                )
+                    for rep in range(self.plan["reps"])
+                ]
         return runs
 
     def stall(self, runs, watches, launched) -> None:
-        rows = []
+        """One row per state size and upload mode: each figure is the median over the runs of
+        that run's own median (its checkpoints), as median [min-max] (n = runs)."""
+        per_run: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for r, w in zip(runs, watches, strict=True):
             evs = analyze.events(w.run_dir) if w.begin else []
             attempt = (analyze.attempts(evs) or [None])[0]
-            ckpts = analyze.checkpoint_stalls(attempt) if attempt else []
+            saved = analyze.saves_ended(w.run_dir) if attempt else {}
+            ckpts = analyze.checkpoint_stalls(attempt, saved) if attempt else []
             if not ckpts:
                 self.failures.append(f"stall {r['tag']}: no checkpoint measured")
-            rows.append(
+            per_run.setdefault((r["label"], r["mode"]), []).append(
                 {
-                    "size": r["label"],
-                    "mode": r["mode"],
                     "settings": analyze.describe(analyze.settings(w.run_dir)),
                     "checkpoints": len(ckpts),
                     # the last checkpoint has no step after it: its pause cannot be seen
-                    "paused_s": stats([c["paused_s"] for c in ckpts[:-1]]),
-                    "blocked_s": stats([c["blocked_s"] for c in ckpts]),
+                    "paused_s": stats([c["paused_s"] for c in ckpts[:-1]])["median"],
+                    "blocked_s": stats([c["blocked_s"] for c in ckpts])["median"],
+                    "save_dip": analyze.save_dip(attempt, saved) if attempt else None,
                 }
             )
             self.cleanup(w)
-        self.results["stall"] = rows
+        self.results["stall"] = [
+            {
+                "size": size,
+                "mode": mode,
+                "settings": measured[0]["settings"],
+                "checkpoints": [m["checkpoints"] for m in measured],
+                **{key: stats([m[key] for m in measured]) for key in STALL_FIGURES},
+            }
+            for (size, mode), measured in per_run.items()
+        ]
 
     def recovery_runs(self) -> list[dict[str, Any]]:
         return [

@@ -137,24 +137,35 @@ def markdown(r: dict[str, Any]) -> str:
         out += [
             "## Checkpoint stall vs state size (model + AdamW state)",
             "",
-            "| state | upload | training paused per checkpoint (s) | report blocked_s (s) "
+            "| state | upload | training paused per checkpoint (s) | paused / in-memory copy "
+            "| rank 0 blocked_s (s) | steps/s while the save runs (x none in flight) "
             "| settings |",
-            "|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|",
         ]
+        copies = {
+            row["label"]: (row.get("copy_s") or {}).get("median") for row in r.get("floor", [])
+        }
         for row in r.get("stall", []):
+            paused, copy = (row["paused_s"] or {}).get("median"), copies.get(row["size"])
+            ratio = paused / copy if paused is not None and copy else None
             out.append(
-                f"| {row['size']} | {row['mode']} | {_s(row['paused_s'], 3)} | "
-                f"{_s(row['blocked_s'], 3)} | {row.get('settings', 'n/a')} |"
+                f"| {row['size']} | {row['mode']} | {_s(row['paused_s'], 3)} | {_f(ratio)} | "
+                f"{_s(row['blocked_s'], 3)} | {_s(row.get('save_dip'))} | "
+                f"{row.get('settings', 'n/a')} |"
             )
         out += [
             "",
-            "- paused: gap between the step before and after the checkpoint minus a normal "
-            "step interval (a step that ran while the previous save was still being written "
-            "in the background), as the other ranks see it too; n = checkpoints in one run. "
-            "blocked_s: rank 0's own checkpoint call as the loop logs it (wait for the "
-            "previous save, copy the state into reusable CPU buffers, ray.train.report); "
-            "serialising, checksumming and writing run in the background. Evaluation is off "
-            "in these runs (see settings) so that its forward passes are not counted.",
+            "- paused: gap between the step before and after the checkpoint minus the median "
+            "interval of steps with no save in flight (a save ends when its manifest, written "
+            "last, is on storage), as the other ranks see it too; each run's median over its "
+            "checkpoints, then median [min-max] over the runs (n = runs). "
+            "paused / in-memory copy: its median over the floor's copy of the same state. "
+            "blocked_s: rank 0's own checkpoint call as the loop logs it (flush the run log, "
+            "wait for the previous save, copy the state into reusable CPU buffers, hand the "
+            "report to the report thread); the report's barrier, serialising, checksumming and "
+            "writing run in the background. steps/s while the save runs: median interval with "
+            "no save in flight / median interval while one is (1.00 = no dip). Evaluation is "
+            "off in these runs (see settings) so that its forward passes are not counted.",
             "",
             "Floor, measured in-process on the same disk:",
             "",

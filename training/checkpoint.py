@@ -20,6 +20,7 @@ import json
 import logging
 import posixpath
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -101,22 +102,34 @@ def write(
     write_state(directory, build_state(model, optimizer, scheduler, progress, config, extra))
 
 
-def write_state(directory: str | Path, state: dict[str, Any]) -> None:
-    """Serialise a (staged) state into a local directory, checksumming the bytes as they are
-    written (no second read of the file); the manifest goes last."""
-    directory = Path(directory)
-    with open(directory / STATE_FILE, "wb") as raw:
+def write_state(
+    directory: str | Path,
+    state: dict[str, Any],
+    fs: pafs.FileSystem | None = None,
+    before_manifest: Callable[[], None] = lambda: None,
+) -> None:
+    """Serialise a (staged) state straight into ``directory`` on ``fs`` (local by default),
+    checksumming the bytes as they stream out (no local copy, no second read); the manifest,
+    which makes the checkpoint valid, goes last."""
+    fs = fs or pafs.LocalFileSystem()
+    directory = str(directory)
+    fs.create_dir(directory, recursive=True)
+    # Buffered: torch.save writes each tensor's small record header as a write of its own.
+    with fs.open_output_stream(posixpath.join(directory, STATE_FILE), buffer_size=1 << 20) as raw:
         hashed = _HashingWriter(raw)
         torch.save(state, hashed)
+    before_manifest()
     files = {STATE_FILE: {"size": hashed.size, "sha256": hashed.digest.hexdigest()}}
     manifest = {"format": FORMAT_VERSION, "progress": state["progress"], "files": files}
-    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    storage.write_bytes(
+        fs, posixpath.join(directory, MANIFEST_FILE), json.dumps(manifest, indent=1).encode()
+    )
 
 
 class _HashingWriter(io.RawIOBase):
     """A write-only file that hashes what passes through it."""
 
-    def __init__(self, sink: io.BufferedWriter):
+    def __init__(self, sink: Any):
         self.sink, self.digest, self.size = sink, hashlib.sha256(), 0
 
     def writable(self) -> bool:

@@ -19,18 +19,18 @@ Ray-specific calls are marked ``# Ray:``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
 import posixpath
-import shutil
+import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -47,6 +47,7 @@ from training import (
     drain,
     metrics,
     pace,
+    reporting,
     shutdown_grace,
     spares,
     stops,
@@ -136,6 +137,7 @@ class Worker:
     spare_keeper: spares.Keeper | None = None  # the lowest local rank of each node only
     interval: Interval = field(default_factory=Interval)
     stager: checkpoint.Stager = field(default_factory=checkpoint.Stager)
+    reporter: reporting.Reporter = field(default_factory=reporting.Reporter)
     save_done: threading.Event = field(default_factory=threading.Event)  # no save in flight
     # Ray runs the uploader only if the report's barrier held: whether it began, and whether the
     # attempt failed first (then the save on failure writes the state and the uploader must not).
@@ -176,6 +178,7 @@ def run_attempt(worker: Worker, progress: Progress) -> None:
             save_on_failure(worker)
         raise
     finally:
+        worker.reporter.stop()
         if worker.spare_keeper is not None:
             worker.spare_keeper.stop()
         if worker.runlog is not None:
@@ -351,9 +354,11 @@ def run_steps(worker: Worker, progress: Progress) -> None:
         if checkpoint_due or draining:
             save_and_report(worker, global_step, step_metrics)
             if draining and global_step < last_step:
+                worker.reporter.wait()  # the drain checkpoint is Ray's before this rank stops
                 drain.hold(global_step)
-        elif report_due:
-            ray.train.report(step_metrics)  # Ray: a barrier, hence only every N steps
+        elif report_due:  # Ray: a barrier, hence only every N steps, and off this thread
+            worker.reporter.submit(functools.partial(ray.train.report, dict(step_metrics)))
+    worker.reporter.wait()  # the last checkpoint is handed to Ray before the attempt ends
     if worker.runlog is not None:
         worker.runlog.write("end", global_step=last_step)
         metrics.run_ended(cfg.run.name)
@@ -427,7 +432,9 @@ def global_batch_ids(worker: Worker, epoch: int, step_in_epoch: int) -> torch.Te
     return data.global_batch(order, step_in_epoch, batch_size)
 
 
-@lru_cache(maxsize=4)  # Streaming (#15): the prefetcher may be an epoch ahead of the steps
+@functools.lru_cache(
+    maxsize=4
+)  # Streaming (#15): the prefetcher may be an epoch ahead of the steps
 def epoch_order_cached(
     seed: int, epoch: int, num_samples: int, layout: data.ShardLayout | None, batch_size: int
 ) -> torch.Tensor:
@@ -478,8 +485,16 @@ def close_interval(worker: Worker, global_step: int, lr: float) -> dict[str, Any
         "samples_per_s": interval.samples / elapsed if elapsed > 0 else 0.0,
         "world_size": worker.world_size,
     }
-    if worker.runlog is not None:
-        metrics.record(worker.cfg.run.name, step_metrics, interval.steps, interval.samples)
+    if worker.runlog is not None:  # an actor call: off this thread
+        worker.reporter.submit(
+            functools.partial(
+                metrics.record,
+                worker.cfg.run.name,
+                dict(step_metrics),
+                interval.steps,
+                interval.samples,
+            )
+        )
     worker.interval = Interval()
     return step_metrics
 
@@ -554,15 +569,17 @@ def evaluate(worker: Worker, global_step: int) -> dict[str, float]:
 
 
 def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, Any]) -> None:
-    """Checkpoint in two phases and report; every rank calls report.
+    """Checkpoint in two phases and report; every rank reports.
 
-    On the training thread rank 0 only copies the state into reusable CPU buffers (the pause);
+    On the training thread rank 0 only copies the state into reusable CPU buffers (the pause).
+    The report, a barrier of all ranks, runs on each rank's report thread (``reporting``);
     serialising, checksumming and uploading the copy run in Ray's upload thread (async mode),
-    one save at a time, the manifest last.
+    one save at a time, the manifest last. With ``checkpoint.upload: sync`` the report and the
+    upload stay on the training thread.
     """
     epoch, done_in_epoch = divmod(global_step, worker.plan.steps_per_epoch)
     progress = Progress(global_step, epoch, done_in_epoch, worker.attempt)
-    started = time.perf_counter()  # the pause: wait for the previous save, stage, report
+    started = time.perf_counter()  # the pause: wait for the previous save, stage
     local_dir, staged = None, None
     if worker.rank == 0:
         worker.runlog.flush()  # the ledger reaches storage before the checkpoint that needs it
@@ -582,18 +599,19 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
         worker.upload_began = False
     else:
         inject_faults(worker, global_step, "checkpoint")
-    if staged is not None:  # a peer that dies inside the report's barrier blocks this thread
-        shutdown_grace.set_rescue(lambda: rescue_staged(worker, global_step, staged))
-    try:
-        report_checkpoint(worker, global_step, step_metrics, local_dir, staged)
-    finally:
-        shutdown_grace.set_rescue(None)
+    report = functools.partial(
+        report_checkpoint, worker, global_step, dict(step_metrics), local_dir, staged
+    )
+    if worker.cfg.checkpoint.upload == "async":
+        worker.reporter.submit(report)
+    else:
+        worker.reporter.wait()  # the reports before this one, in order
+        report()
     if worker.rank == 0:
-        blocked = time.perf_counter() - started
         worker.runlog.write(
             "checkpoint",
             global_step=global_step,
-            blocked_s=blocked,
+            blocked_s=time.perf_counter() - started,
             path=posixpath.join(worker.run_dir, checkpoint.dir_name(global_step, worker.attempt)),
         )
 
@@ -606,7 +624,9 @@ def wait_for_previous_save(worker: Worker) -> None:
 
     Ray Train registers one report per controller poll (one upload thread, a result queue of
     one), so checkpoints that come faster than ``failure.health_check_interval_s`` queue up
-    behind it and training ends up waiting here: say so once, with the way out."""
+    behind it; and the save runs at the lowest CPU priority, so on cores that training keeps
+    busy it finishes only when training waits here. Either way: say so once, with the ways
+    out."""
     waited = time.perf_counter()
     while not worker.save_done.wait(timeout=60):
         log.warning(
@@ -617,10 +637,10 @@ def wait_for_previous_save(worker: Worker) -> None:
     if waited > SLOW_SAVE_WARNING_S and not worker.warned_slow_save:
         worker.warned_slow_save = True
         log.warning(
-            "Training waited %.2f s for the previous checkpoint: Ray Train registers at most one "
-            "checkpoint per health-check interval (%s s) and the upload must finish first. "
-            "Checkpoint less often (checkpoint.every_n_steps) or lower "
-            "failure.health_check_interval_s.",
+            "Training waited %.2f s for the previous checkpoint: its save (in the background, "
+            "at low CPU priority) must finish first, and Ray Train registers at most one "
+            "checkpoint per health-check interval (%s s). Checkpoint less often "
+            "(checkpoint.every_n_steps) or lower failure.health_check_interval_s.",
             waited,
             os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "?"),
         )
@@ -633,28 +653,38 @@ def report_checkpoint(
     local_dir: str | None,
     staged: dict[str, Any] | None,
 ) -> None:
+    """Every rank calls this for every checkpoint; rank 0 passes the staged copy."""
+    rescue = None
+    if staged is not None:  # a peer that dies inside the report's barrier blocks this call
+        rescue = functools.partial(rescue_staged, worker, global_step, staged)
+        shutdown_grace.set_rescue(rescue)
     asynchronous = worker.cfg.checkpoint.upload == "async"
-    ray.train.report(  # Ray: registers the checkpoint; our upload writes the manifest last
-        reported,
-        checkpoint=ray.train.Checkpoint.from_directory(local_dir) if local_dir else None,
-        checkpoint_dir_name=checkpoint.dir_name(global_step, worker.attempt),
-        checkpoint_upload_mode=(
-            ray.train.CheckpointUploadMode.ASYNC
-            if asynchronous
-            else ray.train.CheckpointUploadMode.SYNC
-        ),
-        checkpoint_upload_fn=make_uploader(worker, global_step, staged) if local_dir else None,
-        delete_local_checkpoint_after_upload=bool(local_dir),
-    )
+    try:
+        ray.train.report(  # Ray: registers the checkpoint; our upload writes the manifest last
+            reported,
+            checkpoint=ray.train.Checkpoint.from_directory(local_dir) if local_dir else None,
+            checkpoint_dir_name=checkpoint.dir_name(global_step, worker.attempt),
+            checkpoint_upload_mode=(
+                ray.train.CheckpointUploadMode.ASYNC
+                if asynchronous
+                else ray.train.CheckpointUploadMode.SYNC
+            ),
+            checkpoint_upload_fn=make_uploader(worker, global_step, staged) if local_dir else None,
+            delete_local_checkpoint_after_upload=bool(local_dir),
+        )
+    finally:
+        if rescue is not None:
+            shutdown_grace.clear_rescue(rescue)
 
 
 def make_uploader(worker: Worker, global_step: int, staged: dict[str, Any]):
-    """Serialise the staged state into the (empty) local directory, checksumming as it writes,
-    then copy it to storage with the manifest last, so a crash at any point leaves either no
-    directory or one that validation rejects, never one that looks complete; then prune dead
-    attempts' leftovers."""
+    """Serialise the staged state straight to storage, checksumming as it streams, manifest
+    last, so a crash at any point leaves either no directory or one that validation rejects,
+    never one that looks complete; then prune dead attempts' leftovers. The local directory
+    Ray was handed stays empty (Ray needs one to report a checkpoint, and deletes it)."""
 
     def upload(local: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        yield_cpu_to_training()
         with worker.upload_lock:
             if worker.failing:  # the save on failure writes this state itself
                 worker.save_done.set()
@@ -662,7 +692,7 @@ def make_uploader(worker: Worker, global_step: int, staged: dict[str, Any]):
             worker.upload_began = True
         try:
             inject_faults(worker, global_step, "serialize")
-            target = write_to_storage(worker, global_step, staged, local.path, dir_name)
+            target = write_to_storage(worker, global_step, staged, dir_name)
             worker.saved_step = max(worker.saved_step, global_step)
             prune_leftovers(worker)
             return ray.train.Checkpoint(target, filesystem=worker.fs)
@@ -670,6 +700,17 @@ def make_uploader(worker: Worker, global_step: int, staged: dict[str, Any]):
             worker.save_done.set()
 
     return upload
+
+
+def yield_cpu_to_training() -> None:
+    """Run this thread (Ray's upload thread) at the lowest CPU priority: serialising,
+    checksumming and writing a large state compete with the training step for cores; at nice
+    19 the kernel runs them in the time training leaves idle. Linux only (elsewhere the call
+    would lower the whole process); the nice value of a thread can only go up without
+    privileges, so it stays for the uploads after this one, which is what they need too."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def prune_leftovers(worker: Worker) -> None:
@@ -683,19 +724,15 @@ def prune_leftovers(worker: Worker) -> None:
         log.warning("Could not prune old checkpoints of %s: %s", worker.run_dir, exc)
 
 
-def write_to_storage(
-    worker: Worker, global_step: int, state: dict[str, Any], local_dir: str, dir_name: str
-) -> str:
-    """Serialise ``state`` into ``local_dir``, then copy it to the run directory, manifest last."""
-    checkpoint.write_state(local_dir, state)
+def write_to_storage(worker: Worker, global_step: int, state: dict[str, Any], dir_name: str) -> str:
+    """Serialise ``state`` straight into the run directory, manifest last."""
     target = posixpath.join(worker.run_dir, dir_name)
-    worker.fs.create_dir(target, recursive=True)
-    names = sorted(p for p in os.listdir(local_dir) if p != checkpoint.MANIFEST_FILE)
-    for name in names:
-        _copy_file(posixpath.join(local_dir, name), worker.fs, posixpath.join(target, name))
-    inject_faults(worker, global_step, "checkpoint")
-    manifest = posixpath.join(local_dir, checkpoint.MANIFEST_FILE)
-    _copy_file(manifest, worker.fs, posixpath.join(target, checkpoint.MANIFEST_FILE))
+    checkpoint.write_state(
+        target,
+        state,
+        worker.fs,
+        before_manifest=lambda: inject_faults(worker, global_step, "checkpoint"),
+    )
     return target
 
 
@@ -719,10 +756,7 @@ def save_for_retry(
 ) -> None:
     """Write ``state`` as checkpoint ``step`` of this attempt (manifest last), outside Ray's
     registry, and log it as a save on failure: the retry resumes from it."""
-    with tempfile.TemporaryDirectory(prefix="elastic-trainer-ckpt-") as local_dir:
-        path = write_to_storage(
-            worker, step, state, local_dir, checkpoint.dir_name(step, worker.attempt)
-        )
+    path = write_to_storage(worker, step, state, checkpoint.dir_name(step, worker.attempt))
     worker.saved_step = step
     took = time.perf_counter() - started
     worker.runlog.write("checkpoint", global_step=step, blocked_s=took, path=path, failure=True)
@@ -785,11 +819,6 @@ def state_is_finite(worker: Worker) -> bool:
         return False
     with torch.no_grad():
         return all(bool(torch.isfinite(p).all()) for p in worker.model.parameters())
-
-
-def _copy_file(source: str, fs: pafs.FileSystem, target: str) -> None:
-    with open(source, "rb") as src, fs.open_output_stream(target) as dst:
-        shutil.copyfileobj(src, dst, length=8 << 20)
 
 
 def inject_faults(worker: Worker, global_step: int, during: str) -> None:

@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 IDLE, TRAINING, SAVING = "idle", "training", "saving"
 _state = IDLE
 _changed = threading.Condition()
-# What to save when Ray shuts the group down while the training thread is still blocked (in
-# the report of a staged checkpoint whose barrier a dead peer broke): set by the loop.
+# What to save when Ray shuts the group down while the report of a staged checkpoint is still
+# blocked in a barrier that a dead peer broke: set by the loop.
 _rescue: Callable[[], None] | None = None
 
 
@@ -46,6 +46,14 @@ def set_rescue(rescue: Callable[[], None] | None) -> None:
     global _rescue
     with _changed:
         _rescue = rescue
+
+
+def clear_rescue(rescue: Callable[[], None]) -> None:
+    """Unset ``rescue`` unless a newer one replaced it (reports end on another thread)."""
+    global _rescue
+    with _changed:
+        if _rescue is rescue:
+            _rescue = None
 
 
 def wait_for_failure_save(notice_within_s: float, hold_at_most_s: float) -> str:

@@ -84,3 +84,16 @@ def test_the_no_failure_period_spans_first_to_last_step_of_a_single_attempt():
     restarted = run_log([("a", 1, 1.0), ("a", 2, 2.0), ("b", 2, 5.0), ("b", 3, 6.0)], {})
     assert analyze.span_period(restarted) is None
     assert analyze.span_period(run_log([("a", 1, 1.0)], {})) is None
+
+
+def test_a_checkpoint_pause_is_measured_against_steps_with_no_save_in_flight():
+    """Steps 0.1 s apart; checkpoint 5 takes 0.25 s more before step 6, and its background save
+    (ending at 1.25 s) slows steps 6-7 to 0.2 s. The pause is counted against the quiet
+    interval (0.1), not the slowed ones, and the dip is their ratio."""
+    times = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.85, 1.05, 1.25, 1.35, 1.45, 1.55, 1.65]
+    steps = [{"global_step": g, "time": t} for g, t in enumerate(times, start=1)]
+    attempt = {"steps": steps, "ckpts": [{"global_step": 6, "blocked_s": 0.01}]}
+    saved_at = {6: 1.26}
+    [stall] = analyze.checkpoint_stalls(attempt, saved_at)
+    assert stall["paused_s"] == pytest.approx(0.25)
+    assert analyze.save_dip(attempt, saved_at) == pytest.approx(0.5)
