@@ -1,6 +1,6 @@
 """Run every benchmark, side by side, and write ``benchmarks/results/results.{md,json,png}``.
 
-    python -m benchmarks                 # full mode: the numbers (about 30 minutes on 2 cores)
+    python -m benchmarks                 # full mode: the numbers (about 35 minutes on 2 cores)
     python -m benchmarks --plan device   # n=3, fewer and shorter scenarios (~9.5 min, 16 cores)
     python -m benchmarks --quick         # CI smoke: tiny sizes, one repetition (a few minutes)
 
@@ -95,7 +95,7 @@ PLANS: dict[str, dict[str, Any]] = {
     },
     # Issue 11's steady-state rows: the shipped configs under Ray Train vs torchrun (~13 min).
     "overhead": {**ONLY, "scenarios": ["overhead"], "overhead": {"mlp": 1500, "lm": 400}},
-    # Issue 11's checkpoint pause alone (~2 min).
+    # Issue 11's checkpoint pause alone (~5 min).
     "stall": {**ONLY, **STALL_ROWS, "scenarios": ["floor", "ray_scenarios"]},
     # Issue 11's pause and goodput with a worker killed every 60 s, Ray vs torchrun; goodput
     # needs the MLP's no-failure rate from the overhead scenario of the same run (~13 min).
@@ -768,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
         "--plan",
         choices=sorted(PLANS),
         default="full",
-        help="full: every scenario, n=3 (~30 min on 2 cores); device: n=3, fewer and shorter "
+        help="full: every scenario, n=3 (~35 min on 2 cores); device: n=3, fewer and shorter "
         "scenarios (~9.5 min on a quiet 16-core machine); quick: a smoke run.",
     )
     parser.add_argument(
