@@ -160,10 +160,9 @@ def step_gaps(attempt: dict[str, Any], saved_at: dict[int, float] | None) -> dic
     flight, known only from ``saved_at``) and ``quiet`` (the rest)."""
     steps = attempt["steps"]
     ckpt_steps = {c["global_step"] for c in attempt["ckpts"]}
+    saved_at = saved_at or {}
     in_flight = [
-        (times["time"], saved_at[g])
-        for g, times in ((s["global_step"], s) for s in steps)
-        if g in ckpt_steps and saved_at and g in saved_at
+        (s["time"], saved_at[s["global_step"]]) for s in steps if s["global_step"] in saved_at
     ]
     out: dict[str, Any] = {"at_checkpoint": {}, "saving": [], "quiet": []}
     for a, b in itertools.pairwise(steps):

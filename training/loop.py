@@ -432,9 +432,8 @@ def global_batch_ids(worker: Worker, epoch: int, step_in_epoch: int) -> torch.Te
     return data.global_batch(order, step_in_epoch, batch_size)
 
 
-@functools.lru_cache(
-    maxsize=4
-)  # Streaming (#15): the prefetcher may be an epoch ahead of the steps
+# Streaming (#15): the prefetcher may be an epoch ahead of the steps.
+@functools.lru_cache(maxsize=4)
 def epoch_order_cached(
     seed: int, epoch: int, num_samples: int, layout: data.ShardLayout | None, batch_size: int
 ) -> torch.Tensor:

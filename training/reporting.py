@@ -53,9 +53,6 @@ class Reporter:
         for future in pending:
             future.result()
 
-    def busy(self) -> bool:
-        return any(not f.done() for f in self._pending)
-
     def stop(self) -> None:
         """No more calls; the thread ends after those queued (or with the process)."""
         self._work.put(None)
