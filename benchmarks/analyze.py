@@ -326,6 +326,7 @@ def settings(run_dir: Path, env: dict[str, str] | None = None) -> dict[str, Any]
         "log_every": cfg["training"]["log_every_n_steps"],
         "eval_batches": cfg.get("eval", {}).get("batches"),
         "health_check_s": float(env.get(HC, cfg["failure"]["health_check_interval_s"])),
+        "nice": runs[0]["start"].get("nice") if runs else None,  # rank 0's training thread
     }
 
 
@@ -339,6 +340,8 @@ def describe(st: dict[str, Any], launcher: str = "ray") -> str:
         f"{st['steps']} steps",
         f"checkpoint {_every(st['checkpoint_every'], 'at the end only')}",
     ]
+    if st.get("nice") is not None:
+        parts += [f"nice {st['nice']}"]
     if launcher == "ray":
         parts += [f"upload {st['upload']}", f"report {_every(st['report_every'], 'never')}"]
         parts += [f"health check {st['health_check_s']:g} s"]

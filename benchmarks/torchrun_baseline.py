@@ -111,6 +111,7 @@ def main() -> None:
             train_samples=len(train),
             process_started=PROCESS_STARTED,
             restore_s=restore_s,
+            nice=os.getpriority(os.PRIO_PROCESS, 0),
         )
 
     orders: dict[int, torch.Tensor] = {}

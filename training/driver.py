@@ -238,14 +238,17 @@ def worker_resources(cfg: Config) -> dict[str, float]:
 
 
 def worker_runtime_env(cfg: Config) -> dict:
-    """The train workers' runtime env: the warm-process preload (training/spares.py), or none."""
+    """The train workers' runtime env: normal CPU priority (training/priority.py), and the
+    warm-process preload (training/spares.py) unless spares are off."""
     import ray
 
-    from training import spares
+    from training import priority, spares
 
+    env = {"env_vars": dict(priority.TRAINING)}
     if not cfg.failure.spare_workers:
-        return {}
-    return spares.runtime_env(ray.get_runtime_context().get_job_id())
+        return env
+    job_id = ray.get_runtime_context().get_job_id()
+    return spares.merge_runtime_envs(env, spares.runtime_env(job_id))
 
 
 def start_workers_ahead(cfg: Config) -> None:

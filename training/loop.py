@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import posixpath
-import sys
 import tempfile
 import threading
 import time
@@ -47,6 +46,7 @@ from training import (
     drain,
     metrics,
     pace,
+    priority,
     reporting,
     shutdown_grace,
     spares,
@@ -304,6 +304,7 @@ def announce_start(
         layout=data.layout_record(worker.task.shard_layout()),
         task=worker.cfg.task.name,
         pid=os.getpid(),  # rank 0's process: tells a failure of rank 0 from one of a peer
+        nice=os.getpriority(os.PRIO_PROCESS, 0),  # the training thread's (training/priority.py)
         # Before the failure: the attempt runs in a warm spare (training/spares.py).
         process_started_at=spares.process_started_at(),
         preloaded_at=spares.preloaded_at,
@@ -683,7 +684,9 @@ def make_uploader(worker: Worker, global_step: int, staged: dict[str, Any]):
     Ray was handed stays empty (Ray needs one to report a checkpoint, and deletes it)."""
 
     def upload(local: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
-        yield_cpu_to_training()
+        # Serialising, checksumming and writing a large state compete with the step for cores:
+        # at nice 19 (this thread only) they take the time training leaves idle.
+        priority.lower_this_thread()
         with worker.upload_lock:
             if worker.failing:  # the save on failure writes this state itself
                 worker.save_done.set()
@@ -699,17 +702,6 @@ def make_uploader(worker: Worker, global_step: int, staged: dict[str, Any]):
             worker.save_done.set()
 
     return upload
-
-
-def yield_cpu_to_training() -> None:
-    """Run this thread (Ray's upload thread) at the lowest CPU priority: serialising,
-    checksumming and writing a large state compete with the training step for cores; at nice
-    19 the kernel runs them in the time training leaves idle. Linux only (elsewhere the call
-    would lower the whole process); the nice value of a thread can only go up without
-    privileges, so it stays for the uploads after this one, which is what they need too."""
-    if sys.platform == "linux":
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def prune_leftovers(worker: Worker) -> None:

@@ -23,7 +23,6 @@ training goes on, as it would without spares.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import logging
@@ -31,6 +30,8 @@ import os
 import threading
 import time
 from pathlib import Path
+
+from training import priority
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ def preload() -> None:
     process's main thread, which later trains, keeps its priority."""
     global preloaded_at
     if _training_here(os.environ.get(JOB_MARKER, "")):
-        importer = threading.Thread(target=_import_all, kwargs={"nice": 19}, name="spare-preload")
+        importer = threading.Thread(
+            target=_import_all, kwargs={"nice": priority.BACKGROUND_NICE}, name="spare-preload"
+        )
         importer.start()
         importer.join()
     else:
@@ -71,8 +74,7 @@ def preload() -> None:
 
 def _import_all(nice: int = 0) -> None:
     if nice:
-        with contextlib.suppress(OSError):  # not allowed here: import at normal priority
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        priority.lower_this_thread(nice)
     for name in PRELOAD:
         try:
             importlib.import_module(name)
@@ -94,8 +96,9 @@ def runtime_env(job_id: str) -> dict:
 
 def without_spares() -> dict:
     """Runtime env for helper actors a train worker starts (they inherit the worker's): no
-    preload, no marker, so they neither import torch nor take a spare meant for a restart."""
-    return {"env_vars": {_hook_variable(): "", JOB_MARKER: ""}}
+    preload, no marker, so they neither import torch nor take a spare meant for a restart; and
+    Ray's default CPU priority, below training's (training/priority.py)."""
+    return {"env_vars": {_hook_variable(): "", JOB_MARKER: "", **priority.HELPER}}
 
 
 def _hook_variable() -> str:
@@ -210,12 +213,12 @@ def train_worker_env_text(worker_env: dict) -> str:
     controller_vars.setdefault(
         RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE
     )
-    merged = _merge(job, {"env_vars": controller_vars})
-    merged = _merge(merged, WorkerGroup._get_worker_runtime_env(worker_env))
+    merged = merge_runtime_envs(job, {"env_vars": controller_vars})
+    merged = merge_runtime_envs(merged, WorkerGroup._get_worker_runtime_env(worker_env))
     return json.dumps(merged, sort_keys=True, separators=(",", ":"))
 
 
-def _merge(parent: dict, child: dict) -> dict:
+def merge_runtime_envs(parent: dict, child: dict) -> dict:
     merged = {**parent, **child}
     if "env_vars" in parent and "env_vars" in child:
         merged["env_vars"] = {**parent["env_vars"], **child["env_vars"]}

@@ -191,6 +191,7 @@ def test_restarted_group_runs_in_the_warm_spares_started_before_the_failure(
     controller = alive_actor_pid(ray_address, "TrainController")
     assert first_group["process_started_at"] < spares.process_started_at(pid=controller)
     assert first_group["preloaded_at"] is not None
+    assert first_group["nice"] == 0  # not Ray's default 15 for worker processes
     victim = next(v for v in alive_train_workers(ray_address) if v.pid != rank0)
     os.kill(victim.pid, signal.SIGKILL)
     killed_at = time.time()
@@ -204,6 +205,7 @@ def test_restarted_group_runs_in_the_warm_spares_started_before_the_failure(
     assert restarted["pid"] in ready, (restarted["pid"], ready)
     assert restarted["process_started_at"] < killed_at
     assert restarted["preloaded_at"] is not None
+    assert restarted["nice"] == 0  # the spare imported at 19 in a thread; it trains at 0
     assert_bitwise_equal(reference, final_state(tmp_path, "spares"))
     first = min(
         e["time"] for e in logged if e["event"] == "step" and e["attempt"] == restarted["attempt"]

@@ -1,13 +1,11 @@
 """The report thread: the training thread hands reports over and goes on, in order, and an
 error in a report reaches the training thread."""
 
-import os
-import sys
 import threading
 
 import pytest
 
-from training import loop, reporting, shutdown_grace
+from training import reporting, shutdown_grace
 
 
 def test_reports_run_in_the_order_handed_over_while_the_caller_goes_on():
@@ -55,19 +53,3 @@ def test_a_report_clears_only_its_own_rescue():
     assert shutdown_grace._rescue is second
     shutdown_grace.clear_rescue(second)
     assert shutdown_grace._rescue is None
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
-def test_the_upload_thread_yields_the_cpu_and_training_keeps_its_priority():
-    seen = {}
-
-    def upload_thread():
-        loop.yield_cpu_to_training()
-        seen["upload"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    training_priority = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    thread = threading.Thread(target=upload_thread)
-    thread.start()
-    thread.join()
-    assert seen["upload"] == 19
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == training_priority
