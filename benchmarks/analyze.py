@@ -87,10 +87,14 @@ def attempts(evs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(ordered, key=lambda a: a["start"]["time"])
 
 
-def steady_rate(steps: list[dict[str, Any]], skip_frac: float = 0.1) -> float | None:
+def steady_window(steps: list[dict[str, Any]], skip_frac: float = 0.1) -> list[dict[str, Any]]:
+    """The steps after warm-up (the first 10 %, at least 5)."""
+    return steps[max(5, int(len(steps) * skip_frac)) :]
+
+
+def steady_rate(steps: list[dict[str, Any]]) -> float | None:
     """Steps/s after warm-up, end to end: includes report, checkpoint and logging stalls."""
-    skip = max(5, int(len(steps) * skip_frac))
-    window = steps[skip:]
+    window = steady_window(steps)
     if len(window) < 5:
         return None
     return (len(window) - 1) / (window[-1]["time"] - window[0]["time"])

@@ -35,7 +35,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks import analyze, floor, launch, report
+from benchmarks import analyze, cpu, floor, launch, report
 from benchmarks.analyze import stats
 from benchmarks.launch import KillPlan, Watch
 
@@ -262,6 +262,15 @@ def estimate_s(plan: dict[str, Any]) -> float:
     return total
 
 
+def steady_cpu(sampler: cpu.Sampler, evs: list[dict[str, Any]], run_root: int) -> Any:
+    """Cores each group of processes used over the window the steady rate is taken from."""
+    runs = analyze.attempts(evs)
+    window = analyze.steady_window(runs[0]["steps"]) if runs else []
+    if len(window) < 2:
+        return None
+    return sampler.window(window[0]["time"], window[-1]["time"], run_root)
+
+
 class Bench:
     def __init__(self, mode: str, workdir: Path, out: Path):
         self.mode, self.plan = mode, PLANS[mode]
@@ -403,9 +412,12 @@ class Bench:
             order = ["torchrun", "ray"] if rep % 2 == 0 else ["ray", "torchrun"]
             for kind in order:
                 run = self.ray_cli if kind == "ray" else self.torchrun
-                watch, launched = run(steps, {}, f"overhead-{task}-{kind}", task=task)
-                measured = analyze.no_fault_run(analyze.events(watch.run_dir), launched.launched_at)
+                with cpu.Sampler() as sampler:
+                    watch, launched = run(steps, {}, f"overhead-{task}-{kind}", task=task)
+                evs = analyze.events(watch.run_dir)
+                measured = analyze.no_fault_run(evs, launched.launched_at)
                 measured["wall_s"] = (watch.end or time.time()) - launched.launched_at
+                measured["cpu"] = steady_cpu(sampler, evs, launched.proc.pid)
                 per[kind].append(measured)
                 settings[kind] = analyze.settings(watch.run_dir)
                 self.cleanup(watch)
@@ -416,6 +428,10 @@ class Bench:
                 for key in ("startup_s", "steps_per_s", "compute_steps_per_s", "wall_s")
             }
             out[kind]["settings"] = analyze.describe(settings.get(kind, {}), kind)
+            out[kind]["cpu"] = {
+                group: stats([(r.get("cpu") or {}).get(group) for r in rows])
+                for group in cpu.GROUPS
+            }
         pairs = list(zip(per["ray"], per["torchrun"], strict=False))
         for key, name in (
             ("steps_per_s", "ratio_steps_per_s"),

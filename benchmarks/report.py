@@ -10,6 +10,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from benchmarks import cpu
+
 
 def machine() -> dict[str, Any]:
     cpu = "unknown"
@@ -94,14 +96,17 @@ def markdown(r: dict[str, Any]) -> str:
             "alternately)",
             "",
             "| | start-up: command -> first step (s) | steady steps/s | step-only steps/s "
-            "| wall (s) | settings |",
-            "|---|---|---|---|---|---|",
+            "| wall (s) | CPU in the steady window (cores): training / spares / rest of the run "
+            "/ outside it | settings |",
+            "|---|---|---|---|---|---|---|",
         ]
         for kind, label in (("torchrun", "plain torchrun DDP"), ("ray", "Ray Train (CLI)")):
             s = o.get(kind, {})
+            medians = [(s.get("cpu") or {}).get(g, {}).get("median") for g in cpu.GROUPS]
+            used = " / ".join(_f(m, 2) for m in medians)
             out.append(
                 f"| {label} | {_s(s.get('startup_s'), 1)} | {_s(s.get('steps_per_s'), 1)} | "
-                f"{_s(s.get('compute_steps_per_s'), 1)} | {_s(s.get('wall_s'), 1)} | "
+                f"{_s(s.get('compute_steps_per_s'), 1)} | {_s(s.get('wall_s'), 1)} | {used} | "
                 f"{s.get('settings', 'n/a')} |"
             )
         out += [
