@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
+import pytest
 import torch
 from ray_runs import (
     REPO,
@@ -34,10 +35,16 @@ from ray_runs import (
 
 from training import checkpoint, data, runlog
 
-# sha256 over the final model tensors (sorted by name) of the tabular demo below, recorded from
-# a run of the code *before* the task refactor (commit e6a541d): the refactor must not change
-# a single bit of what the tabular task computes.
-GOLDEN_TABULAR = "1108e8d269ab84371377563af548c1c59af34e49351c266a75807370505b47c5"
+# sha256 over the final model tensors (sorted by name) of the tabular demo below: the task
+# refactor must not change a single bit of what the tabular task computes. torch's CPU kernels
+# round differently per instruction set, so there is one reference per kernel level
+# (torch.backends.cpu.get_cpu_capability()). AVX512: recorded from a run of the code *before* the
+# refactor (commit e6a541d). AVX2: from commit 2d85199, which matched the AVX512 reference on an
+# AVX512 host (its CI run), run on an AVX2-only host (2026-11-27).
+GOLDEN_TABULAR = {
+    "AVX512": "1108e8d269ab84371377563af548c1c59af34e49351c266a75807370505b47c5",
+    "AVX2": "584156cd5c51f0a86e338348ecc3cd8fa6e7df4316bf2e0b71306f9956125c3c",
+}
 
 
 def model_hash(state: dict) -> str:
@@ -49,6 +56,9 @@ def model_hash(state: dict) -> str:
 
 
 def test_tabular_demo_is_bit_identical_to_before_the_task_refactor(tmp_path, ray_address):
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in GOLDEN_TABULAR:
+        pytest.skip(f"no reference result recorded for torch's {capability} CPU kernels")
     result = train_cli(
         REPO / "training" / "configs" / "local.yaml",
         "--name",
@@ -66,7 +76,7 @@ def test_tabular_demo_is_bit_identical_to_before_the_task_refactor(tmp_path, ray
     assert result.returncode == 0, result.stdout + result.stderr
     state = final_state(tmp_path, "golden")
     assert state["progress"]["global_step"] == 60
-    assert model_hash(state) == GOLDEN_TABULAR
+    assert model_hash(state) == GOLDEN_TABULAR[capability]
 
 
 LM_RUN = {
