@@ -27,8 +27,13 @@ def train(config, **kwargs) -> subprocess.Popen:
 
 
 def test_second_writer_refused_and_resume_after_sigkilled_driver(tmp_path):
+    # The first driver holds at step 50 (after its step-40 checkpoint) until it is killed: on a
+    # slow host the refused second driver can take longer than the whole run would. The stall
+    # fires once per run, so the resumed third driver passes through.
+    stall = {"kind": "stall", "step": 50, "seconds": 900}
     config = write_config(tmp_path / "lease.yaml", tmp_path, run={"name": NAME},
-                          training={"epochs": 30}, checkpoint={"every_n_steps": 20})  # fmt: skip
+                          training={"epochs": 30}, checkpoint={"every_n_steps": 20},
+                          chaos={"faults": [stall]})  # fmt: skip
     fs, directory = pafs.LocalFileSystem(), run_dir(tmp_path, NAME)
     # Its own session, so that the kill below takes the driver and its Ray, as a crash would.
     first = train(config, start_new_session=True)
@@ -50,6 +55,7 @@ def test_second_writer_refused_and_resume_after_sigkilled_driver(tmp_path):
     assert f" pid {first.pid}, since " in out, out
     assert "Ray" not in out and "Resuming" not in out, "refused only after starting something"
 
+    assert first.poll() is None, "the first driver ended before it was killed"
     os.killpg(first.pid, signal.SIGKILL)  # the driver and its embedded Ray, no cleanup
     first.wait(timeout=30)
     assert lease.read(fs, directory).pid == first.pid  # the dead driver's lease is still there
