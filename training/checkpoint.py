@@ -21,7 +21,7 @@ import json
 import logging
 import posixpath
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -128,19 +128,16 @@ def write_state(
     )
 
 
-@contextlib.contextmanager
-def _without_zip_crc32() -> Iterator[None]:
+def _without_zip_crc32() -> contextlib.AbstractContextManager:
     """torch.save's CRC32 of every record is nearly all of its own CPU time (0.2 s of a 512 MB
-    state on the 2-core VM, against 0.001 s without), and the manifest's SHA-256 of the whole
-    file already checks every byte; torch.load reads a file without the CRCs. The setting is
-    process-wide: a torch.save elsewhere at the same moment may skip its CRCs too (still
-    loadable), and concurrent saves here may leave it off; neither changes what is written."""
-    before = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
+    state on the 2-core VM, 0.001 s without); the manifest's SHA-256 already checks every byte,
+    and torch.load reads a file without the CRCs. torch's switch is process-wide while the save
+    runs (a torch.save elsewhere at that moment may skip its CRCs too); older torch has none."""
     try:
-        yield
-    finally:
-        torch.serialization.set_crc32_options(before)
+        from torch.utils.serialization import config
+    except ImportError:
+        return contextlib.nullcontext()
+    return config.patch({"save.compute_crc32": False})
 
 
 class _HashingWriter(io.RawIOBase):
