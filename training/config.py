@@ -202,9 +202,11 @@ class Fault(Section):
     )
     rank: NonNegativeInt = Field(0, description="World rank that fails.")
     step: PositiveInt = Field(description="Global step at which the fault fires.")
-    during: Literal["step", "serialize", "checkpoint"] = Field(
+    during: Literal["step", "forward", "backward", "serialize", "checkpoint"] = Field(
         "step",
-        description="step: before the step runs; serialize: rank 0, in the background save, "
+        description="step: before the step runs; forward: after the model's training forward "
+        "pass (its buffers moved); backward: inside the backward pass, once the first "
+        "parameter's gradient is accumulated; serialize: rank 0, in the background save, "
         "before the staged state is written; checkpoint: while the checkpoint is uploaded "
         "(rank 0: after the state file, before the manifest).",
     )

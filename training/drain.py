@@ -10,8 +10,8 @@ most steps: the public `ray.train.get_preemption_info()` is a barrier across wor
 dear to call per step.
 
 Ranks hear the news at slightly different steps, and a checkpoint is collective (every rank
-reports), so every `every` steps the ranks agree with one all-reduce of a single int on the
-training process group (microseconds on gloo, nothing on the other steps).
+reports), so the ranks agree: each rank's flag rides the loop's one reduction per log interval
+(``loop.close_interval``), and the drain begins where any rank has heard the news.
 
 After the drain checkpoint the workers `hold()`: a further step would only be redone. Ray Train
 waits until the drain deadline, then restarts the worker group from that checkpoint on the
@@ -24,9 +24,6 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-import torch.distributed as dist
-
 log = logging.getLogger(__name__)
 
 # Past Ray's drain deadline the group is torn down; if nothing has come after this long, the
@@ -34,7 +31,7 @@ log = logging.getLogger(__name__)
 HOLD_LIMIT_S = 300.0
 
 
-def _local_flag() -> bool:
+def local_flag() -> bool:
     """Whether Ray told this worker that a node of the group is being drained."""
     try:  # Ray internals: the attribute `mark_preempt` writes (no RPC)
         from ray.train.v2._internal.execution.context import get_train_context
@@ -42,18 +39,6 @@ def _local_flag() -> bool:
         return get_train_context().preemption_context.preemption_info is not None
     except (ImportError, AttributeError, RuntimeError):
         return False
-
-
-def requested(global_step: int, world_size: int, every: int) -> bool:
-    """True on the step where all ranks agree that a drain is under way (call on every rank)."""
-    if global_step % every:
-        return False
-    flag = _local_flag()
-    if world_size == 1 or not dist.is_initialized():
-        return flag
-    agreed = torch.tensor([int(flag)])
-    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-    return bool(agreed.item())
 
 
 def hold(global_step: int, limit_s: float = HOLD_LIMIT_S) -> None:

@@ -13,30 +13,29 @@ Nothing per step talks to other ranks beyond DDP's gradient all-reduce: the task
 on the device and are summed over the ranks once per log interval (and before a checkpoint, so
 a non-finite loss is caught before it can be saved).
 
-Ray-specific calls are marked ``# Ray:``.
+Where the loop runs is its runtime's business (``training/runtime.py``): Ray Train's workers
+(``train_func``), or plain processes (``train_in_process``: one process, or ``torchrun``), and
+every collective goes through ``training/collectives.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import math
 import os
 import posixpath
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.fs as pafs
-import ray.train
-import ray.train.torch
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from training import (
@@ -44,7 +43,6 @@ from training import (
     checkpoint,
     data,
     drain,
-    metrics,
     pace,
     priority,
     reporting,
@@ -55,9 +53,11 @@ from training import (
     tasks,
 )
 from training.checkpoint import Progress
+from training.collectives import Collectives
 from training.config import Config
 from training.optim import build_optimizer, build_scheduler
 from training.runlog import RunLog
+from training.runtime import LocalRuntime, RayRuntime, Runtime
 
 # Ray Train routes worker logging to the driver's console; print() would be shown twice.
 log = logging.getLogger(__name__)
@@ -113,12 +113,68 @@ class Interval:
             self.first_bad_step = torch.minimum(self.first_bad_step, step)
 
 
+class StepBoundary:
+    """The state a forward pass changes, as the last completed step left it.
+
+    BatchNorm's running statistics and counters (any persistent buffer) move in the forward
+    pass, before the step's gradients are all-reduced, and a task may change its own state in
+    ``batch`` or ``step``. When a peer dies inside a step, rank 0 already holds the step in
+    flight's buffers beside the last completed step's parameters and optimizer (those change
+    only in the optimizer step, after every collective). The save on failure takes the buffers
+    and the task state from here. Per step: one copy of the buffers into reused tensors on
+    their device (no host sync), and a copy of the task state if the task keeps any; nothing
+    at all for a model without buffers and a task without state.
+    """
+
+    def __init__(self, model: nn.Module, task: tasks.Task) -> None:
+        self._model, self._task = model, task
+        self._live = buffers_of(model)
+        self._saved = {name: torch.empty_like(t) for name, t in self._live.items()}
+        self._keeps_task_state = type(task).state_dict is not tasks.Task.state_dict
+        self._task_state: dict[str, Any] = {}
+        self.step = -1
+
+    def capture(self, step: int) -> None:
+        with torch.no_grad():
+            for name, tensor in self._live.items():
+                self._saved[name].copy_(tensor)
+        if self._keeps_task_state:
+            self._task_state = copy.deepcopy(self._task.state_dict())
+        self.step = step
+
+    def state_at(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(model state, task state) as step ``step`` ended; raises if this boundary cannot
+        say (not captured at that step, or the model replaced a buffer object since)."""
+        if step != self.step:
+            raise RuntimeError(f"step {step} is not the captured boundary ({self.step})")
+        live = buffers_of(self._model)
+        if live.keys() != self._live.keys() or any(
+            live[name] is not tensor for name, tensor in self._live.items()
+        ):
+            raise RuntimeError("the model replaced a buffer during training")
+        model_state = {**self._model.state_dict(), **self._saved}
+        task_state = self._task_state if self._keeps_task_state else self._task.state_dict()
+        return model_state, task_state
+
+
+def buffers_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The persistent buffers of ``model`` by state-dict key (live tensors, not copies)."""
+    params = {id(p) for p in model.parameters()}
+    return {
+        name: tensor
+        for name, tensor in model.state_dict(keep_vars=True).items()
+        if id(tensor) not in params
+    }
+
+
 @dataclass
 class Worker:
     """What one worker needs at every step; built once per attempt."""
 
     cfg: Config
     config_dict: dict[str, Any]
+    runtime: Runtime
+    comm: Collectives
     rank: int
     world_size: int
     device: torch.device
@@ -150,6 +206,8 @@ class Worker:
     recorded_step: int = 0
     saved_step: int = 0
     warned_slow_save: bool = False
+    # The non-parameter state as the last completed step left it (``StepBoundary``).
+    boundary: StepBoundary | None = None
 
     def __post_init__(self) -> None:
         self.save_done.set()
@@ -159,9 +217,15 @@ def train_func(config_dict: dict[str, Any]) -> None:
     """Entry point on every Ray Train worker."""
     shutdown_grace.set_state(shutdown_grace.TRAINING)
     try:
-        run_attempt(*start_attempt(config_dict))
+        run_attempt(*start_attempt(config_dict, RayRuntime))
     finally:
         shutdown_grace.set_state(shutdown_grace.IDLE)  # Ray may now kill this process
+
+
+def train_in_process(config_dict: dict[str, Any], timeout_s: float = 600.0) -> None:
+    """The same attempt without Ray: one process, or one of a ``torchrun`` job (see
+    ``runtime.LocalRuntime``); ``timeout_s`` bounds a collective whose peer died."""
+    run_attempt(*start_attempt(config_dict, functools.partial(LocalRuntime, timeout_s=timeout_s)))
 
 
 def run_attempt(worker: Worker, progress: Progress) -> None:
@@ -171,7 +235,7 @@ def run_attempt(worker: Worker, progress: Progress) -> None:
         if worker.rank == 0:
             stops.record(worker.fs, worker.run_dir, exc)
             worker.runlog.write("stopped", global_step=exc.step, reason=str(exc))
-            metrics.run_ended(worker.cfg.run.name)
+            worker.runtime.metrics.run_ended(worker.cfg.run.name)
         raise
     except Exception:
         if worker.cfg.checkpoint.on_failure:
@@ -200,35 +264,38 @@ def data_source(cfg: Config) -> tasks.DataSource:
     return tasks.DataSource(fs, path, cfg.data.path, cfg.data.val_fraction)
 
 
-def start_attempt(config_dict: dict[str, Any]) -> tuple[Worker, Progress]:
+def start_attempt(
+    config_dict: dict[str, Any], make_runtime: Callable[[Config], Runtime]
+) -> tuple[Worker, Progress]:
     began = time.time()  # for the recovery timeline: worker up -> state restored -> first step
     cfg = Config.model_validate(config_dict)
-    context = ray.train.get_context()  # Ray: rank, world size and the run's storage
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    run_storage = context.get_storage()
-    fs, run_dir = run_storage.storage_filesystem, run_storage.experiment_fs_path
+    runtime = make_runtime(cfg)  # rank, world size, device and the run's storage
+    rank, world_size, device = runtime.rank, runtime.world_size, runtime.device
+    fs, run_dir = runtime.fs, runtime.run_dir
+    comm = Collectives(device)
     stopped = stops.read(fs, run_dir)
     if stopped:  # a retry after a non-finite loss would only repeat it
         raise RuntimeError(stopped)
     match_threads_to_cpus()
     if cfg.training.deterministic:
-        torch.use_deterministic_algorithms(True)
+        make_deterministic(device)
     task = tasks.build(cfg.task.name, cfg.task.options, data_source(cfg))
     train, val = task.load()
     plan = Plan.for_run(cfg, len(train))
 
     torch.manual_seed(data.derive_seed(cfg.training.seed, "init"))  # same init on every rank
-    model = ray.train.torch.prepare_model(task.build_model())  # Ray: to device, wrap in DDP
+    model = runtime.prepare_model(task.build_model())  # to the device, DDP when world > 1
     optimizer = build_optimizer(cfg.training.optimizer, model)
     scheduler = build_scheduler(cfg.training.lr_schedule, optimizer, plan.total_steps)
-    device = ray.train.torch.get_device()  # Ray
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.training.precision == "fp16")
 
     restore_started = time.perf_counter()
-    attempt = broadcast(uuid.uuid4().hex[:8] if rank == 0 else None)
+    attempt = comm.broadcast_object(uuid.uuid4().hex[:8] if rank == 0 else None)
     worker = Worker(
         cfg=cfg,
         config_dict=config_dict,
+        runtime=runtime,
+        comm=comm,
         rank=rank,
         world_size=world_size,
         device=device,
@@ -244,14 +311,14 @@ def start_attempt(config_dict: dict[str, Any]) -> tuple[Worker, Progress]:
         scaler=scaler,
         attempt=attempt,
         runlog=RunLog(fs, run_dir, attempt) if rank == 0 else None,
-        spare_keeper=(
-            spares.Keeper(context.get_local_world_size())
-            if cfg.failure.spare_workers and context.get_local_rank() == 0
-            else None
-        ),
+        spare_keeper=runtime.spare_keeper(),
     )
     progress, resumed_from = resume(worker)
     worker.state_step = worker.recorded_step = worker.saved_step = progress.global_step
+    if rank == 0 and cfg.checkpoint.on_failure:
+        worker.boundary = StepBoundary(unwrap(model), task)
+        worker.boundary.capture(progress.global_step)
+    install_fault_hooks(worker)
     # Streaming (#15): tell the task which ids this rank's remaining steps use, so it can read
     # ahead in the background; a no-op for in-memory tasks.
     task.prefetch(train, upcoming_ids(worker, progress.global_step))
@@ -266,7 +333,7 @@ def resume(worker: Worker) -> tuple[Progress, str | None]:
     if worker.rank == 0:
         checkpoint.remember_registered(fs, run_dir)  # prune leaves these to Ray
     chosen = checkpoint.newest_valid(fs, run_dir) if worker.rank == 0 else None
-    path = broadcast(chosen.path if chosen else None)
+    path = worker.comm.broadcast_object(chosen.path if chosen else None)
     progress = Progress(global_step=0, epoch=0, step_in_epoch=0, attempt="")
     if path is not None:
         state = checkpoint.load(fs, path)
@@ -277,7 +344,7 @@ def resume(worker: Worker) -> tuple[Progress, str | None]:
         if "scaler" in extra:
             worker.scaler.load_state_dict(extra["scaler"])
         worker.task.load_state_dict(extra.get("task", {}))
-    barrier()  # everyone has loaded before rank 0 deletes anything
+    worker.comm.barrier()  # everyone has loaded before rank 0 deletes anything
     if worker.rank == 0:
         checkpoint.prune(
             fs, run_dir, keep=worker.cfg.checkpoint.num_to_keep, attempt=worker.attempt
@@ -311,7 +378,9 @@ def announce_start(
         **timing,
     )
     worker.runlog.flush()
-    metrics.attempt_started(worker.cfg.run.name, progress.global_step, worker.world_size)
+    worker.runtime.metrics.attempt_started(
+        worker.cfg.run.name, progress.global_step, worker.world_size
+    )
     where = f"resuming from step {progress.global_step}" if resumed_from else "starting at step 0"
     log.info(
         "[attempt %s] world size %d, %s of %d (%d steps/epoch)",
@@ -331,7 +400,7 @@ def run_steps(worker: Worker, progress: Progress) -> None:
         inject_faults(worker, global_step, "step")
         started = time.perf_counter()
         lr = train_step(worker, global_step)
-        worker.state_step = global_step
+        step_completed(worker, global_step)
         if global_step == progress.global_step + 1 and worker.spare_keeper is not None:
             worker.spare_keeper.start()  # after the first step: the spares' imports do not delay it
         # The step's own timer, without a device sync: exact on CPU, launch time on GPU.
@@ -342,27 +411,35 @@ def run_steps(worker: Worker, progress: Progress) -> None:
         evaluate_now = cfg.eval.due(global_step, checkpoint_due)
         log_due = global_step % cfg.training.log_every_n_steps == 0
         step_metrics: dict[str, Any] = {}
+        draining = False  # a node drain (training/drain.py): checkpoint now, then no more steps
         if checkpoint_due or report_due or evaluate_now or log_due:
-            step_metrics = close_interval(worker, global_step, lr)  # raises on a non-finite loss
+            # Raises on a non-finite loss; the ranks agree on a drain in the same reduction.
+            step_metrics, draining = close_interval(worker, global_step, lr)
         if worker.runlog is not None:
             record_step(worker, global_step, step_s, step_metrics)
             worker.recorded_step = global_step
         if evaluate_now:
             step_metrics.update(evaluate(worker, global_step))
-        # Node drain (training/drain.py): checkpoint now, then take no further step. Checked on
-        # log steps only, where step_metrics are filled.
-        draining = drain.requested(global_step, worker.world_size, cfg.training.log_every_n_steps)
         if checkpoint_due or draining:
             save_and_report(worker, global_step, step_metrics)
             if draining and global_step < last_step:
                 worker.reporter.wait()  # the drain checkpoint is Ray's before this rank stops
                 drain.hold(global_step)
         elif report_due:  # Ray: a barrier, hence only every N steps, and off this thread
-            worker.reporter.submit(functools.partial(ray.train.report, dict(step_metrics)))
+            worker.reporter.submit(
+                functools.partial(worker.runtime.report_metrics, dict(step_metrics))
+            )
     worker.reporter.wait()  # the last checkpoint is handed to Ray before the attempt ends
     if worker.runlog is not None:
         worker.runlog.write("end", global_step=last_step)
-        metrics.run_ended(cfg.run.name)
+        worker.runtime.metrics.run_ended(cfg.run.name)
+
+
+def step_completed(worker: Worker, global_step: int) -> None:
+    """The state is now that of ``global_step``: what a save on failure may write."""
+    worker.state_step = global_step
+    if worker.boundary is not None:
+        worker.boundary.capture(global_step)
 
 
 def train_step(worker: Worker, global_step: int) -> float:
@@ -450,28 +527,34 @@ def upcoming_ids(worker: Worker, done: int) -> Iterator[torch.Tensor]:
 
 
 def reduce_totals(
-    totals: dict[str, torch.Tensor], first_bad: torch.Tensor | None, device: torch.device
-) -> tuple[dict[str, float], float]:
-    """Sum the totals over all ranks and find the earliest non-finite step: one all-gather of a
-    small device tensor (NCCL on GPU, gloo on CPU), and one host sync."""
+    comm: Collectives,
+    totals: dict[str, torch.Tensor],
+    first_bad: torch.Tensor | None,
+    flag: bool = False,
+) -> tuple[dict[str, float], float, bool]:
+    """Sum the totals over all ranks, find the earliest non-finite step and whether any rank
+    raised ``flag``: one all-gather of a small tensor (``collectives``), one host sync."""
     keys = sorted(totals)
-    bad = first_bad if first_bad is not None else torch.tensor(math.inf, device=device)
-    # A task may count on the CPU while its loss lives on the GPU: one device for the collective.
-    local = torch.stack([*(totals[k].to(device).float() for k in keys), bad.to(device).float()])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, local)
-        stacked = torch.stack(gathered)
-    else:
-        stacked = local.unsqueeze(0)
-    sums = stacked[:, :-1].sum(dim=0).tolist()
-    return dict(zip(keys, sums, strict=True)), float(stacked[:, -1].min())
+    bad = first_bad if first_bad is not None else torch.tensor(math.inf)
+    # A task may count on the CPU while its loss lives on the GPU: the seam moves each to the
+    # device the backend needs.
+    row = torch.stack(
+        [*(totals[k].detach().to(comm.device).double() for k in keys), bad.to(comm.device).double()]
+    )
+    row = torch.cat([row, torch.tensor([float(flag)], dtype=row.dtype, device=comm.device)])
+    gathered = comm.gather_rows(row).cpu()
+    sums = gathered[:, : len(keys)].sum(dim=0).tolist()
+    first = float(gathered[:, len(keys)].min())
+    return dict(zip(keys, sums, strict=True)), first, bool(gathered[:, -1].max() > 0)
 
 
-def close_interval(worker: Worker, global_step: int, lr: float) -> dict[str, Any]:
-    """Metrics of the steps since the last log line, over all ranks; raises NonFiniteLoss."""
+def close_interval(worker: Worker, global_step: int, lr: float) -> tuple[dict[str, Any], bool]:
+    """Metrics of the steps since the last log line, over all ranks, and whether the ranks
+    agree that a node is being drained; raises NonFiniteLoss."""
     interval = worker.interval
-    totals, first_bad = reduce_totals(interval.totals, interval.first_bad_step, worker.device)
+    totals, first_bad, draining = reduce_totals(
+        worker.comm, interval.totals, interval.first_bad_step, worker.runtime.drain_requested()
+    )
     if math.isfinite(first_bad):
         raise stops.NonFiniteLoss(int(first_bad))
     elapsed = time.perf_counter() - interval.started
@@ -485,10 +568,10 @@ def close_interval(worker: Worker, global_step: int, lr: float) -> dict[str, Any
         "samples_per_s": interval.samples / elapsed if elapsed > 0 else 0.0,
         "world_size": worker.world_size,
     }
-    if worker.runlog is not None:  # an actor call: off this thread
+    if worker.runlog is not None:  # an actor call under Ray: off this thread
         worker.reporter.submit(
             functools.partial(
-                metrics.record,
+                worker.runtime.metrics.record,
                 worker.cfg.run.name,
                 dict(step_metrics),
                 interval.steps,
@@ -496,7 +579,7 @@ def close_interval(worker: Worker, global_step: int, lr: float) -> dict[str, Any
             )
         )
     worker.interval = Interval()
-    return step_metrics
+    return step_metrics, draining
 
 
 def record_step(
@@ -559,7 +642,7 @@ def evaluate(worker: Worker, global_step: int) -> dict[str, float]:
         batch = tasks.to_device(worker.task.batch(worker.val, ids, None), worker.device)
         with autocast(worker):
             interval.add(worker.task.step(model, batch).totals)
-    totals, _ = reduce_totals(interval.totals, None, worker.device)
+    totals, _, _ = reduce_totals(worker.comm, interval.totals, None)
     if not totals:
         return {}
     reported = {f"val_{k}": v for k, v in worker.task.metrics(totals).items()}
@@ -580,7 +663,7 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
     epoch, done_in_epoch = divmod(global_step, worker.plan.steps_per_epoch)
     progress = Progress(global_step, epoch, done_in_epoch, worker.attempt)
     started = time.perf_counter()  # the pause: wait for the previous save, stage
-    local_dir, staged = None, None
+    staged = None
     if worker.rank == 0:
         worker.runlog.flush()  # the ledger reaches storage before the checkpoint that needs it
         wait_for_previous_save(worker)
@@ -594,14 +677,11 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
                 extra={"scaler": worker.scaler.state_dict(), "task": worker.task.state_dict()},
             )
         )
-        local_dir = tempfile.mkdtemp(prefix="elastic-trainer-ckpt-")
         worker.save_done.clear()
         worker.upload_began = False
     else:
         inject_faults(worker, global_step, "checkpoint")
-    report = functools.partial(
-        report_checkpoint, worker, global_step, dict(step_metrics), local_dir, staged
-    )
+    report = functools.partial(report_checkpoint, worker, global_step, dict(step_metrics), staged)
     if worker.cfg.checkpoint.upload == "async":
         worker.reporter.submit(report)
     else:
@@ -647,43 +727,33 @@ def wait_for_previous_save(worker: Worker) -> None:
 
 
 def report_checkpoint(
-    worker: Worker,
-    global_step: int,
-    reported: dict[str, Any],
-    local_dir: str | None,
-    staged: dict[str, Any] | None,
+    worker: Worker, global_step: int, reported: dict[str, Any], staged: dict[str, Any] | None
 ) -> None:
     """Every rank calls this for every checkpoint; rank 0 passes the staged copy."""
     rescue = None
     if staged is not None:  # a peer that dies inside the report's barrier blocks this call
         rescue = functools.partial(rescue_staged, worker, global_step, staged)
         shutdown_grace.set_rescue(rescue)
-    asynchronous = worker.cfg.checkpoint.upload == "async"
     try:
-        ray.train.report(  # Ray: registers the checkpoint; our upload writes the manifest last
+        worker.runtime.report_checkpoint(
             reported,
-            checkpoint=ray.train.Checkpoint.from_directory(local_dir) if local_dir else None,
-            checkpoint_dir_name=checkpoint.dir_name(global_step, worker.attempt),
-            checkpoint_upload_mode=(
-                ray.train.CheckpointUploadMode.ASYNC
-                if asynchronous
-                else ray.train.CheckpointUploadMode.SYNC
-            ),
-            checkpoint_upload_fn=make_uploader(worker, global_step, staged) if local_dir else None,
-            delete_local_checkpoint_after_upload=bool(local_dir),
+            checkpoint.dir_name(global_step, worker.attempt),
+            make_uploader(worker, global_step, staged) if staged is not None else None,
+            asynchronous=worker.cfg.checkpoint.upload == "async",
         )
     finally:
         if rescue is not None:
             shutdown_grace.clear_rescue(rescue)
 
 
-def make_uploader(worker: Worker, global_step: int, staged: dict[str, Any]):
+def make_uploader(worker: Worker, global_step: int, staged: dict[str, Any]) -> Callable[[], str]:
     """Serialise the staged state straight to storage, checksumming as it streams, manifest
     last, so a crash at any point leaves either no directory or one that validation rejects,
-    never one that looks complete; then prune dead attempts' leftovers. The local directory
-    Ray was handed stays empty (Ray needs one to report a checkpoint, and deletes it)."""
+    never one that looks complete; then prune dead attempts' leftovers. Returns the
+    checkpoint's directory. Under Ray it runs in Ray's upload thread, once the report's
+    barrier held."""
 
-    def upload(local: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+    def upload() -> str:
         # Serialising, checksumming and writing a large state compete with the step for cores:
         # at nice 19 (this thread only) they take the time training leaves idle.
         priority.lower_this_thread()
@@ -694,10 +764,11 @@ def make_uploader(worker: Worker, global_step: int, staged: dict[str, Any]):
             worker.upload_began = True
         try:
             inject_faults(worker, global_step, "serialize")
+            dir_name = checkpoint.dir_name(global_step, worker.attempt)
             target = write_to_storage(worker, global_step, staged, dir_name)
             worker.saved_step = max(worker.saved_step, global_step)
             prune_leftovers(worker)
-            return ray.train.Checkpoint(target, filesystem=worker.fs)
+            return target
         finally:
             worker.save_done.set()
 
@@ -788,18 +859,28 @@ def save_on_failure(worker: Worker) -> None:
         if worker.recorded_step < step:  # the failure came between the step and its ledger entry
             record_step(worker, step, 0.0, {})
         worker.runlog.flush()
-        epoch, done_in_epoch = divmod(step, worker.plan.steps_per_epoch)
-        state = checkpoint.build_state(
-            unwrap(worker.model),
-            worker.optimizer,
-            worker.scheduler,
-            Progress(step, epoch, done_in_epoch, worker.attempt),
-            worker.config_dict,
-            extra={"scaler": worker.scaler.state_dict(), "task": worker.task.state_dict()},
-        )
-        save_for_retry(worker, step, state, started, "on failure")
+        save_for_retry(worker, step, state_of_last_step(worker, step), started, "on failure")
     except Exception as exc:  # the original failure is what the user must see
         log.warning("Could not save the state of step %d on failure: %s", step, exc)
+
+
+def state_of_last_step(worker: Worker, step: int) -> dict[str, Any]:
+    """The whole state as step ``step`` ended: parameters, optimizer, schedule and scaler as
+    they are (a failed step never reaches them), buffers and task state from the boundary
+    (the forward pass of the step in flight may have moved them)."""
+    if worker.boundary is None:
+        raise RuntimeError("no step boundary was captured (checkpoint.on_failure is off)")
+    model_state, task_state = worker.boundary.state_at(step)
+    epoch, done_in_epoch = divmod(step, worker.plan.steps_per_epoch)
+    state = checkpoint.build_state(
+        unwrap(worker.model),
+        worker.optimizer,
+        worker.scheduler,
+        Progress(step, epoch, done_in_epoch, worker.attempt),
+        worker.config_dict,
+        extra={"scaler": worker.scaler.state_dict(), "task": task_state},
+    )
+    return {**state, "model": model_state}
 
 
 def state_is_finite(worker: Worker) -> bool:
@@ -818,20 +899,37 @@ def inject_faults(worker: Worker, global_step: int, during: str) -> None:
     )
 
 
+def install_fault_hooks(worker: Worker) -> None:
+    """Faults inside the forward and the backward pass of a step (``chaos``): hooks on this
+    rank's model, only when such a fault is configured for it (nothing per step otherwise).
+    ``forward`` fires after the model's forward ran (its buffers moved); ``backward`` once the
+    first parameter's gradient is accumulated, which autograd reaches last, so DDP has
+    all-reduced the other buckets by then."""
+    points = {f.during for f in worker.cfg.chaos.faults if f.rank == worker.rank}
+    model = unwrap(worker.model)
+
+    def in_forward(module: nn.Module, *_: Any) -> None:
+        if module.training:  # a training step's forward, not evaluation's
+            inject_faults(worker, worker.state_step + 1, "forward")
+
+    def in_backward(_: torch.Tensor) -> None:
+        inject_faults(worker, worker.state_step + 1, "backward")
+
+    if "forward" in points:
+        model.register_forward_hook(in_forward)
+    if "backward" in points:
+        next(model.parameters()).register_post_accumulate_grad_hook(in_backward)
+
+
+def make_deterministic(device: torch.device) -> None:
+    """``training.deterministic``: deterministic kernels only. cuBLAS needs a fixed workspace
+    for that (else torch raises at the first matmul on CUDA); it is read when cuBLAS starts, so
+    set it before the first CUDA matmul, unless the user chose a setting."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside DDP (checkpoints never store the ``module.`` prefix)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def broadcast(value: Any) -> Any:
-    """Rank 0's value on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()

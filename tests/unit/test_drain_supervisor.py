@@ -1,15 +1,17 @@
 """The drain flag (training/drain.py) and the job supervisor's decisions (cluster/supervisor.py),
-without Ray: the flag is read only every N steps; the supervisor resubmits a lost or failed job
+without Ray: the ranks agree on a drain in the log interval's reduction; the supervisor resubmits a lost or failed job
 with the dead job's id, stops on success or on a refused input (exit 2)."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
-from training import drain
+from training import drain, loop
 
 SUPERVISOR = Path(__file__).resolve().parents[2] / "cluster" / "supervisor.py"
 
@@ -21,15 +23,31 @@ def load_supervisor():
     return module
 
 
-def test_drain_flag_is_read_only_on_check_steps(monkeypatch):
-    reads = []
-    monkeypatch.setattr(drain, "_local_flag", lambda: reads.append(1) or True)
-    hits = [s for s in range(1, 31) if drain.requested(s, world_size=1, every=10)]
-    assert hits == [10, 20, 30] and len(reads) == 3
+class TwoRanks:
+    """A group of two whose other rank raised no flag and counted one sample more."""
+
+    device = torch.device("cpu")
+
+    def gather_rows(self, row):
+        other = row.clone()
+        other[0] += 1
+        other[-1] = 0.0
+        return torch.stack([row, other])
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_the_drain_agreement_rides_the_interval_reduction(flag):
+    """Any rank that heard of a drain makes every rank drain, in the reduction the log interval
+    makes anyway: no collective of its own."""
+    totals, first_bad, draining = loop.reduce_totals(
+        TwoRanks(), {"count": torch.tensor(4.0)}, None, flag
+    )
+    assert totals == {"count": 9.0} and first_bad == math.inf
+    assert draining is flag
 
 
 def test_no_drain_outside_ray():
-    assert drain._local_flag() is False  # no Ray Train context here: never a false alarm
+    assert drain.local_flag() is False  # no Ray Train context here: never a false alarm
 
 
 def test_hold_gives_up_after_its_limit():

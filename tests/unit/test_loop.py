@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from training import checkpoint, data, loop, runlog, stops, tasks
+from training.collectives import Collectives
 from training.config import parse_config
 from training.optim import build_optimizer, build_scheduler
 from training.runlog import RunLog
+from training.runtime import LocalRuntime
 from training.tasks import tabular
 
 FS = pafs.LocalFileSystem()
@@ -47,6 +49,8 @@ def make_worker(table, **training) -> loop.Worker:
     return loop.Worker(
         cfg=cfg,
         config_dict=cfg.model_dump(),
+        runtime=LocalRuntime(cfg),
+        comm=Collectives(torch.device("cpu")),
         rank=0,
         world_size=1,
         device=torch.device("cpu"),
@@ -62,6 +66,7 @@ def make_worker(table, **training) -> loop.Worker:
         scaler=torch.amp.GradScaler("cpu", enabled=cfg.training.precision == "fp16"),
         attempt="a1",
         runlog=None,
+        boundary=loop.StepBoundary(model, task),
     )
 
 
@@ -78,8 +83,8 @@ def test_micro_batches_give_the_gradient_of_one_pass(table):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     # The totals add up to the same interval metrics.
     assert whole.interval.steps == micro.interval.steps == 3
-    first = loop.close_interval(whole, 3, lr=0.0)
-    second = loop.close_interval(micro, 3, lr=0.0)
+    first = loop.close_interval(whole, 3, lr=0.0)[0]
+    second = loop.close_interval(micro, 3, lr=0.0)[0]
     assert math.isclose(first["loss"], second["loss"], rel_tol=1e-5)
     assert first["accuracy"] == second["accuracy"]
 
@@ -90,7 +95,7 @@ def test_mixed_precision_trains(table, precision):
     before = params(worker)
     for step in range(1, 6):
         loop.train_step(worker, step)
-    step_metrics = loop.close_interval(worker, 5, lr=0.0)
+    step_metrics, _ = loop.close_interval(worker, 5, lr=0.0)
     assert math.isfinite(step_metrics["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, params(worker), strict=True))
     if precision == "fp16":
@@ -121,7 +126,7 @@ def test_state_saved_on_failure_is_the_last_completed_step(table, tmp_path):
     worker.runlog = RunLog(FS, worker.run_dir, worker.attempt)
     for step in (1, 2, 3):
         loop.train_step(worker, step)
-        worker.state_step = step
+        loop.step_completed(worker, step)
         if step < 3:  # step 3 failed after the optimizer step, before its ledger entry
             loop.record_step(worker, step, 0.01, {})
             worker.recorded_step = step
@@ -143,7 +148,8 @@ def test_nothing_is_saved_on_failure_when_it_would_be_wrong(table, tmp_path, why
     worker.run_dir = str(tmp_path / "run")
     worker.runlog = RunLog(FS, worker.run_dir, worker.attempt)
     loop.train_step(worker, 1)
-    worker.state_step = worker.recorded_step = 1
+    loop.step_completed(worker, 1)
+    worker.recorded_step = 1
     if why == "already saved":
         worker.saved_step = 1
     elif why == "not finite":
@@ -165,7 +171,8 @@ def test_save_on_failure_waits_for_the_periodic_upload_in_flight(table, tmp_path
     worker.runlog = RunLog(FS, worker.run_dir, worker.attempt)
     loop.train_step(worker, 1)
     loop.record_step(worker, 1, 0.01, {})
-    worker.state_step = worker.recorded_step = 1
+    loop.step_completed(worker, 1)
+    worker.recorded_step = 1
     worker.save_done.clear()
     worker.upload_began = upload != "never began"
 
@@ -186,7 +193,7 @@ def test_save_on_failure_waits_for_the_periodic_upload_in_flight(table, tmp_path
         late = loop.make_uploader(worker, 1, {})
         # In a thread of its own, as in Ray: the uploader lowers its thread's CPU priority.
         with ThreadPoolExecutor(1) as upload_thread:
-            refused = upload_thread.submit(late, None, "checkpoint_1")
+            refused = upload_thread.submit(late)
             with pytest.raises(RuntimeError, match="the attempt failed first"):
                 refused.result()
     saved = [c.step for c in checkpoint.scan(FS, worker.run_dir)]

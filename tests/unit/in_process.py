@@ -1,0 +1,131 @@
+"""Run the real training loop (``loop.train_in_process``) in plain processes, no Ray: N ranks on
+gloo over loopback, as ``torchrun`` would start them. Seconds instead of a Ray cluster's start-up.
+
+``guard=True`` first wraps every public ``torch.distributed`` collective in each rank: a call
+that does not come from ``training.collectives`` (the seam), or a tensor that is not on the
+device the seam says the backend needs, fails the rank with ``CollectiveOutsideSeam``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import multiprocessing
+import os
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_object",
+    "all_gather_into_tensor",
+    "all_to_all",
+    "barrier",
+    "broadcast",
+    "broadcast_object_list",
+    "gather",
+    "gather_object",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "scatter",
+    "scatter_object_list",
+)
+SEAM = "training.collectives"
+
+
+class CollectiveOutsideSeam(AssertionError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(
+    config: dict[str, Any], world_size: int = 2, guard: bool = False, timeout_s: float = 30.0
+) -> list[int]:
+    """Start ``world_size`` ranks of one attempt, wait for all; their exit codes by rank
+    (0: finished, 1: raised, -9: SIGKILLed)."""
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    ranks = [
+        context.Process(target=_rank_main, args=(rank, world_size, port, config, guard, timeout_s))
+        for rank in range(world_size)
+    ]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=timeout_s * 10)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    return [process.exitcode for process in ranks]
+
+
+def _rank_main(
+    rank: int, world_size: int, port: int, config: dict[str, Any], guard: bool, timeout_s: float
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",  # as Ray gives a 1-CPU worker: two ranks share 2 cores
+    )
+    torch.set_num_threads(1)
+    if guard:
+        install_guard()
+    from training import loop
+
+    loop.train_in_process(config, timeout_s=timeout_s)
+
+
+def install_guard() -> None:
+    for name in COLLECTIVES:
+        setattr(dist, name, _guarded(getattr(dist, name), name))
+
+
+def _guarded(collective, name: str):
+    @functools.wraps(collective)
+    def call(*args, **kwargs):
+        caller = inspect.getmodule(inspect.currentframe().f_back)
+        where = caller.__name__ if caller else "?"
+        if where != SEAM:
+            raise CollectiveOutsideSeam(f"dist.{name} called from {where}, not {SEAM}")
+        expected = _seam_device()
+        for tensor in _tensors(args, kwargs):
+            if tensor.device != expected:
+                raise CollectiveOutsideSeam(
+                    f"dist.{name} got a tensor on {tensor.device}; the backend needs {expected}"
+                )
+        return collective(*args, **kwargs)
+
+    return call
+
+
+def _seam_device() -> torch.device:
+    from training.collectives import device_for
+
+    return device_for(str(dist.get_backend()), _training_device())
+
+
+def _training_device() -> torch.device:
+    local_rank = int(os.environ["LOCAL_RANK"])
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _tensors(args, kwargs):
+    for value in [*args, *kwargs.values()]:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (v for v in value if isinstance(v, torch.Tensor))
