@@ -1,6 +1,7 @@
 """The drain flag (training/drain.py) and the job supervisor's decisions (cluster/supervisor.py),
-without Ray: the ranks agree on a drain in the log interval's reduction; the supervisor resubmits a lost or failed job
-with the dead job's id, stops on success or on a refused input (exit 2)."""
+without Ray: the ranks agree on a drain in the log interval's reduction; the supervisor
+resubmits a lost or failed job with the dead job's id, stops on success or on a refused input
+(exit 2)."""
 
 from __future__ import annotations
 

@@ -52,7 +52,9 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    a_states, b_states = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert a_states.keys() == b_states.keys()
+    for x, y in zip(a_states.values(), b_states.values(), strict=True):
         assert all(torch.equal(x[k], y[k]) for k in x)
 
 
