@@ -50,6 +50,7 @@ from training import (
     spares,
     stops,
     storage,
+    task_contract,
     tasks,
 )
 from training.checkpoint import Progress
@@ -231,7 +232,7 @@ def train_in_process(config_dict: dict[str, Any], timeout_s: float = 600.0) -> N
 def run_attempt(worker: Worker, progress: Progress) -> None:
     try:
         run_steps(worker, progress)
-    except stops.NonFiniteLoss as exc:
+    except (stops.NonFiniteLoss, stops.BrokenTask) as exc:
         if worker.rank == 0:
             stops.record(worker.fs, worker.run_dir, exc)
             worker.runlog.write("stopped", global_step=exc.step, reason=str(exc))
@@ -396,6 +397,8 @@ def run_steps(worker: Worker, progress: Progress) -> None:
     cfg = worker.cfg
     last_step = worker.plan.total_steps
     worker.interval = Interval()
+    if progress.global_step == 0 and worker.rank == 0:
+        check_task_at_start(worker)
     for global_step in range(progress.global_step + 1, last_step + 1):
         inject_faults(worker, global_step, "step")
         started = time.perf_counter()
@@ -433,6 +436,17 @@ def run_steps(worker: Worker, progress: Progress) -> None:
     if worker.runlog is not None:
         worker.runlog.write("end", global_step=last_step)
         worker.runtime.metrics.run_ended(cfg.run.name)
+
+
+def check_task_at_start(worker: Worker) -> None:
+    """``check-task``'s cheap checks on the real model and data before the first step: a
+    ``batch`` that is not pure or totals that are means, not sums, would train to wrong metrics
+    and break resume. A broken task stops the run (``stops.BrokenTask``), not retried."""
+    failures = task_contract.batch_and_totals_failures(
+        worker.task, unwrap(worker.model), worker.train
+    )
+    if failures:
+        raise stops.BrokenTask(failures)
 
 
 def step_completed(worker: Worker, global_step: int) -> None:

@@ -40,6 +40,8 @@ class RayRuntime:
         self.local_rank = context.get_local_rank()
         self.local_world_size = context.get_local_world_size()
         self.device = ray.train.torch.get_device()
+        if self.device.type == "cuda":  # Ray sets it too; NCCL and CUDA seeding depend on it
+            torch.cuda.set_device(self.device)
         run_storage = context.get_storage()
         self.fs, self.run_dir = run_storage.storage_filesystem, run_storage.experiment_fs_path
         self.metrics = metrics  # Prometheus through Ray's metrics agent

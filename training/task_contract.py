@@ -31,11 +31,8 @@ def run_contract(name: str, options: dict[str, Any], source: tasks.DataSource) -
         return [*failures, f"fewer than {2 * SAMPLE_IDS} training samples to check with"]
     torch.manual_seed(derive_seed(0, "contract-init"))
     model = task.build_model().eval()  # eval: dropout would make totals differ by design
-    ids = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: 2 * SAMPLE_IDS]
-    seed = derive_seed(0, "contract-batch")
-    if not _equal(task.batch(train, ids, seed), task.batch(train, ids, seed)):
-        failures.append("batch(ids, seed) differs between two identical calls: not pure")
-    failures += _additivity_failures(task, model, train, ids, seed)
+    failures += batch_and_totals_failures(task, model, train)
+    ids, seed = _sample_ids(len(train)), derive_seed(0, "contract-batch")
     first, second = (_totals(task, model, task.batch(train, ids, seed)) for _ in range(2))
     if not _equal(first, second):
         failures.append("step(model, batch) is not deterministic under a fixed seed")
@@ -46,6 +43,29 @@ def run_contract(name: str, options: dict[str, Any], source: tasks.DataSource) -
     if "loss" not in metrics:
         failures.append(f"metrics(totals) has no 'loss' (has: {sorted(metrics)})")
     return failures
+
+
+def batch_and_totals_failures(task: tasks.Task, model: torch.nn.Module, train: Any) -> list[str]:
+    """The cheap part of the contract, which ``train`` also runs on rank 0 before the first step
+    (``loop.check_task_at_start``): ``batch`` is pure and the totals add up. ``model`` is left
+    as it was (evaluation mode while checking: dropout would make totals differ by design)."""
+    if len(train) < 2 * SAMPLE_IDS:
+        return []  # too few samples to check with (run_contract says so)
+    was_training = model.training
+    model.eval()
+    try:
+        ids, seed = _sample_ids(len(train)), derive_seed(0, "contract-batch")
+        failures = []
+        if not _equal(task.batch(train, ids, seed), task.batch(train, ids, seed)):
+            failures.append("batch(ids, seed) differs between two identical calls: not pure")
+        return failures + _additivity_failures(task, model, train, ids, seed)
+    finally:
+        model.train(was_training)
+
+
+def _sample_ids(num_samples: int) -> torch.Tensor:
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(0))
+    return order[: 2 * SAMPLE_IDS]
 
 
 def _fingerprint_failures(task: tasks.Task, again: tasks.Task) -> list[str]:
@@ -75,7 +95,9 @@ def _additivity_failures(task, model, train, ids, seed) -> list[str]:
 @torch.no_grad()
 def _totals(task: tasks.Task, model, batch) -> dict[str, torch.Tensor]:
     torch.manual_seed(derive_seed(0, "contract-step"))
-    return {k: v.detach().cpu() for k, v in task.step(model, batch).totals.items()}
+    device = next(model.parameters(), torch.empty(0)).device  # a worker's model is on its GPU
+    totals = task.step(model, tasks.to_device(batch, device)).totals
+    return {k: v.detach().cpu() for k, v in totals.items()}
 
 
 def _equal(a: Any, b: Any) -> bool:

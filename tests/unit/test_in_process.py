@@ -13,7 +13,7 @@ import torch
 from in_process import run_ranks
 from two_head_task import write_csv
 
-from training import checkpoint, runlog
+from training import checkpoint, runlog, stops
 from training.config import parse_config
 
 FS = pafs.LocalFileSystem()
@@ -108,3 +108,16 @@ def test_every_collective_goes_through_the_seam(points, tmp_path):
     cfg["training"]["epochs"] = 3  # a second attempt resumes: broadcast of the chosen path
     assert run_ranks(cfg, guard=True) == [0, 0]
     assert attempts(tmp_path, "guarded").resumed_from_steps == [None, 28]
+
+
+def test_a_task_that_breaks_the_contract_is_stopped_before_its_first_step(points, tmp_path):
+    """Means instead of sums would train to exit 0 with wrong metrics: rank 0 runs check-task's
+    cheap checks on the real model first, and the run stops with check-task's message."""
+    cfg = config(points, tmp_path, "means")
+    cfg["task"]["name"] = "two_head_task:MeanTotals"
+    assert run_ranks(cfg) == [1, 1]
+    stopped = stops.read(FS, str(tmp_path / "means"))
+    assert "totals must be sums, not means" in stopped and "check-task" in stopped
+    assert checkpoint.scan(FS, str(tmp_path / "means")) == []  # not one step was taken
+    stops.clear_for_resubmission(FS, str(tmp_path / "means"))
+    assert stops.read(FS, str(tmp_path / "means")) is None

@@ -70,3 +70,11 @@ def write_csv(path, rows: int = 512) -> None:
         for i in range(rows)
     ]
     path.write_text("\n".join(lines) + "\n")
+
+
+class MeanTotals(TwoHeadRegression):
+    """A common mistake: totals that are means, which do not add up over ranks."""
+
+    def step(self, model, batch):
+        out = super().step(model, batch)
+        return StepOutput(out.loss, {"loss": out.loss.detach(), "count": torch.tensor(1)})
