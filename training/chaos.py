@@ -14,6 +14,7 @@ import sys
 import time
 
 import pyarrow.fs as pafs
+import torch
 
 from training import storage
 from training.config import Fault
@@ -21,6 +22,26 @@ from training.config import Fault
 
 class InjectedFault(RuntimeError):
     """The exception a ``raise`` fault throws."""
+
+
+# Test-only faults that change which sample ids one step feeds ``task.batch`` on one rank
+# (no marker: they do not stop the run): the ledger check (``verify``) must name that step.
+TAMPERING = ("drop_sample", "repeat_sample")
+
+
+def tampers(faults: list[Fault], rank: int) -> bool:
+    return any(f.kind in TAMPERING and f.rank == rank for f in faults)
+
+
+def tamper(faults: list[Fault], rank: int, global_step: int, ids: torch.Tensor) -> torch.Tensor:
+    """``drop_sample``: the step's last id is left out; ``repeat_sample``: it is replaced by a
+    second copy of the first."""
+    for fault in faults:
+        if (fault.rank, fault.step) != (rank, global_step) or fault.kind not in TAMPERING:
+            continue
+        print(f"chaos: {fault.kind} on rank {rank} at step {global_step}", file=sys.stderr)
+        ids = ids[:-1] if fault.kind == "drop_sample" else torch.cat([ids[:-1], ids[:1]])
+    return ids
 
 
 def maybe_inject(
@@ -33,6 +54,8 @@ def maybe_inject(
 ) -> None:
     for index, fault in enumerate(faults):
         if (fault.rank, fault.step, fault.during) != (rank, global_step, during):
+            continue
+        if fault.kind in TAMPERING:
             continue
         marker = posixpath.join(run_dir, "chaos", f"fault-{index}.fired")
         if storage.exists(fs, marker):

@@ -135,7 +135,8 @@ def verify(storage_path: str | None, name: str, config_path: str | None, as_json
         click.echo(
             f"Exactly-once ledger {verdict} for {run_dir}: {report.final_step} steps, "
             f"{report.attempts} attempts, world sizes {report.world_sizes}, "
-            f"resumed from steps {report.resumed_from_steps}, completed={report.completed}"
+            f"resumed from steps {report.resumed_from_steps}, completed={report.completed}, "
+            f"consumption witnessed for {report.witnessed_steps} of {report.final_step} steps"
         )
         for error in report.errors:
             click.echo(f"  - {error}")

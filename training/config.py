@@ -197,8 +197,10 @@ class FailureSection(Section):
 
 
 class Fault(Section):
-    kind: Literal["kill", "raise", "stall"] = Field(
-        description="kill: SIGKILL the worker; raise: an exception; stall: sleep `seconds`."
+    kind: Literal["kill", "raise", "stall", "drop_sample", "repeat_sample"] = Field(
+        description="kill: SIGKILL the worker; raise: an exception; stall: sleep `seconds`; "
+        "drop_sample / repeat_sample (for testing the ledger check): the step feeds its task "
+        "one id fewer / a second copy of one id on that rank, and `verify` must fail."
     )
     rank: NonNegativeInt = Field(0, description="World rank that fails.")
     step: PositiveInt = Field(description="Global step at which the fault fires.")

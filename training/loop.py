@@ -91,6 +91,8 @@ class Interval:
 
     totals: dict[str, torch.Tensor] = field(default_factory=dict)
     first_bad_step: torch.Tensor | None = None
+    # The ledger's witness: per step, how many ids this rank fed ``task.batch`` and their digest.
+    consumed: dict[int, list[int]] = field(default_factory=dict)
     steps: int = 0
     samples: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -98,6 +100,14 @@ class Interval:
     def add(self, totals: dict[str, torch.Tensor]) -> None:
         for key, value in totals.items():
             self.totals[key] = self.totals[key] + value if key in self.totals else value
+
+    def consume(self, global_step: int, ids: torch.Tensor) -> None:
+        count_and_digest = self.consumed.setdefault(global_step, [0, 0])
+        count_and_digest[0] += len(ids)
+        count_and_digest[1] += data.ids_digest(ids)
+
+    def consumed_row(self) -> list[float]:
+        return [float(v) for step in sorted(self.consumed) for v in self.consumed[step]]
 
     def watch(self, global_step: int, *values: torch.Tensor) -> None:
         if values[0].device.type == "cpu":  # reading a CPU tensor syncs nothing: check in Python
@@ -209,9 +219,11 @@ class Worker:
     warned_slow_save: bool = False
     # The non-parameter state as the last completed step left it (``StepBoundary``).
     boundary: StepBoundary | None = None
+    tampering: bool = False  # a test-only chaos fault changes the ids of one step
 
     def __post_init__(self) -> None:
         self.save_done.set()
+        self.tampering = chaos.tampers(self.cfg.chaos.faults, self.rank)
 
 
 def train_func(config_dict: dict[str, Any]) -> None:
@@ -464,12 +476,15 @@ def train_step(worker: Worker, global_step: int) -> float:
     ids = data.rank_slice(
         global_batch_ids(worker, epoch, step_in_epoch), worker.rank, worker.world_size
     )
+    if worker.tampering:  # test-only chaos: the ledger's witness must notice
+        ids = chaos.tamper(worker.cfg.chaos.faults, worker.rank, global_step, ids)
     chunks = ids.split(cfg.micro_batch_size or len(ids))
     batch_seed = data.derive_seed(cfg.seed, "batch", epoch)
     worker.model.train()
     worker.optimizer.zero_grad(set_to_none=True)
     for index, chunk in enumerate(chunks):
         batch = tasks.to_device(worker.task.batch(worker.train, chunk, batch_seed), worker.device)
+        worker.interval.consume(global_step, chunk)
         # In-step randomness (dropout) depends only on (seed, global step, rank, micro-batch).
         data.seed_step(
             data.derive_seed(
@@ -545,29 +560,37 @@ def reduce_totals(
     totals: dict[str, torch.Tensor],
     first_bad: torch.Tensor | None,
     flag: bool = False,
-) -> tuple[dict[str, float], float, bool]:
-    """Sum the totals over all ranks, find the earliest non-finite step and whether any rank
-    raised ``flag``: one all-gather of a small tensor (``collectives``), one host sync."""
-    keys = sorted(totals)
+    extra: list[float] | None = None,
+) -> tuple[dict[str, float], float, bool, list[float]]:
+    """Sum the totals over all ranks, find the earliest non-finite step, whether any rank
+    raised ``flag``, and sum ``extra`` (the same length on every rank) over the ranks: one
+    all-gather of a small tensor (``collectives``), one host sync."""
+    keys, extra = sorted(totals), extra or []
     bad = first_bad if first_bad is not None else torch.tensor(math.inf)
     # A task may count on the CPU while its loss lives on the GPU: the seam moves each to the
     # device the backend needs.
-    row = torch.stack(
+    head = torch.stack(
         [*(totals[k].detach().to(comm.device).double() for k in keys), bad.to(comm.device).double()]
     )
-    row = torch.cat([row, torch.tensor([float(flag)], dtype=row.dtype, device=comm.device)])
-    gathered = comm.gather_rows(row).cpu()
-    sums = gathered[:, : len(keys)].sum(dim=0).tolist()
-    first = float(gathered[:, len(keys)].min())
-    return dict(zip(keys, sums, strict=True)), first, bool(gathered[:, -1].max() > 0)
+    tail = torch.tensor([float(flag), *extra], dtype=torch.float64, device=comm.device)
+    gathered = comm.gather_rows(torch.cat([head, tail])).cpu()
+    n = len(keys)
+    sums = gathered[:, :n].sum(dim=0).tolist()
+    first = float(gathered[:, n].min())
+    extra_sums = gathered[:, n + 2 :].sum(dim=0).tolist()
+    return dict(zip(keys, sums, strict=True)), first, bool(gathered[:, n + 1].max() > 0), extra_sums
 
 
 def close_interval(worker: Worker, global_step: int, lr: float) -> tuple[dict[str, Any], bool]:
     """Metrics of the steps since the last log line, over all ranks, and whether the ranks
     agree that a node is being drained; raises NonFiniteLoss."""
     interval = worker.interval
-    totals, first_bad, draining = reduce_totals(
-        worker.comm, interval.totals, interval.first_bad_step, worker.runtime.drain_requested()
+    totals, first_bad, draining, consumed = reduce_totals(
+        worker.comm,
+        interval.totals,
+        interval.first_bad_step,
+        worker.runtime.drain_requested(),
+        interval.consumed_row(),
     )
     if math.isfinite(first_bad):
         raise stops.NonFiniteLoss(int(first_bad))
@@ -582,7 +605,15 @@ def close_interval(worker: Worker, global_step: int, lr: float) -> tuple[dict[st
         "samples_per_s": interval.samples / elapsed if elapsed > 0 else 0.0,
         "world_size": worker.world_size,
     }
-    if worker.runlog is not None:  # an actor call under Ray: off this thread
+    if worker.runlog is not None:
+        steps = sorted(interval.consumed)
+        worker.runlog.write(  # what the ranks fed task.batch; `verify` checks it
+            "consumed",
+            steps=steps,
+            counts=[int(c) for c in consumed[0::2]],
+            digests=[int(d) for d in consumed[1::2]],
+        )
+        # An actor call under Ray: off this thread.
         worker.reporter.submit(
             functools.partial(
                 worker.runtime.metrics.record,
@@ -656,7 +687,7 @@ def evaluate(worker: Worker, global_step: int) -> dict[str, float]:
         batch = tasks.to_device(worker.task.batch(worker.val, ids, None), worker.device)
         with autocast(worker):
             interval.add(worker.task.step(model, batch).totals)
-    totals, _, _ = reduce_totals(worker.comm, interval.totals, None)
+    totals, *_ = reduce_totals(worker.comm, interval.totals, None)
     if not totals:
         return {}
     reported = {f"val_{k}": v for k, v in worker.task.metrics(totals).items()}

@@ -120,6 +120,9 @@ class LedgerReport:
     resumed_from_steps: list[int | None]
     final_step: int
     errors: list[str] = field(default_factory=list)
+    # Steps of the history whose consumption the ranks witnessed (``consumed`` events): all but
+    # those an attempt ran after its last log interval, kept by a save on failure.
+    witnessed_steps: int = 0
 
 
 def check_ledger(events: list[dict[str, Any]]) -> LedgerReport:
@@ -129,8 +132,11 @@ def check_ledger(events: list[dict[str, Any]]) -> LedgerReport:
         return LedgerReport(False, False, 0, [], [], 0, ["the run log has no attempts"])
     history, errors = effective_history(events)
     by_attempt = {s["attempt"]: s for s in starts}
+    witnessed = 0
     try:
         errors += _check_epochs(history, by_attempt, starts[-1])
+        witness_errors, witnessed = _check_witness(history, by_attempt, events)
+        errors += witness_errors
     except (KeyError, ValueError) as exc:  # a start or step record lacks what the ids need
         errors.append(f"the run log cannot say which samples were consumed: {exc!r}")
     final_step = max(history, default=0)
@@ -144,6 +150,7 @@ def check_ledger(events: list[dict[str, Any]]) -> LedgerReport:
         resumed_from_steps=[s["resumed_from_step"] for s in starts],
         final_step=final_step,
         errors=errors,
+        witnessed_steps=witnessed,
     )
 
 
@@ -196,6 +203,38 @@ def _check_epochs(
         if any(not 0 <= i < last["train_samples"] for i in ids):
             errors.append(f"epoch {epoch}: sample ids outside the training rows")
     return errors
+
+
+def _check_witness(
+    history: dict[int, dict[str, Any]],
+    starts: dict[str, dict[str, Any]],
+    events: list[dict[str, Any]],
+) -> tuple[list[str], int]:
+    """Each step's witness (the count and digest of the ids the ranks fed ``task.batch``,
+    summed over the ranks) against the ids the schedule says it consumed; (errors, steps
+    witnessed). This is what catches a loop that slices, drops or repeats ids wrongly: the
+    schedule alone is a permutation by construction."""
+    witness = {
+        (e["attempt"], step): (count, digest)
+        for e in events
+        if e["event"] == "consumed"
+        for step, count, digest in zip(e["steps"], e["counts"], e["digests"], strict=True)
+    }
+    errors, witnessed = [], 0
+    for step, event in sorted(history.items()):
+        seen = witness.get((event["attempt"], step))
+        if seen is None:
+            continue
+        witnessed += 1
+        ids = consumed_ids(event, starts[event["attempt"]])
+        expected = (len(ids), data.ids_digest(torch.tensor(ids, dtype=torch.int64)))
+        if tuple(seen) != expected:
+            errors.append(
+                f"step {step}: the ranks fed the task {seen[0]} samples (digest {seen[1]}), the "
+                f"schedule has {expected[0]} (digest {expected[1]}): samples dropped, repeated "
+                "or swapped"
+            )
+    return errors, witnessed
 
 
 def _check_step(event: dict[str, Any], start: dict[str, Any]) -> list[str]:

@@ -69,6 +69,7 @@ def attempts(storage, name: str) -> runlog.LedgerReport:
 def uninterrupted(points, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
     assert run_ranks(config(points, storage, "whole")) == [0, 0]
+    assert attempts(storage, "whole").witnessed_steps == 2 * STEPS_PER_EPOCH
     state = final_state(storage, "whole")
     assert "body.1.num_batches_tracked" in state["model"]  # the buffers this is about
     return state
@@ -121,3 +122,17 @@ def test_a_task_that_breaks_the_contract_is_stopped_before_its_first_step(points
     assert checkpoint.scan(FS, str(tmp_path / "means")) == []  # not one step was taken
     stops.clear_for_resubmission(FS, str(tmp_path / "means"))
     assert stops.read(FS, str(tmp_path / "means")) is None
+
+
+@pytest.mark.parametrize("kind,step", [("drop_sample", 5), ("repeat_sample", 23)])
+def test_verify_names_the_step_whose_samples_the_loop_fed_wrongly(points, tmp_path, kind, step):
+    """The schedule is a permutation by construction; the witness is what the ranks actually
+    fed ``task.batch``. A loop that drops or repeats one id at one step must fail ``verify``."""
+    fault = {"kind": kind, "rank": 1, "step": step}
+    assert run_ranks(config(points, tmp_path, "tampered", [fault])) == [0, 0]
+    report = runlog.check_ledger(runlog.read_events(FS, str(tmp_path / "tampered")))
+    assert not report.ok
+    assert len(report.errors) == 1 and report.errors[0].startswith(f"step {step}: ")
+    assert (
+        "fed the task 31 samples" if kind == "drop_sample" else "fed the task 32 samples"
+    ) in report.errors[0]

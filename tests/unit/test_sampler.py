@@ -205,3 +205,15 @@ def test_checker_ignores_rolled_back_steps():
     report = runlog.check_ledger(events)
     assert report.ok, report.errors
     assert report.final_step == max(stepped)
+
+
+def test_the_consumption_digest_adds_up_over_ranks_and_sees_one_wrong_id():
+    ids = torch.randperm(1000, generator=torch.Generator().manual_seed(3))[:64]
+    whole = data.ids_digest(ids)
+    assert sum(data.ids_digest(data.rank_slice(ids, r, 4)) for r in range(4)) == whole
+    assert data.ids_digest(ids.flip(0)) == whole  # order-free
+    assert data.ids_digest(ids[:-1]) != whole  # dropped
+    assert data.ids_digest(torch.cat([ids[:-1], ids[:1]])) != whole  # repeated
+    swapped = ids.clone()
+    swapped[0] = 1000  # an id outside the batch
+    assert data.ids_digest(swapped) != whole
