@@ -6,6 +6,13 @@ A checkpoint is a directory ``checkpoint_<global step, 9 digits>`` holding ``tra
 manifest, or whose files do not match it, is a partial or corrupted write: it is skipped on
 resume with a warning, and cleaned up so storage does not grow without bound.
 
+Reading a multi-GB state is the expensive part (minutes on S3), so a checkpoint's bytes are read
+once per rank, where they are loaded: ``load`` checks the SHA-256 as the bytes stream in. Every
+other check (the driver's ``newest_valid``, ``scan``, ``prune``, ``status``) reads manifests and
+file sizes only, which catches a partial or torn write but not a same-size corruption; rank 0
+resumes through ``load_newest``, which skips that too. ``validate``/``scan`` with ``full=True``
+(``verify --deep``) hash every file on demand.
+
 Ray can drop a checkpoint reported just before a crash from its registry while the files are
 complete on storage. Resume therefore scans storage for the newest *valid* checkpoint instead of
 trusting only the one Ray registered.
@@ -26,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
@@ -39,6 +47,7 @@ FORMAT_VERSION = 1
 _DIR_PATTERN = re.compile(r"^checkpoint_(\d{9})(_[0-9a-f]+)?$")
 # Ray Train's record of the checkpoints it registered (read only; Ray owns this file).
 RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+_READ_CHUNK = 16 << 20  # bytes hashed per read while a file streams in
 
 
 class InvalidCheckpoint(Exception):
@@ -183,26 +192,42 @@ class Stager:
 
 
 def load(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
-    """Validate a checkpoint against its manifest, return its state; raises InvalidCheckpoint."""
+    """A checkpoint's state, checked against its manifest in the one read that loads it: sizes
+    first (no data read), then each file's SHA-256 as its bytes stream in, before anything is
+    unpickled. Raises InvalidCheckpoint."""
     manifest = _read_manifest(fs, path)
-    blobs = {name: _read_checked(fs, path, name, meta) for name, meta in manifest["files"].items()}
-    if STATE_FILE not in blobs:
+    if STATE_FILE not in manifest["files"]:
         raise InvalidCheckpoint(f"manifest does not list {STATE_FILE}")
+    _check_sizes(fs, path, manifest)
+    blobs = {name: _read_checked(fs, path, name, meta) for name, meta in manifest["files"].items()}
     try:
-        return torch.load(io.BytesIO(blobs[STATE_FILE]), map_location="cpu", weights_only=True)
+        return torch.load(pa.BufferReader(blobs[STATE_FILE]), map_location="cpu", weights_only=True)
     except Exception as exc:  # a checksum collision is unlikely; a pickle error is not impossible
         raise InvalidCheckpoint(f"{STATE_FILE} does not load: {exc}") from exc
 
 
+def load_newest(fs: pafs.FileSystem, run_dir: str) -> tuple[CheckpointInfo, dict[str, Any]] | None:
+    """Rank 0's resume: the newest checkpoint that ``load`` accepts, and its state. A broken one
+    (partial, torn, wrong size or checksum) is skipped with a warning for the next older one;
+    each candidate is read at most once, and one with a wrong size not at all."""
+    for info in scan(fs, run_dir, check=False):
+        try:
+            state = load(fs, info.path)
+        except InvalidCheckpoint as exc:
+            log.warning("Skipping checkpoint %s: %s", info.path, exc)
+            continue
+        return CheckpointInfo(info.path, info.step, valid=True), state
+    return None
+
+
 def validate(fs: pafs.FileSystem, path: str, full: bool = True) -> None:
     """Raise InvalidCheckpoint unless every file listed in the manifest matches it: size and
-    checksum, or (``full=False``) size only, which needs no read of the data."""
+    checksum (reads every byte), or (``full=False``) size only, which reads no data."""
     manifest = _read_manifest(fs, path)
-    for name, meta in manifest["files"].items():
-        if full:
-            _read_checked(fs, path, name, meta)
-        else:
-            _check_size(fs, path, name, meta)
+    _check_sizes(fs, path, manifest)
+    if full:
+        for name, meta in manifest["files"].items():
+            _read_checked(fs, path, name, meta, keep=False)
 
 
 def restore(
@@ -218,9 +243,11 @@ def restore(
 
 
 def scan(
-    fs: pafs.FileSystem, run_dir: str, check: bool = True, full: bool = True
+    fs: pafs.FileSystem, run_dir: str, check: bool = True, full: bool = False
 ) -> list[CheckpointInfo]:
-    """Every checkpoint directory of a run, newest first, with its validity."""
+    """Every checkpoint directory of a run, newest first, with its validity: from manifests and
+    file sizes (no data read), or with ``full=True`` from every file's checksum too (reads every
+    byte of every checkpoint: ``verify --deep``)."""
     found = []
     for entry in storage.list_dir(fs, run_dir):
         match = _DIR_PATTERN.match(entry.base_name)
@@ -231,9 +258,11 @@ def scan(
 
 
 def newest_valid(fs: pafs.FileSystem, run_dir: str) -> CheckpointInfo | None:
-    """The newest checkpoint that passes validation; newer broken ones are skipped loudly."""
+    """The newest checkpoint whose manifest is readable and whose files have the sizes it lists;
+    newer broken ones are skipped loudly. No data is read, so a same-size corruption passes here:
+    the checksum is checked where the state is loaded (``load``, ``load_newest``)."""
     for info in scan(fs, run_dir, check=False):
-        checked = _check(fs, info.path, info.step, check=True)
+        checked = _check(fs, info.path, info.step, check=True, full=False)
         if checked.valid:
             return checked
         log.warning("Skipping checkpoint %s: %s", info.path, checked.reason)
@@ -294,9 +323,7 @@ def ray_registered(fs: pafs.FileSystem, run_dir: str) -> set[str] | None:
         return None
 
 
-def _check(
-    fs: pafs.FileSystem, path: str, step: int, check: bool, full: bool = True
-) -> CheckpointInfo:
+def _check(fs: pafs.FileSystem, path: str, step: int, check: bool, full: bool) -> CheckpointInfo:
     if not check:
         return CheckpointInfo(path, step, valid=True)
     try:
@@ -319,28 +346,40 @@ def _read_manifest(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
     return manifest
 
 
-def _read_checked(fs: pafs.FileSystem, path: str, name: str, meta: dict[str, Any]) -> bytes:
+def _check_sizes(fs: pafs.FileSystem, path: str, manifest: dict[str, Any]) -> None:
+    for name, meta in manifest["files"].items():
+        info = fs.get_file_info(posixpath.join(path, name))
+        if info.type == pafs.FileType.NotFound:
+            raise InvalidCheckpoint(f"{name} is missing")
+        expected = meta.get("size")
+        if info.size != expected:
+            raise InvalidCheckpoint(f"{name} has {info.size} bytes, manifest says {expected}")
+
+
+def _read_checked(
+    fs: pafs.FileSystem, path: str, name: str, meta: dict[str, Any], keep: bool = True
+) -> pa.Buffer | None:
+    """Read a file of the size its manifest lists (checked before) once, hashing it as it
+    streams in; its bytes (``keep``), or None after a check only (one chunk of memory)."""
+    size = meta["size"]
+    whole = pa.allocate_buffer(size) if keep else None
+    target = memoryview(whole) if keep else memoryview(bytearray(min(size, _READ_CHUNK)))
+    digest, done, longer = hashlib.sha256(), 0, False
     try:
-        blob = storage.read_bytes(fs, posixpath.join(path, name))
+        with fs.open_input_stream(posixpath.join(path, name)) as stream:
+            while done < size:
+                start = done if keep else 0
+                window = target[start : start + min(_READ_CHUNK, size - done)]
+                got = stream.readinto(window)
+                if not got:
+                    break
+                digest.update(window[:got])
+                done += got
+            longer = bool(stream.read(1))
     except FileNotFoundError:
         raise InvalidCheckpoint(f"{name} is missing") from None
-    actual = _describe_file(blob)
-    if actual["size"] != meta.get("size"):
-        raise InvalidCheckpoint(
-            f"{name} has {actual['size']} bytes, manifest says {meta.get('size')}"
-        )
-    if actual["sha256"] != meta.get("sha256"):
+    if done != size or longer:
+        raise InvalidCheckpoint(f"{name} changed size while read, manifest says {size}")
+    if digest.hexdigest() != meta.get("sha256"):
         raise InvalidCheckpoint(f"{name} checksum does not match the manifest")
-    return blob
-
-
-def _check_size(fs: pafs.FileSystem, path: str, name: str, meta: dict[str, Any]) -> None:
-    info = fs.get_file_info(posixpath.join(path, name))
-    if info.type == pafs.FileType.NotFound:
-        raise InvalidCheckpoint(f"{name} is missing")
-    if info.size != meta.get("size"):
-        raise InvalidCheckpoint(f"{name} has {info.size} bytes, manifest says {meta.get('size')}")
-
-
-def _describe_file(blob: bytes) -> dict[str, Any]:
-    return {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    return whole

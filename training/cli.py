@@ -104,7 +104,8 @@ def train(
 def status(
     storage_path: str | None, name: str | None, config_path: str | None, as_json: bool
 ) -> None:
-    """Runs under a storage path: checkpoints (step, validity), progress, attempts."""
+    """Runs under a storage path: checkpoints (step, validity from manifests and file sizes;
+    `verify --deep` reads their checksums), progress, attempts."""
     storage_cfg = _storage_section(config_path, storage_path)
     fs, root = storage.resolve(storage_cfg.path, storage_cfg)
     run_dirs = [posixpath.join(root, name)] if name else driver.list_runs(fs, root)
@@ -123,13 +124,22 @@ def status(
 @click.option("--name", required=True, help="Run name.")
 @click.option("--config", "config_path", type=click.Path(), help="Take storage settings from here.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def verify(storage_path: str | None, name: str, config_path: str | None, as_json: bool) -> None:
+@click.option(
+    "--deep",
+    is_flag=True,
+    help="Also read every kept checkpoint and check it against its manifest's SHA-256 (reads "
+    "every byte: slow for large states on S3); exit 1 if one does not match.",
+)
+def verify(
+    storage_path: str | None, name: str, config_path: str | None, as_json: bool, deep: bool
+) -> None:
     """Check the exactly-once sample ledger over the run's effective history (exit 1 if broken)."""
     storage_cfg = _storage_section(config_path, storage_path)
     fs, run_dir = storage.run_location(storage_cfg, name)
     report = runlog.check_ledger(runlog.read_events(fs, run_dir))
+    checkpoints = _hashed_checkpoints(fs, run_dir) if deep else []
     if as_json:
-        click.echo(json.dumps(report.__dict__))
+        click.echo(json.dumps(report.__dict__ | ({"checkpoints": checkpoints} if deep else {})))
     else:
         verdict = "holds" if report.ok else "is BROKEN"
         click.echo(
@@ -140,7 +150,20 @@ def verify(storage_path: str | None, name: str, config_path: str | None, as_json
         )
         for error in report.errors:
             click.echo(f"  - {error}")
-    sys.exit(0 if report.ok else EXIT_FAILED)
+        _print_checkpoints(checkpoints)
+    sys.exit(0 if report.ok and all(c["valid"] for c in checkpoints) else EXIT_FAILED)
+
+
+def _hashed_checkpoints(fs, run_dir: str) -> list[dict[str, Any]]:
+    """Every checkpoint of the run, its validity from its files' SHA-256 (reads every byte)."""
+    infos = checkpoint.scan(fs, run_dir, full=True)
+    return [{"step": i.step, "valid": i.valid, "reason": i.reason, "path": i.path} for i in infos]
+
+
+def _print_checkpoints(checkpoints: list[dict[str, Any]]) -> None:
+    for ckpt in checkpoints:
+        state = "checksums match" if ckpt["valid"] else f"INVALID ({ckpt['reason']})"
+        click.echo(f"  checkpoint step {ckpt['step']}: {state}  ({ckpt['path']})")
 
 
 @main.command()

@@ -4,9 +4,10 @@ import json
 
 import pytest
 import ray
+import torch
 from click.testing import CliRunner
 
-from training import driver, lease
+from training import checkpoint, driver, lease, runlog
 from training.cli import main
 from training.config import parse_config
 
@@ -84,6 +85,36 @@ def test_status_and_verify_on_an_empty_storage(tmp_path):
     result = run("verify", "--storage", str(tmp_path), "--name", "ghost", "--json")
     assert result.exit_code == 1
     assert json.loads(result.output)["errors"] == ["the run log has no attempts"]
+
+
+def test_verify_deep_reads_checksums_that_status_does_not(tmp_path, monkeypatch):
+    """A byte flipped in place keeps every size: only `verify --deep` (or a load) can see it."""
+    for step in (10, 20):
+        state = {"progress": {"global_step": step}, "weights": torch.randn(256)}
+        checkpoint.write_state(tmp_path / "r" / checkpoint.dir_name(step), state)
+    state_file = tmp_path / "r" / checkpoint.dir_name(20) / checkpoint.STATE_FILE
+    blob = bytearray(state_file.read_bytes())
+    blob[-200] ^= 0xFF
+    state_file.write_bytes(bytes(blob))
+    ledger = runlog.LedgerReport(True, True, 1, [1], [None], 20)
+    monkeypatch.setattr(runlog, "check_ledger", lambda events: ledger)  # only checkpoints matter
+
+    shallow = run("verify", "--storage", str(tmp_path), "--name", "r", "--json")
+    assert shallow.exit_code == 0 and "checkpoints" not in json.loads(shallow.output)
+    status = run("status", "--storage", str(tmp_path), "--name", "r", "--json")
+    assert [c["valid"] for c in json.loads(status.output)[0]["checkpoints"]] == [True, True]
+
+    deep = run("verify", "--storage", str(tmp_path), "--name", "r", "--deep", "--json")
+    assert deep.exit_code == 1
+    found = [(c["step"], c["valid"], c["reason"]) for c in json.loads(deep.output)["checkpoints"]]
+    assert found == [
+        (20, False, "train_state.pt checksum does not match the manifest"),
+        (10, True, ""),
+    ]
+    text = run("verify", "--storage", str(tmp_path), "--name", "r", "--deep")
+    assert text.exit_code == 1
+    assert "checkpoint step 20: INVALID (train_state.pt checksum does not match" in text.output
+    assert "checkpoint step 10: checksums match" in text.output
 
 
 def test_demo_data_command(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -67,8 +68,13 @@ def test_holder_dead_on_this_machine_is_taken_over_without_waiting(run_dir):
                           capture_output=True, check=True)  # fmt: skip
     holder = replace(lease.me("dead-token", since=time.time()), pid=int(dead.stdout))
     write_holder(run_dir, holder)  # fresh heartbeat, but its process is gone
-    taken = lease.try_acquire(FS, run_dir, ttl=30, settle_s=0)
-    taken.release()
+    taken = lease.try_acquire(FS, run_dir, ttl=30, settle_s=0)  # 30 s ttl: no expiry to wait for
+    try:
+        recorded = lease.read(FS, run_dir)
+        assert recorded.token == taken.holder.token != "dead-token"
+        assert recorded.pid == os.getpid()
+    finally:
+        taken.release()
 
 
 def test_holder_alive_on_this_machine_refuses(run_dir):
@@ -116,7 +122,11 @@ def test_wait_for_lease_waits_until_the_holder_expires(run_dir, monkeypatch):
 
 def test_unreadable_lease_file_counts_as_free(run_dir):
     storage.write_bytes(FS, f"{run_dir}/{lease.LEASE_FILE}", b"{not json")
-    lease.try_acquire(FS, run_dir, ttl=30, settle_s=0).release()
+    taken = lease.try_acquire(FS, run_dir, ttl=30, settle_s=0)
+    try:
+        assert lease.read(FS, run_dir).token == taken.holder.token  # rewritten, readable
+    finally:
+        taken.release()
 
 
 def test_lease_of_a_job_known_dead_is_taken_over_at_once(run_dir):

@@ -89,9 +89,8 @@ def simulate(seed, num_samples, batch, epochs, rng, corrupt=None, layout=None):
 @pytest.mark.parametrize("scenario", range(40))
 def test_exactly_once_through_random_stops_and_resizes(scenario):
     rng = random.Random(scenario)
-    events = simulate(
-        seed=scenario, num_samples=rng.randint(60, 200), batch=12, epochs=rng.randint(1, 3), rng=rng
-    )
+    num_samples, epochs = rng.randint(60, 200), rng.randint(1, 3)
+    events = simulate(seed=scenario, num_samples=num_samples, batch=12, epochs=epochs, rng=rng)
     report = runlog.check_ledger(events)
     assert report.ok, report.errors
     assert report.completed
@@ -102,8 +101,12 @@ def test_exactly_once_through_random_stops_and_resizes(scenario):
         per_epoch.setdefault(event["epoch"], []).extend(
             runlog.consumed_ids(event, starts[event["attempt"]])
         )
-    for ids in per_epoch.values():
-        assert len(ids) == len(set(ids)) == len(ids) // 12 * 12
+    # Each epoch consumed every sample of its full batches exactly once, and nothing else.
+    full_batches = data.steps_per_epoch(num_samples, 12) * 12
+    assert sorted(per_epoch) == list(range(epochs))
+    for epoch, ids in per_epoch.items():
+        expected = data.epoch_order(scenario, epoch, num_samples)[:full_batches].tolist()
+        assert sorted(ids) == sorted(expected), f"epoch {epoch}"
 
 
 def test_recomputed_ids_are_what_every_rank_sliced():
