@@ -341,15 +341,18 @@ def start_attempt(
 
 
 def resume(worker: Worker) -> tuple[Progress, str | None]:
-    """Load the newest valid checkpoint on storage, if any; rank 0 chooses it for everyone."""
+    """Load the newest valid checkpoint on storage, if any; rank 0 chooses it for everyone by
+    loading it (one read, its checksum checked as it streams; a corrupted one is skipped), then
+    every other rank reads it once."""
     fs, run_dir = worker.fs, worker.run_dir
+    loaded = None
     if worker.rank == 0:
         checkpoint.remember_registered(fs, run_dir)  # prune leaves these to Ray
-    chosen = checkpoint.newest_valid(fs, run_dir) if worker.rank == 0 else None
-    path = worker.comm.broadcast_object(chosen.path if chosen else None)
+        loaded = checkpoint.load_newest(fs, run_dir)
+    path = worker.comm.broadcast_object(loaded[0].path if loaded else None)
     progress = Progress(global_step=0, epoch=0, step_in_epoch=0, attempt="")
     if path is not None:
-        state = checkpoint.load(fs, path)
+        state = loaded[1] if loaded else checkpoint.load(fs, path)
         progress = checkpoint.restore(
             state, unwrap(worker.model), worker.optimizer, worker.scheduler
         )

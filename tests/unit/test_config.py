@@ -75,7 +75,8 @@ BAD_INPUTS = [
     ({"data": {"val_fraction": 1.0}}, "data.val_fraction: Input should be less than 1"),
     (
         {"chaos": {"faults": [{"kind": "explode", "step": 3}]}},
-        "chaos.faults.0.kind: Input should be 'kill', 'raise' or 'stall'",
+        "chaos.faults.0.kind: Input should be 'kill', 'raise', 'stall', 'drop_sample' or "
+        "'repeat_sample'",
     ),
     ({"chaos": {"faults": [{"kind": "kill"}]}}, "chaos.faults.0.step: required field is missing"),
     (
