@@ -381,8 +381,9 @@ def resume_hint(cfg: Config) -> str:
             kept = checkpoint.scan(fs, run_dir, full=False)
     except OSError as exc:
         return (
-            f"Cannot look for a checkpoint to resume from: {exc}. When storage is back, run the "
-            "same command again: it resumes from the newest valid checkpoint, if there is one."
+            f"Cannot look for a checkpoint to resume from: {str(exc).rstrip('.')}. When storage "
+            "is back, run the same command again: it resumes from the newest valid checkpoint, "
+            "if there is one."
         )
     newest = next((c for c in kept if c.valid), None)
     if newest is None:
