@@ -87,10 +87,9 @@ def train(
     except KeyboardInterrupt:
         _fail(EXIT_INTERRUPTED, f"Interrupted. {driver.resume_hint(cfg)}")
     except Exception as exc:  # Ray's TrainingFailedError and anything the workers raised
-        _fail(
-            EXIT_FAILED,
-            f"Training failed: {type(exc).__name__}: {exc}\n{driver.resume_hint(cfg)}",
-        )
+        cause = driver.storage_cause(cfg, exc)  # a worker's storage error, named
+        lines = [f"Training failed: {type(exc).__name__}: {exc}", *[cause] * bool(cause)]
+        _fail(EXIT_FAILED, "\n".join([*lines, driver.resume_hint(cfg)]))
     _print_summary(summary)
 
 

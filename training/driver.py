@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import posixpath
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -367,6 +368,21 @@ def stop_marker_after_failure(cfg: Config, run: RunState) -> str | None:
     except OSError as exc:
         print(f"warning: cannot read the run's stop marker: {exc}", file=sys.stderr, flush=True)
         return None
+
+
+def storage_cause(cfg: Config, error: Exception) -> str | None:
+    """One line naming a storage failure that Ray's error text carries (a worker's pyarrow
+    error, several frames down a traceback), so the user reads it as an outage."""
+    # pyarrow names the object: "... key 'runs/x/log' in bucket 'training' ..."
+    where = re.search(r"(?:key '([^']*)' in )?bucket '([^']*)'", str(error))
+    if where is None or isinstance(error, storage.StorageError):
+        return None
+    uri = f"s3://{where.group(2)}/{where.group(1) or ''}".rstrip("/")
+    cause = storage.classify(OSError(str(error)), storage.resolve(uri, cfg.storage)[0], uri)
+    if cause is None:
+        return None
+    kind = "a transient storage error (outage)" if cause.transient else "a storage error"
+    return f"The cause was {kind}: {cause}"
 
 
 def resume_hint(cfg: Config) -> str:

@@ -277,3 +277,34 @@ def test_a_remote_cluster_without_enough_gpus_is_refused_after_connecting(monkey
     with pytest.raises(driver.ConfigError, match="the Ray cluster at head:6379 has 1 GPU"):
         driver.connect_ray(gpu_config(2))
     driver.connect_ray(gpu_config(1))  # one worker fits one GPU
+
+
+# A worker's error as Ray's WorkerGroupError carried it when the store went down mid-run
+# (SeaweedFS stopped after checkpoint 10 of a real run; abridged).
+WORKER_ERROR = (
+    "Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent "
+    "call last):\n  ...\nOSError: When testing for existence of bucket 'training': AWS Error "
+    "NETWORK_CONNECTION during HeadBucket operation: curlCode: 7, Could not connect to server; "
+    "Details: Failed to connect to 127.0.0.1:9 after 0 ms: Could not connect to server"
+)
+
+
+def test_a_workers_storage_error_is_named_as_an_outage_after_the_failure(monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError(WORKER_ERROR)
+
+    monkeypatch.setattr(driver, "train", fail)
+    result = run("train", "--storage", "s3://training/runs", *S3_DOWN)
+    assert result.exit_code == 1
+    reachable = (
+        "cannot reach S3 endpoint http://127.0.0.1:9 (connection refused) for s3://training%s: "
+        "check storage.endpoint_override / storage.scheme and that the store is up"
+    )
+    assert result.output.splitlines()[-2:] == [
+        "The cause was a transient storage error (outage): " + reachable % "",
+        "Cannot look for a checkpoint to resume from: " + reachable % "/runs" + ". When storage "
+        "is back, run the same command again: it resumes from the newest valid checkpoint, if "
+        "there is one.",
+    ]
+    not_storage = parse_config({})
+    assert driver.storage_cause(not_storage, RuntimeError("the loss is NaN")) is None
