@@ -1,15 +1,18 @@
 """Command line: ``python -m training {train,status,verify,plot,demo-data,check-task}``.
 
-Exit codes: 0 success, 1 training failed (or the ledger check failed), 2 bad config or usage,
-130 interrupted (the run can be resumed by running the same command again).
+Exit codes: 0 success, 1 training failed (or the ledger check failed), 2 bad config or usage
+(storage that cannot be reached or used before a run starts included), 130 interrupted (the run
+can be resumed by running the same command again).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -71,7 +74,7 @@ def train(
             wait_for_lease=wait_for_lease,
             dead_jobs=dead_jobs,
         )
-    except ConfigError as exc:
+    except (ConfigError, storage.StorageError) as exc:  # both raised before training starts
         _fail(EXIT_USAGE, f"error: {exc}")
     except lease.LeaseHeld as held:
         _fail(
@@ -82,17 +85,11 @@ def train(
     except driver.RunStopped as exc:
         _fail(EXIT_FAILED, f"Training stopped: {exc}")
     except KeyboardInterrupt:
-        _fail(
-            EXIT_INTERRUPTED,
-            f"Interrupted. Run the same command again to resume run "
-            f"'{cfg.run.name}' from its last valid checkpoint.",
-        )
+        _fail(EXIT_INTERRUPTED, f"Interrupted. {driver.resume_hint(cfg)}")
     except Exception as exc:  # Ray's TrainingFailedError and anything the workers raised
-        _fail(
-            EXIT_FAILED,
-            f"Training failed: {type(exc).__name__}: {exc}\nRun the same command "
-            "again to resume from the last valid checkpoint.",
-        )
+        cause = driver.storage_cause(cfg, exc)  # a worker's storage error, named
+        lines = [f"Training failed: {type(exc).__name__}: {exc}", *[cause] * bool(cause)]
+        _fail(EXIT_FAILED, "\n".join([*lines, driver.resume_hint(cfg)]))
     _print_summary(summary)
 
 
@@ -107,9 +104,9 @@ def status(
     """Runs under a storage path: checkpoints (step, validity from manifests and file sizes;
     `verify --deep` reads their checksums), progress, attempts."""
     storage_cfg = _storage_section(config_path, storage_path)
-    fs, root = storage.resolve(storage_cfg.path, storage_cfg)
-    run_dirs = [posixpath.join(root, name)] if name else driver.list_runs(fs, root)
-    report = [_run_status(fs, run_dir) for run_dir in run_dirs]
+    with _storage_used(storage_cfg) as (fs, root):
+        run_dirs = [posixpath.join(root, name)] if name else driver.list_runs(fs, root)
+        report = [_run_status(fs, run_dir) for run_dir in run_dirs]
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
@@ -135,9 +132,10 @@ def verify(
 ) -> None:
     """Check the exactly-once sample ledger over the run's effective history (exit 1 if broken)."""
     storage_cfg = _storage_section(config_path, storage_path)
-    fs, run_dir = storage.run_location(storage_cfg, name)
-    report = runlog.check_ledger(runlog.read_events(fs, run_dir))
-    checkpoints = _hashed_checkpoints(fs, run_dir) if deep else []
+    with _storage_used(storage_cfg) as (fs, root):
+        run_dir = posixpath.join(root, name)
+        report = runlog.check_ledger(runlog.read_events(fs, run_dir))
+        checkpoints = _hashed_checkpoints(fs, run_dir) if deep else []
     if as_json:
         click.echo(json.dumps(report.__dict__ | ({"checkpoints": checkpoints} if deep else {})))
     else:
@@ -183,8 +181,9 @@ def plot(
     from training import plot as plotting
 
     storage_cfg = _storage_section(config_path, storage_path)
-    fs, run_dir = storage.run_location(storage_cfg, name)
-    events = runlog.read_events(fs, run_dir)
+    with _storage_used(storage_cfg) as (fs, root):
+        run_dir = posixpath.join(root, name)
+        events = runlog.read_events(fs, run_dir)
     if not events:
         _fail(EXIT_FAILED, f"No run log under {storage.display(fs, run_dir)}")
     out_path = out_path or f"{name}.png"
@@ -256,6 +255,19 @@ def _load_or_exit(config_path: str | None, overrides: list[str]):
 def _storage_section(config_path: str | None, storage_path: str | None) -> StorageSection:
     overrides = [f"storage.path={storage_path}"] if storage_path else []
     return _load_or_exit(config_path, overrides).storage
+
+
+@contextlib.contextmanager
+def _storage_used(section: StorageSection) -> Iterator[tuple[Any, str]]:
+    """(filesystem, root) of storage.path for the block; a store that cannot be reached or used
+    exits 2 with one line naming the endpoint, the path and what to check."""
+    try:
+        storage.check_reachable(section.path, section)
+        fs, root = storage.resolve(section.path, section)
+        with storage.named_errors(fs, section.path):
+            yield fs, root
+    except storage.StorageError as exc:
+        _fail(EXIT_USAGE, f"error: {exc}")
 
 
 def _exit_cleanly_on_sigterm() -> None:

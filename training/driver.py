@@ -6,10 +6,13 @@ identity) is checked before Ray is started or joined.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import posixpath
+import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +67,15 @@ def prepare_run(cfg: Config) -> RunState:
     """Validate the run against its data and what storage holds, before Ray starts; record its
     config and data fingerprint on first start."""
     fingerprint = check_data(cfg)
+    storage.check_reachable(cfg.storage.path, cfg.storage)
     fs, run_dir = storage.run_location(cfg.storage, cfg.run.name)
+    with storage.named_errors(fs, cfg.storage.path):
+        return _prepare_run_dir(cfg, fs, run_dir, fingerprint)
+
+
+def _prepare_run_dir(
+    cfg: Config, fs: pafs.FileSystem, run_dir: str, fingerprint: dict[str, Any]
+) -> RunState:
     check_storage_root(fs, posixpath.dirname(run_dir), cfg.storage.path)
     stopped = stops.read(fs, run_dir)
     if stopped:
@@ -112,13 +123,15 @@ def check_storage_root(fs: pafs.FileSystem, root: str, written: str) -> None:
 def check_data(cfg: Config) -> dict[str, Any]:
     """Build the task, write its demo data if asked, and check the data from metadata: a bad
     column, type or size fails here (exit 2), not in the workers after retries."""
+    storage.check_reachable(cfg.data.path, cfg.storage)
     source = tasks.DataSource(
         *storage.resolve(cfg.data.path, cfg.storage), cfg.data.path, cfg.data.val_fraction
     )
     try:
-        task = tasks.build(cfg.task.name, cfg.task.options, source)
-        ensure_data(cfg, task, source)
-        fingerprint = task.check()
+        with storage.named_errors(source.fs, cfg.data.path):
+            task = tasks.build(cfg.task.name, cfg.task.options, source)
+            ensure_data(cfg, task, source)
+            fingerprint = task.check()
     except tasks.TaskError as exc:
         raise ConfigError(str(exc)) from None
     train = fingerprint.get("train_samples", 0)
@@ -161,14 +174,46 @@ def ensure_data(cfg: Config, task: tasks.Task, source: tasks.DataSource) -> None
     task.write_demo()
 
 
+# worker_resources: one GPU per worker when scaling.use_gpu.
+GPUS_PER_WORKER = 1
+
+
+def gpu_shortfall(cfg: Config, available: float, where: str) -> str | None:
+    """Why ``available`` GPUs cannot run even the smallest allowed group; None if they can.
+    Without this, Ray Train waits for GPUs that never come instead of failing."""
+    needed = cfg.scaling.min_workers * GPUS_PER_WORKER
+    if not cfg.scaling.use_gpu or available >= needed:
+        return None
+    return (
+        f"scaling.use_gpu is true but {where} has {available:g} GPU(s); scaling.min_workers "
+        f"({cfg.scaling.min_workers}) x {GPUS_PER_WORKER} GPU per worker needs {needed}: run "
+        "where the GPUs are, lower scaling.min_workers, or set scaling.use_gpu: false"
+    )
+
+
+def check_local_gpus(cfg: Config) -> None:
+    """An embedded local Ray gets this machine's GPUs: count them before anything starts."""
+    if cfg.scaling.use_gpu and not os.environ.get("RAY_ADDRESS"):
+        import torch
+
+        shortfall = gpu_shortfall(cfg, torch.cuda.device_count(), "this machine (local Ray)")
+        if shortfall:
+            raise ConfigError(shortfall)
+
+
 def connect_ray(cfg: Config) -> None:
-    """Join the cluster under `ray job submit` or RAY_ADDRESS; otherwise start a local Ray."""
+    """Join the cluster under `ray job submit` or RAY_ADDRESS; otherwise start a local Ray
+    (check_local_gpus has counted its GPUs already)."""
     import ray
 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
+        where = f"the Ray cluster at {os.environ['RAY_ADDRESS']}"
+        shortfall = gpu_shortfall(cfg, ray.cluster_resources().get("GPU", 0), where)
+        if shortfall:
+            raise ConfigError(shortfall)
         return
     needed = cfg.scaling.max_workers * cfg.scaling.cpus_per_worker
     # A laptop with fewer cores than workers still runs the demo: CPUs here are a scheduling
@@ -234,7 +279,8 @@ def build_trainer(cfg: Config, run: RunState):
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
-    return {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
+    gpus = {"GPU": GPUS_PER_WORKER} if cfg.scaling.use_gpu else {}
+    return {"CPU": cfg.scaling.cpus_per_worker, **gpus}
 
 
 def worker_runtime_env(cfg: Config) -> dict:
@@ -277,14 +323,24 @@ def train(
     before Ray is touched, or, for the loser of two drivers starting within the lease's settle
     window, after it connected to Ray and before it started anything there."""
     cfg = with_absolute_paths(cfg)
+    check_local_gpus(cfg)
     run = prepare_run(cfg)  # every check of the input first: a run that cannot start writes nothing
     # Ray starts during the lease's settle wait (it writes nothing to the run); a run that
     # storage already shows finished needs no Ray.
     start_ray = (lambda: None) if run.finished else (lambda: connect_ray(cfg))
-    with lease.hold(
-        run.fs, run.run_dir, wait=wait_for_lease, dead_jobs=dead_jobs, while_settling=start_ray
-    ):  # one writer
-        run = current_state(run)  # as storage says now that no other driver writes the run
+    with contextlib.ExitStack() as held:
+        # Taking the lease is a resumed run's first write: storage errors still name the store.
+        with storage.named_errors(run.fs, cfg.storage.path):
+            held.enter_context(
+                lease.hold(
+                    run.fs,
+                    run.run_dir,
+                    wait=wait_for_lease,
+                    dead_jobs=dead_jobs,
+                    while_settling=start_ray,
+                )
+            )  # one writer
+            run = current_state(run)  # as storage says now that no other driver writes the run
         print(run.describe(cfg.run.name), flush=True)
         if run.finished:
             return run_summary(run.fs, run.run_dir)
@@ -295,11 +351,66 @@ def train(
             start_workers_ahead(cfg)
             trainer.fit()
         except Exception:
-            stopped = stops.read(run.fs, run.run_dir)
+            stopped = stop_marker_after_failure(cfg, run)
             if stopped:  # the workers' traceback says less than the marker
                 raise RunStopped(f"run '{cfg.run.name}' {stopped}") from None
             raise
     return run_summary(run.fs, run.run_dir)
+
+
+def stop_marker_after_failure(cfg: Config, run: RunState) -> str | None:
+    """The run's stop marker, read after training failed. A store that is down (often the
+    very cause of the failure) must not replace Ray's error with its own: one line, then None."""
+    try:
+        storage.check_reachable(cfg.storage.path, cfg.storage)  # fast, not the full back-off
+        with storage.named_errors(run.fs, cfg.storage.path):
+            return stops.read(run.fs, run.run_dir)
+    except OSError as exc:
+        print(f"warning: cannot read the run's stop marker: {exc}", file=sys.stderr, flush=True)
+        return None
+
+
+def storage_cause(cfg: Config, error: Exception) -> str | None:
+    """One line naming a storage failure that Ray's error text carries (a worker's pyarrow
+    error, several frames down a traceback), so the user reads it as an outage."""
+    # pyarrow names the object: "... key 'runs/x/log' in bucket 'training' ..."
+    where = re.search(r"(?:key '([^']*)' in )?bucket '([^']*)'", str(error))
+    if where is None or isinstance(error, storage.StorageError):
+        return None
+    uri = f"s3://{where.group(2)}/{where.group(1) or ''}".rstrip("/")
+    cause = storage.classify(OSError(str(error)), storage.resolve(uri, cfg.storage)[0], uri)
+    if cause is None:
+        return None
+    kind = "a transient storage error (outage)" if cause.transient else "a storage error"
+    return f"The cause was {kind}: {cause}"
+
+
+def resume_hint(cfg: Config) -> str:
+    """What to tell the user after a failed or interrupted run: to run the same command again
+    only when storage holds a checkpoint to resume from; otherwise what to do."""
+    name = cfg.run.name
+    try:
+        storage.check_reachable(cfg.storage.path, cfg.storage)
+        fs, run_dir = storage.run_location(cfg.storage, name)
+        with storage.named_errors(fs, cfg.storage.path):
+            # Sizes against the manifest only: reading every checkpoint back is not worth a hint.
+            kept = checkpoint.scan(fs, run_dir, full=False)
+    except OSError as exc:
+        return (
+            f"Cannot look for a checkpoint to resume from: {str(exc).rstrip('.')}. When storage "
+            "is back, run the same command again: it resumes from the newest valid checkpoint, "
+            "if there is one."
+        )
+    newest = next((c for c in kept if c.valid), None)
+    if newest is None:
+        return (
+            f"Nothing to resume: run '{name}' has no valid checkpoint. Fix the cause above, then "
+            "run the same command again (it starts from step 0)."
+        )
+    return (
+        f"Run the same command again to resume run '{name}' from its newest checkpoint "
+        f"(step {newest.step})."
+    )
 
 
 def run_summary(fs: pafs.FileSystem, run_dir: str) -> dict[str, Any]:

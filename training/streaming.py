@@ -29,6 +29,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from training import storage
+
 log = logging.getLogger(__name__)
 
 # Decodes one row group (an Arrow table of the needed columns) into arrays with one row per
@@ -202,9 +204,11 @@ class StreamingRows:
         spec = self.groups[group]
         # One decoding thread: the training thread keeps the other cores, and Arrow holds one
         # column's buffers at a time, not one per core.
-        table = self._file(spec.file).read_row_group(
-            spec.index, columns=self.columns, use_threads=False
-        )
+        # A storage failure mid-run is named as one (transient), not as a bad Parquet file.
+        with storage.named_errors(self.fs, storage.display(self.fs, spec.file), training=True):
+            table = self._file(spec.file).read_row_group(
+                spec.index, columns=self.columns, use_threads=False
+            )
         arrays = self.decode(table.slice(spec.skip, spec.rows))
         self.stats.row_groups_read += 1
         self.stats.bytes_decoded += sum(a.nbytes for a in arrays)

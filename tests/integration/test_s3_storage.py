@@ -190,3 +190,37 @@ def assert_tensorboard_and_plot_work_from_s3(fs, tmp_path, config, env) -> None:
     )  # fmt: skip
     assert plotted.returncode == 0, plotted.stdout + plotted.stderr
     assert png.read_bytes()[:4] == b"\x89PNG" and "1 restarts" in plotted.stdout
+
+
+def test_a_missing_bucket_or_denied_access_exits_2_before_ray(tmp_path, s3_endpoint, monkeypatch):
+    """The store answers, but the bucket is not there or the key is wrong: one line naming the
+    endpoint and what to check, exit 2, nothing created (training/storage.py classifies)."""
+    from click.testing import CliRunner
+
+    from training.cli import main
+
+    data = tmp_path / "d.parquet"
+    assert CliRunner().invoke(main, ["demo-data", "--out", str(data)]).exit_code == 0
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    train = ["train", "--set", f"data.path={data}", "--set", "storage.scheme=http",
+             "--set", f"storage.endpoint_override={s3_endpoint}"]  # fmt: skip
+
+    missing = CliRunner().invoke(main, [*train, "--storage", "s3://no-such-bucket/runs"])
+    assert missing.exit_code == 2, missing.output
+    assert missing.output.strip().splitlines() == [
+        f"error: bucket 'no-such-bucket' does not exist at S3 endpoint http://{s3_endpoint} "
+        "(for s3://no-such-bucket/runs): create it, correct the path, or set "
+        "storage.allow_bucket_creation: true"
+    ]
+    assert s3(s3_endpoint).get_file_info("no-such-bucket").type == pafs.FileType.NotFound
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    denied = CliRunner().invoke(main, [*train, "--storage", "s3://training/runs"])
+    assert denied.exit_code == 2, denied.output
+    assert denied.output.strip().splitlines() == [
+        f"error: access denied to s3://training/runs at S3 endpoint http://{s3_endpoint} "
+        "(ACCESS_DENIED during HeadBucket): check the credentials (AWS_ACCESS_KEY_ID / "
+        "AWS_SECRET_ACCESS_KEY, on every node) and that they may read and write this bucket"
+    ]

@@ -162,9 +162,12 @@ class TabularClassification(ClassificationTask):
     def write_demo(self) -> None:
         write_demo_dataset(self.data.fs, self.data.path, rows=self.options.demo_rows)
 
-    def _dataset(self) -> pq.ParquetDataset:
+    def _dataset(self, training: bool = False) -> pq.ParquetDataset:
         try:
-            return pq.ParquetDataset(self.data.path, filesystem=self.data.fs)
+            with storage.named_errors(self.data.fs, self.data.uri, training):
+                return pq.ParquetDataset(self.data.path, filesystem=self.data.fs)
+        except storage.StorageError:
+            raise  # the store failed, not the data: its message says so (and what to check)
         except (pa.ArrowInvalid, OSError) as exc:
             raise TaskError(
                 f"data.path '{self.data.uri}' is not Parquet (a .parquet file or a directory "
@@ -240,7 +243,8 @@ class TabularClassification(ClassificationTask):
     def load(self) -> tuple[Any, Any]:
         if self.options.stream:
             return self._load_streaming()
-        table = pq.read_table(self.data.path, filesystem=self.data.fs)
+        with storage.named_errors(self.data.fs, self.data.uri, training=True):
+            table = pq.read_table(self.data.path, filesystem=self.data.fs)
         features = self._feature_columns(table.column_names)
         features_t = torch.from_numpy(feature_matrix(table, features))
         labels = torch.from_numpy(table[self.options.label_column].to_numpy().astype(np.int64))
@@ -253,14 +257,15 @@ class TabularClassification(ClassificationTask):
 
     def _load_streaming(self) -> tuple[streaming.StreamingRows, streaming.StreamingRows]:
         """Footers only: the row groups are read when a step needs them (``prefetch``)."""
-        dataset = self._dataset()
+        dataset = self._dataset(training=True)
         features = self._feature_columns(dataset.schema.names)
         label = self.options.label_column
-        groups = streaming.row_groups(self.data.fs, dataset.files)
+        with storage.named_errors(self.data.fs, self.data.uri, training=True):
+            groups = streaming.row_groups(self.data.fs, dataset.files)
+            self.num_classes = label_max(dataset, self.data.fs, label) + 1
         rows = sum(n for _, _, n in groups)
         n_train = rows - int(rows * self.data.val_fraction)
         self.num_features = len(features)
-        self.num_classes = label_max(dataset, self.data.fs, label) + 1
 
         def split(begin: int, end: int) -> streaming.StreamingRows:
             return streaming.StreamingRows(
