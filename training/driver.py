@@ -77,6 +77,7 @@ def _prepare_run_dir(
     cfg: Config, fs: pafs.FileSystem, run_dir: str, fingerprint: dict[str, Any]
 ) -> RunState:
     check_storage_root(fs, posixpath.dirname(run_dir), cfg.storage.path)
+    stops.clear_for_resubmission(fs, run_dir)  # a broken task is checked again at step 1
     stopped = stops.read(fs, run_dir)
     if stopped:
         raise RunStopped(f"run '{cfg.run.name}' {stopped}")

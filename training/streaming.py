@@ -163,6 +163,7 @@ class StreamingRows:
                     self._load_planned(group)
             with self._cond:
                 self._plan_exhausted = True
+                self._cond.notify_all()
         except BaseException as exc:  # surfaced to the training thread at its next gather
             with self._cond:
                 self._error = exc
@@ -185,6 +186,9 @@ class StreamingRows:
                 return False
             self._steps.append(step)
             self._needed.update(step.groups)
+            # A training thread may wait for this step to be planned (``_behind``), and its row
+            # groups may all be resident already, so no read would wake it.
+            self._cond.notify_all()
             self.stats.peak_resident = max(self.stats.peak_resident, len(self._needed))
             return True
 

@@ -5,6 +5,8 @@ bad window settings are refused on the driver with exit 2 and one line."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +176,30 @@ def test_bad_window_fails_on_the_driver_with_one_line(table_dir, tmp_path, setti
     assert len(lines) == 1 and "error: " in lines[0] and expected in lines[0], lines
     assert not ray.is_initialized()
     assert not storage.exists()
+
+
+def test_a_step_whose_row_groups_are_already_resident_is_not_left_waiting(table_dir):
+    """The training thread can ask for a step before the prefetcher has planned it; when that
+    step's row groups are still resident from the step before, no read wakes it up, so planning
+    the step must. (Hung forever before: seen once in a unit run on a loaded machine.)"""
+    streamed = build(table_dir, stream=True, window=3)
+    s_train, _ = streamed.load()
+    ids = torch.arange(10)  # all in the first row group
+    release = threading.Event()
+
+    def upcoming():
+        yield ids
+        release.wait()
+        yield ids  # the same row group, still resident
+
+    streamed.prefetch(s_train, upcoming())
+    streamed.batch(s_train, ids, 0)
+    second = threading.Thread(target=streamed.batch, args=(s_train, ids, 0), daemon=True)
+    second.start()
+    deadline = time.monotonic() + 30
+    while not s_train._cond._waiters and time.monotonic() < deadline:  # waiting for the plan
+        time.sleep(0.01)
+    assert s_train._cond._waiters, "the step did not wait for its plan"
+    release.set()
+    second.join(timeout=30)
+    assert not second.is_alive(), "the step still waits for a row group that is resident"
