@@ -351,12 +351,12 @@ def describe(st: dict[str, Any], launcher: str = "ray") -> str:
     ]
     if st.get("nice") is not None:
         parts += [f"nice {st['nice']}"]
-    # Said only where a run leaves the CPU/fp32 defaults, so the CPU tables read as before.
-    if st.get("gpu"):
-        parts += ["1 GPU per worker", f"{st['precision']}"]
-        parts += [f"{key} {value}" for key, value in sorted(st["options"].items())]
-    if st.get("deterministic"):
-        parts += ["deterministic"]
+    parts += [f"{key} {value}" for key, value in sorted((st.get("options") or {}).items())]
+    parts += [f"global batch {st['global_batch']}"]
+    # Said where a run leaves the defaults (CPU, fp32, non-deterministic kernels).
+    parts += ["1 GPU per worker"] if st.get("gpu") else []
+    parts += [st["precision"]] if st.get("precision", "fp32") != "fp32" else []
+    parts += ["deterministic"] if st.get("deterministic") else []
     if launcher == "ray":
         parts += [f"upload {st['upload']}", f"report {_every(st['report_every'], 'never')}"]
         parts += [f"health check {st['health_check_s']:g} s"]

@@ -416,10 +416,11 @@ def plot(r: dict[str, Any], path: Path) -> None:
 
 
 def _mb(r: dict[str, Any], label: str) -> float:
-    for row in r.get("floor", []):
+    for row in r.get("floor", []) + r.get("device_floor", []):
         if row["label"] == label:
             return row["state_mb"]
-    return float(label.split()[0])
+    number, unit = label.split()
+    return float(number) * (1000 if unit == "GB" else 1)
 
 
 def _bar_item(st, label, labels, values, lo, hi) -> None:
