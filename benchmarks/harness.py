@@ -110,7 +110,7 @@ GPU_PLAN: dict[str, Any] = {
     **ONLY,
     "scenarios": ["floor", "overhead", "ray_scenarios"],
     "overrides": {"lm": {**ONE_GPU, **LM_ON_GPU}, "mlp": ONE_GPU},
-    "overhead": {"lm": 300},
+    "overhead": {"lm": 200},
     # Checkpoints at 100, 200, 300; rank 0 dies before step 280, late enough for the background
     # save of 200 to have ended (a kill during it resumes from 100: the row says what was redone).
     "exact": {"steps": 300, "every": 100, "kill_step": 280},
@@ -118,7 +118,7 @@ GPU_PLAN: dict[str, Any] = {
     "device_floor_sizes": ["2 GB"],
     "stall_sizes": ["2 GB"],
     "stall_modes": ["async"],
-    "stall_steps": 24,
+    "stall_steps": 18,  # checkpoints at 6, 12, 18: two pauses a run (the last has no step after)
     # cuBLAS is deterministic only with a fixed workspace; set before the Ray session starts,
     # so its workers inherit it (the exact-resume runs).
     "session_env": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"},
