@@ -96,15 +96,22 @@ def build(out: Path, have: list[str], python: str) -> None:
 
 
 def pack(wheel: Path, out: Path, drop: tuple[str, ...]) -> None:
-    """The wheel's files minus ``drop``, as ``<wheel>.tar.xz`` (RECORD left as it is: pip
-    installs what the archive holds and writes its own RECORD)."""
+    """The wheel's files minus ``drop`` (and their RECORD lines), as ``<wheel>.tar.xz``."""
     with zipfile.ZipFile(wheel) as z, tarfile.open(out / f"{wheel.name}.tar.xz", "w:xz") as tar:
         for item in z.infolist():
             if item.is_dir() or item.filename.startswith(drop):
                 continue
+            blob = z.read(item)
+            if item.filename.endswith(".dist-info/RECORD"):
+                kept = [line for line in blob.splitlines(True) if not line.startswith(drop_b(drop))]
+                blob = b"".join(kept)
             info = tarfile.TarInfo(item.filename)
-            info.size, info.mode = item.file_size, (item.external_attr >> 16) or 0o644
-            tar.addfile(info, io.BytesIO(z.read(item)))
+            info.size, info.mode = len(blob), (item.external_attr >> 16) or 0o644
+            tar.addfile(info, io.BytesIO(blob))
+
+
+def drop_b(drop: tuple[str, ...]) -> tuple[bytes, ...]:
+    return tuple(prefix.encode() for prefix in drop)
 
 
 def unpack(archive: Path, into: Path) -> Path:
