@@ -6,6 +6,8 @@
 #   make e2e     end-to-end tests with a real Docker engine (Compose cluster, KubeRay pod contract)
 #   make e2e-compare  the head-loss measurement without GCS fault tolerance (README; not in CI)
 #   make bench   benchmarks (BENCH_ARGS=--quick for a smoke run)
+#   make gpu-check  on a host with one GPU: the GPU check table (~6 min; benchmarks/harness.py)
+#   make gpu-wheels  the wheelhouse gpu-check installs Ray from on a host with no package index
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,8 +16,12 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 TRAIN_ARGS ?=
 BENCH_ARGS ?=
+# gpu-check runs on the host's own Python (its CUDA build of torch), not the CPU venv.
+GPU_PYTHON ?= python3
+GPU_WHEELS ?= .wheelhouse/gpu
 
-.PHONY: setup train demo-data test unit integration lint image e2e e2e-compare bench clean
+.PHONY: setup train demo-data test unit integration lint image e2e e2e-compare bench gpu-check \
+	gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -56,6 +62,15 @@ e2e-compare: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+# Ray from $(GPU_WHEELS) where it is missing, then the plan; BENCH_ARGS="--plan gpu-dry" is the
+# same plan on the CPU at tiny sizes.
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.wheelhouse install $(GPU_WHEELS)
+	$(GPU_PYTHON) -m benchmarks --plan gpu $(BENCH_ARGS)
+
+gpu-wheels:
+	$(PYTHON) -m benchmarks.wheelhouse build $(GPU_WHEELS)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+import torch
 
 from training import checkpoint, runlog
 
@@ -331,6 +332,10 @@ def settings(run_dir: Path, env: dict[str, str] | None = None) -> dict[str, Any]
         "eval_batches": cfg.get("eval", {}).get("batches"),
         "health_check_s": float(env.get(HC, cfg["failure"]["health_check_interval_s"])),
         "nice": runs[0]["start"].get("nice") if runs else None,  # rank 0's training thread
+        "gpu": cfg["scaling"]["use_gpu"],
+        "precision": cfg["training"]["precision"],
+        "deterministic": cfg["training"]["deterministic"],
+        "options": cfg["task"]["options"],
     }
 
 
@@ -346,6 +351,12 @@ def describe(st: dict[str, Any], launcher: str = "ray") -> str:
     ]
     if st.get("nice") is not None:
         parts += [f"nice {st['nice']}"]
+    parts += [f"{key} {value}" for key, value in sorted((st.get("options") or {}).items())]
+    parts += [f"global batch {st['global_batch']}"]
+    # Said where a run leaves the defaults (CPU, fp32, non-deterministic kernels).
+    parts += ["1 GPU per worker"] if st.get("gpu") else []
+    parts += [st["precision"]] if st.get("precision", "fp32") != "fp32" else []
+    parts += ["deterministic"] if st.get("deterministic") else []
     if launcher == "ray":
         parts += [f"upload {st['upload']}", f"report {_every(st['report_every'], 'never')}"]
         parts += [f"health check {st['health_check_s']:g} s"]
@@ -356,3 +367,29 @@ def describe(st: dict[str, Any], launcher: str = "ray") -> str:
 
 def _every(steps: int | None, beyond_the_run: str) -> str:
     return beyond_the_run if not steps or steps >= 10**9 else f"every {steps}"
+
+
+def chaos_kills(run_dir: Path) -> list[dict[str, Any]]:
+    """The kills ``chaos`` fired, as ``recoveries`` takes them: a firing rank writes its marker
+    (``<run dir>/chaos/fault-<i>.fired``) just before it SIGKILLs itself."""
+    markers = sorted(Path(run_dir).glob("chaos/fault-*.fired"))
+    return [{"time": marker.stat().st_mtime} for marker in markers]
+
+
+def final_weights(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
+    """(step, model state) of the run's newest valid checkpoint."""
+    fs = pafs.LocalFileSystem()
+    info = checkpoint.newest_valid(fs, str(run_dir))
+    return None if info is None else (info.step, checkpoint.load(fs, info.path)["model"])
+
+
+def bitwise_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Same names, dtypes, shapes and bytes (``torch.equal`` would call -0.0 equal to 0.0)."""
+    if a.keys() != b.keys():
+        return False
+    return all(
+        x.dtype == y.dtype
+        and x.shape == y.shape
+        and x.cpu().reshape(-1).view(torch.uint8).equal(y.cpu().reshape(-1).view(torch.uint8))
+        for x, y in ((a[k], b[k]) for k in a)
+    )

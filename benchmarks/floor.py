@@ -2,7 +2,8 @@
 
 For a model + AdamW state of a given size: the time to copy the state in memory (what an async
 snapshot must at least pay), to serialize it (``torch.save`` to memory), to write the bytes to
-the storage directory (page cache, and with fsync: the device), and to load it back.
+the storage directory (page cache, and with fsync: the device), and to load it back. On a GPU,
+``device_to_host``: the copy of the same state from the device to pinned host memory.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import torch
 from training.tasks.tabular import DEMO_CLASSES, DEMO_FEATURES, MLP, MLPOptions
 
 
-def state_for(hidden_sizes: list[int]) -> dict[str, Any]:
+def state_for(hidden_sizes: list[int], device: str = "cpu") -> dict[str, Any]:
     torch.manual_seed(0)
-    model = MLP(DEMO_FEATURES, DEMO_CLASSES, MLPOptions(hidden_sizes=hidden_sizes))
+    model = MLP(DEMO_FEATURES, DEMO_CLASSES, MLPOptions(hidden_sizes=hidden_sizes)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss = model(torch.randn(8, DEMO_FEATURES)).logsumexp(dim=1).mean()
+    loss = model(torch.randn(8, DEMO_FEATURES, device=device)).logsumexp(dim=1).mean()
     loss.backward()
     optimizer.step()  # materialise AdamW's two moments
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
@@ -66,6 +67,44 @@ def measure(hidden_sizes: list[int], directory: Path, reps: int) -> dict[str, An
         "write_fsync_mb_per_s": size / 1e6 / medians["write_fsync_s"],
         "copy_mb_per_s": size / 1e6 / medians["copy_s"],
     }
+
+
+def device_to_host(hidden_sizes: list[int], reps: int) -> dict[str, Any]:
+    """The floor under a checkpoint pause on a GPU: copying the state (model + AdamW) from the
+    device into pinned host buffers allocated beforehand, as the loop's stager reuses them,
+    with one synchronize at the end. Without CUDA (the dry run) it copies host to host."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tensors = _tensors(state_for(hidden_sizes, device))
+    buffers = [torch.empty_like(t, device="cpu", pin_memory=device == "cuda") for t in tensors]
+
+    def copy() -> None:
+        for buffer, tensor in zip(buffers, tensors, strict=True):
+            buffer.copy_(tensor, non_blocking=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    copy()  # warm-up: first-touch of the host pages
+    times = [_timed(copy) for _ in range(reps)]
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    return {
+        "hidden_sizes": hidden_sizes,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "state_mb": size / 1e6,
+        "d2h_s": {
+            "n": reps,
+            "median": statistics.median(times),
+            "min": min(times),
+            "max": max(times),
+        },
+        "d2h_gb_per_s": size / 1e9 / statistics.median(times),
+    }
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    values = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, list) else []
+    return [t for v in values for t in _tensors(v)]
 
 
 def _timed(fn) -> float:

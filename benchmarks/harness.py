@@ -3,6 +3,8 @@
     python -m benchmarks                 # full mode: the numbers (about 35 minutes on 2 cores)
     python -m benchmarks --plan device   # n=3, fewer and shorter scenarios (~9.5 min, 16 cores)
     python -m benchmarks --quick         # CI smoke: tiny sizes, one repetition (a few minutes)
+    python -m benchmarks --plan gpu      # one GPU: the table of issue 25 (make gpu-check, ~6 min)
+    python -m benchmarks --plan gpu-dry  # the same plan on the CPU, tiny sizes (CI, ~2 min)
 
 Scenarios (see README "Benchmarks"):
   floor     in-memory copy, serialization, raw write bandwidth and load of the checkpoint state
@@ -15,6 +17,8 @@ Scenarios (see README "Benchmarks"):
             health-check interval, and torchrun --max-restarts
   goodput   a worker killed every T seconds from the first step: effective steps x the
             no-failure step period (the overhead scenario's runs of the same config) / wall time
+  exact     rank 0 SIGKILLed mid-run (chaos) with training.deterministic: kill -> first step,
+            steps redone, final weights bitwise equal to an uninterrupted run, `training verify`
 
 "Project defaults" is the shipped config (training/configs/local.yaml, language_model.yaml)
 with nothing forced: the harness sets no RAY_TRAIN_* variable unless a row says so, and every
@@ -38,6 +42,7 @@ from typing import Any
 from benchmarks import analyze, cpu, floor, launch, report
 from benchmarks.analyze import stats
 from benchmarks.launch import KillPlan, Watch
+from training.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_CONFIG = REPO / "training" / "configs" / "local.yaml"
@@ -45,7 +50,13 @@ NEVER = 10**9  # a cadence that never fires (a checkpoint is still written at th
 HC = analyze.HC
 
 # State of an MLP [h, h] + AdamW is about 12 bytes per parameter, ~h^2 parameters.
-SIZES = {"10 MB": [900, 900], "100 MB": [2870, 2870], "500 MB": [6450, 6450]}
+SIZES = {
+    "tiny": [64, 64],
+    "10 MB": [900, 900],
+    "100 MB": [2870, 2870],
+    "500 MB": [6450, 6450],
+    "2 GB": [13100, 13100],  # 2.06 GB
+}
 
 # The overhead scenario's workloads: the shipped config of each, and the data file it reads.
 TASKS = {
@@ -80,7 +91,71 @@ STALL_ROWS: dict[str, Any] = {
     "stall_steps": 36,
 }
 
+# Issue 25's GPU check: every run on one GPU worker in bf16 (NCCL); the language model scaled to
+# keep an H200 busy. The dry run is the same plan on one CPU worker (gloo) at tiny sizes.
+ONE_GPU = {
+    "scaling.use_gpu": True,
+    "scaling.min_workers": 1,
+    "scaling.max_workers": 1,
+    "training.precision": "bf16",
+}
+LM_ON_GPU = {
+    "task.options.d_model": 512,
+    "task.options.n_layers": 8,
+    "task.options.n_heads": 8,
+    "task.options.block_size": 256,
+    "training.global_batch_size": 64,
+}
+GPU_PLAN: dict[str, Any] = {
+    **ONLY,
+    "scenarios": ["floor", "overhead", "ray_scenarios"],
+    "overrides": {"lm": {**ONE_GPU, **LM_ON_GPU}, "mlp": ONE_GPU},
+    "overhead": {"lm": 200},
+    # Checkpoints at 100, 200, 300; rank 0 dies before step 280, late enough for the background
+    # save of 200 to have ended (a kill during it resumes from 100: the row says what was redone).
+    "exact": {"steps": 300, "every": 100, "kill_step": 280},
+    "floor_sizes": [],
+    "device_floor_sizes": ["2 GB"],
+    "stall_sizes": ["2 GB"],
+    "stall_modes": ["async"],
+    "stall_steps": 18,  # checkpoints at 6, 12, 18: two pauses a run (the last has no step after)
+    # cuBLAS is deterministic only with a fixed workspace; set before the Ray session starts,
+    # so its workers inherit it (the exact-resume runs).
+    "session_env": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"},
+    "table": True,
+    "timeout_s": 300,
+    # Guessed for one H200 (not yet measured): CUDA start-up in every process, the LM's step.
+    "cost": {
+        "ray_cli_startup": 35,
+        "torchrun_startup": 20,
+        "ray_session_run": 10,
+        "step": {"lm": 0.03, "mlp": 0.004},
+    },
+}
+ONE_CPU = {**ONE_GPU, "scaling.use_gpu": False}
+TINY_LM = {
+    "task.options.d_model": 32,
+    "task.options.n_layers": 1,
+    "task.options.n_heads": 2,
+    "task.options.block_size": 32,
+    "training.global_batch_size": 8,
+}
+GPU_DRY_RUN: dict[str, Any] = {
+    **GPU_PLAN,
+    "reps": 1,
+    "overrides": {"lm": {**ONE_CPU, **TINY_LM}, "mlp": ONE_CPU},
+    "overhead": {"lm": 30},
+    "exact": {"steps": 12, "every": 4, "kill_step": 10},
+    "device_floor_sizes": ["tiny"],
+    "stall_sizes": ["tiny"],
+    "stall_steps": 12,
+    "session_env": {},
+    "cost": {"step": {"lm": 0.01, "mlp": 0.004}},
+}
+
 PLANS: dict[str, dict[str, Any]] = {
+    "gpu": GPU_PLAN,
+    "gpu-dry": GPU_DRY_RUN,
     # Issue 12's rows alone: cold start-up and recovery, Ray Train vs torchrun (~7 min on 2
     # quiet cores).
     "restart": {
@@ -172,7 +247,7 @@ COST = {
     "torchrun_startup": 18,
     "step": {"mlp": 0.004, "lm": 0.05},
     "recovery": 8,
-    "checkpoint": {"10 MB": 0.3, "100 MB": 2.0, "500 MB": 8.0},
+    "checkpoint": {"tiny": 0.1, "10 MB": 0.3, "100 MB": 2.0, "500 MB": 8.0, "2 GB": 6.0},
 }
 
 # label, overrides, env, steps cap (each sync report waits for the controller's poll, up to
@@ -240,8 +315,8 @@ RECOVERY: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
 
 def estimate_s(plan: dict[str, Any]) -> float:
     """A rough duration of a plan from the assumed COST; printed before a run starts."""
-    reps, c = plan["reps"], COST
-    total = 10.0 * len(plan["floor_sizes"])
+    reps, c = plan["reps"], {**COST, **plan.get("cost", {})}
+    total = 10.0 * len(plan["floor_sizes"]) + 10.0 * len(plan.get("device_floor_sizes", []))
     for task, steps in plan["overhead"].items():
         run = steps * c["step"][task]
         total += reps * (c["ray_cli_startup"] + c["torchrun_startup"] + 2 * run)
@@ -255,7 +330,10 @@ def estimate_s(plan: dict[str, Any]) -> float:
         modes = len(plan.get("stall_modes", STALL_MODES))
         total += reps * modes * (c["ray_session_run"] + checkpoints * c["checkpoint"][size])
     recovery_run = plan["kill_after_s"] + c["recovery"] + plan["recovery_steps"] * c["step"]["mlp"]
-    total += reps * (len(plan["recovery"]) + 1) * (c["ray_session_run"] + recovery_run)
+    if plan["recovery"]:  # + torchrun's
+        total += reps * (len(plan["recovery"]) + 1) * (c["ray_session_run"] + recovery_run)
+    if exact := plan.get("exact"):  # two runs, one of them recovers
+        total += 2 * (c["ray_session_run"] + exact["steps"] * c["step"]["lm"]) + c["recovery"]
     for kind, every, target in plan["goodput"]:
         startup = c["ray_cli_startup"] if kind == "ray" else c["torchrun_startup"]
         total += startup + target + (target // every) * c["recovery"]
@@ -299,6 +377,7 @@ class Bench:
             "data.create_demo_if_missing": True,
             "training.epochs": 1000,
             "training.max_steps": steps,
+            **self.plan.get("overrides", {}).get(task, {}),  # the plan's, e.g. one GPU worker
             **extra,
         }
         return [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in values.items()]
@@ -352,8 +431,10 @@ class Bench:
     ) -> tuple[Watch, Any]:
         name = self.name(tag)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        cmd += ["--nproc-per-node", "2", "--max-restarts", "100" if kill else "0"]
         config = str(TASKS[task][1])
+        # As many processes as Ray's largest worker group: the same config, resolved.
+        workers = load_config(config, self.overrides(name, steps, extra, task)).scaling.max_workers
+        cmd += ["--nproc-per-node", str(workers), "--max-restarts", "100" if kill else "0"]
         cmd += [str(REPO / "benchmarks" / "torchrun_baseline.py"), "--config", config]
         for item in self.overrides(name, steps, extra, task):
             cmd += ["--set", item]
@@ -367,12 +448,12 @@ class Bench:
         """Several Ray runs in one Ray instance; each run dict: tag, steps, overrides, env, kill."""
         specs, watches = [], []
         for r in runs:
-            name = self.name(r["tag"])
+            name, task = self.name(r["tag"]), r.get("task", "mlp")
             specs.append(
                 {
                     "name": name,
-                    "config": str(BASE_CONFIG),
-                    "overrides": self.overrides(name, r["steps"], r.get("overrides", {})),
+                    "config": str(TASKS[task][1]),
+                    "overrides": self.overrides(name, r["steps"], r.get("overrides", {}), task),
                     "env": r.get("env", {}),
                 }
             )
@@ -380,7 +461,9 @@ class Bench:
         spec_path = self.workdir / f"session-{tag}.json"
         spec_path.write_text(json.dumps(specs, indent=1))
         launched = self.launch(
-            [sys.executable, "-m", "benchmarks.ray_session", str(spec_path)], tag
+            [sys.executable, "-m", "benchmarks.ray_session", str(spec_path)],
+            tag,
+            self.plan.get("session_env"),
         )
         self.supervise(launched, watches)
         return watches, launched
@@ -397,6 +480,10 @@ class Bench:
         self.results["floor"] = [
             {"label": label, **floor.measure(SIZES[label], self.workdir / "floor", reps)}
             for label in self.plan["floor_sizes"]
+        ]
+        self.results["device_floor"] = [
+            {"label": label, **floor.device_to_host(SIZES[label], reps)}
+            for label in self.plan.get("device_floor_sizes", [])
         ]
 
     def overhead(self) -> None:
@@ -632,11 +719,66 @@ class Bench:
             )
         self.results["recovery"] = rows
 
+    def exact_runs(self) -> list[dict[str, Any]]:
+        """An uninterrupted run and the same run with rank 0 SIGKILLed before ``kill_step``
+        (the project's chaos fault: it lands on that step whatever the device's speed)."""
+        spec = self.plan.get("exact")
+        if not spec:
+            return []
+        same = {
+            "training.deterministic": True,
+            "checkpoint.every_n_steps": spec["every"],
+            "failure.max_failures": -1,
+        }
+        fault = [{"kind": "kill", "rank": 0, "step": spec["kill_step"]}]
+        killed = {**same, "chaos.faults": fault}
+        return [
+            {"tag": f"exact-{key}", "steps": spec["steps"], "overrides": extra, "task": "lm"}
+            for key, extra in (("uninterrupted", same), ("rank0-killed", killed))
+        ]
+
+    def exact(self, runs, watches, launched) -> None:
+        killed = watches[1]  # watches[0]: the uninterrupted reference
+        kills = analyze.chaos_kills(killed.run_dir)
+        lines = launched.lines_after(killed.begin or 0)
+        recs = analyze.recoveries(analyze.events(killed.run_dir), kills, lines, "ray")
+        ends = [analyze.final_weights(w.run_dir) for w in watches]
+        steps = [end[0] if end else None for end in ends]
+        equal = None not in ends and analyze.bitwise_equal(ends[0][1], ends[1][1])
+        cmd = [sys.executable, "-m", "training", "verify", "--name", killed.name]
+        verify = subprocess.run(
+            [*cmd, "--storage", str(self.runs_dir)],
+            cwd=REPO,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        self.results["exact"] = {
+            "settings": analyze.describe(analyze.settings(killed.run_dir)),
+            "kills": len(kills),
+            "total_s": stats([r["total_s"] for r in recs]),
+            "steps_redone": stats([r["steps_redone"] for r in recs]),
+            "final_steps": steps,
+            "bitwise_equal": equal,
+            "verify_rc": verify.returncode,
+            "verify": (verify.stdout.strip().splitlines() or [verify.stderr.strip()])[0],
+        }
+        problems = {
+            "no recovery measured": not recs,
+            "final weights differ from the uninterrupted run's": not equal,
+            "`training verify` failed": verify.returncode != 0,
+        }
+        self.failures += [f"exact: {what}" for what, bad in problems.items() if bad]
+        for w in watches:
+            self.cleanup(w)
+
     def ray_scenarios(self) -> None:
         groups = {
             "cadence": self.cadence_runs(),
             "stall": self.stall_runs(),
             "recovery": self.recovery_runs(),
+            "exact": self.exact_runs(),
         }
         runs = [r for g in groups.values() for r in g]
         watches, launched = self.session(runs, "ray-session")
@@ -737,6 +879,8 @@ class Bench:
             self.write(started)
         self.results["machine"]["loadavg_end"] = os.getloadavg()
         self.write(started)
+        if self.plan.get("table"):
+            print(report.device_table(self.results), flush=True)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
         print(
             f"Wrote {self.out}/results.md, results.json, results.png "
@@ -749,7 +893,7 @@ class Bench:
 
     def write_demo_data(self) -> None:
         """Every task's demo data up front: torchrun's baseline does not create it."""
-        for task in {"mlp", *self.plan["overhead"]}:
+        for task in {"mlp", *self.plan["overhead"], *(["lm"] if self.plan.get("exact") else [])}:
             name = "tabular" if task == "mlp" else "language_model"
             out = self.data_dir / TASKS[task][2]
             cmd = [sys.executable, "-m", "training", "demo-data", "--task", name]

@@ -90,6 +90,8 @@ def markdown(r: dict[str, Any]) -> str:
     ]
     if r.get("failures"):
         out += ["**Failures:** " + "; ".join(r["failures"]), ""]
+    if "exact" in r or r.get("device_floor"):
+        out += [device_table(r), ""]
     for o in r.get("overhead", {}).values():
         out += [
             f"## Overhead when nothing fails: {o['task']} ({o['steps']} steps, launched "
@@ -262,6 +264,72 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def device_table(r: dict[str, Any]) -> str:
+    """The GPU check (``--plan gpu``) in one table, each row with the settings it ran under."""
+    rows = _speed_rows(r) + _exact_rows(r.get("exact")) + _pause_rows(r)
+    out = [
+        "## GPU check: Ray Train on one GPU worker",
+        "",
+        "| measurement | value | compared with | ratio | settings |",
+        "|---|---|---|---|---|",
+    ]
+    return "\n".join(out + [f"| {' | '.join(cells)} |" for cells in rows])
+
+
+def _speed_rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
+    o = r.get("overhead", {}).get("lm")
+    if not o:
+        return []
+    ray, torchrun = o.get("ray", {}), o.get("torchrun", {})
+    settings = f"Ray: {ray.get('settings')}; torchrun: {torchrun.get('settings')}"
+    figures = (
+        ("steady steps/s", "steps_per_s", "ratio_steps_per_s"),
+        ("command -> first step (s)", "startup_s", "ratio_startup"),
+    )
+    return [
+        (
+            f"language model, {what}, Ray Train (alternating with torchrun)",
+            _s(ray.get(key), 1),
+            f"torchrun {_s(torchrun.get(key), 1)}",
+            _s(o.get(ratio)),
+            settings,
+        )
+        for what, key, ratio in figures
+    ]
+
+
+def _exact_rows(e: dict[str, Any] | None) -> list[tuple[str, ...]]:
+    if not e:
+        return []
+    equal = {True: "yes", False: "**NO**", None: "n/a"}[e["bitwise_equal"]]
+    verify = "ok" if e["verify_rc"] == 0 else f"**FAILED** (exit {e['verify_rc']})"
+    final = f"final steps {e['final_steps']} (uninterrupted, killed)"
+    return [
+        ("rank 0 SIGKILLed: kill -> first step again (s)", _s(e["total_s"]), "", "", e["settings"]),
+        ("rank 0 SIGKILLed: steps redone", _s(e["steps_redone"], 0), "", "", e["settings"]),
+        ("final weights bitwise equal to an uninterrupted run", equal, final, "", e["settings"]),
+        ("`python -m training verify` of the killed run", verify, e["verify"], "", e["settings"]),
+    ]
+
+
+def _pause_rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
+    floors = {row["label"]: row for row in r.get("device_floor", [])}
+    rows = []
+    for row in r.get("stall", []):
+        floor = floors.get(row["size"], {})
+        copy, paused = (floor.get("d2h_s") or {}).get("median"), row["paused_s"].get("median")
+        rows.append(
+            (
+                f"checkpoint pause, {_f(floor.get('state_mb'), 0)} MB state, {row['mode']} upload",
+                _s(row["paused_s"], 3),
+                f"device -> pinned host copy {_s(floor.get('d2h_s'), 3)} ({floor.get('device')})",
+                _f(paused / copy if paused is not None and copy else None),
+                row["settings"],
+            )
+        )
+    return rows
+
+
 def _load(value: Any) -> str:
     return "n/a" if not value else "/".join(f"{v:.1f}" for v in value)
 
@@ -348,10 +416,11 @@ def plot(r: dict[str, Any], path: Path) -> None:
 
 
 def _mb(r: dict[str, Any], label: str) -> float:
-    for row in r.get("floor", []):
+    for row in r.get("floor", []) + r.get("device_floor", []):
         if row["label"] == label:
             return row["state_mb"]
-    return float(label.split()[0])
+    number, unit = label.split()
+    return float(number) * (1000 if unit == "GB" else 1)
 
 
 def _bar_item(st, label, labels, values, lo, hi) -> None:

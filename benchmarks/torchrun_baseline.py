@@ -14,7 +14,9 @@ DDP: the run log's ledger and metrics, Prometheus gauges, the checkpoint manifes
 
 It has its own simple checkpointing (rank 0 ``torch.save`` + rename every
 ``checkpoint.every_n_steps``) and resumes from the newest one, so ``torchrun --max-restarts``
-can recover from a killed worker. Rank 0 writes the same JSON-lines events as the project's run
+can recover from a killed worker. With ``scaling.use_gpu`` each process trains on
+``cuda:LOCAL_RANK`` over NCCL, under ``training.precision`` (fp32 or bf16 autocast), as the Ray
+loop does. Rank 0 writes the same JSON-lines events as the project's run
 log (``<run dir>/runlog/<attempt>.jsonl``: start/step/checkpoint/end), so one analysis serves
 both; ``start`` also carries ``process_started`` (before torch was imported) and ``restore_s``.
 """
@@ -56,8 +58,14 @@ def main() -> None:
     # full-mesh connect of a restarted worker group hung here (torch 2.13, --standalone).
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     (run_dir / "rdzv").mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu")
+    if cfg.scaling.use_gpu:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if cfg.training.precision == "fp16":  # it would need the loop's GradScaler
+        raise SystemExit("torchrun_baseline: training.precision fp16 is not supported")
     dist.init_process_group(
-        "gloo",
+        "nccl" if cfg.scaling.use_gpu else "gloo",
         init_method=f"file://{run_dir / 'rdzv' / f'attempt-{restart}'}",
         rank=int(os.environ["RANK"]),
         world_size=int(os.environ["WORLD_SIZE"]),
@@ -77,7 +85,10 @@ def main() -> None:
         total = min(total, cfg.training.max_steps)
 
     torch.manual_seed(data.derive_seed(cfg.training.seed, "init"))
-    model = nn.parallel.DistributedDataParallel(task.build_model())
+    model = task.build_model().to(device)
+    model = nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.index is not None else None
+    )
     optimizer = build_optimizer(cfg.training.optimizer, model)
     scheduler = build_scheduler(cfg.training.lr_schedule, optimizer, total)
 
@@ -123,12 +134,12 @@ def main() -> None:
             orders = {epoch: data.epoch_order(cfg.training.seed, epoch, len(train))}
         batch = data.global_batch(orders[epoch], step_in_epoch, batch_size)
         ids = data.rank_slice(batch, rank, world)
-        data.seed_step(
-            data.derive_seed(cfg.training.seed, "step", global_step, rank), torch.device("cpu")
-        )
+        data.seed_step(data.derive_seed(cfg.training.seed, "step", global_step, rank), device)
         model.train()
         batch_seed = data.derive_seed(cfg.training.seed, "batch", epoch)
-        loss = task.step(model, task.batch(train, ids, batch_seed)).loss
+        batch = tasks.to_device(task.batch(train, ids, batch_seed), device)
+        with autocast(cfg, device):
+            loss = task.step(model, batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.training.grad_clip_norm is not None:
@@ -141,13 +152,15 @@ def main() -> None:
                 "step",
                 global_step=global_step,
                 epoch=epoch,
-                loss=float(loss.detach()),
+                # float() of a GPU tensor waits for the step: on log steps only, as the Ray
+                # loop reads its metrics (every step on the CPU, where it costs nothing).
+                loss=float(loss.detach()) if log_loss(cfg, device, global_step) else None,
                 step_s=round(elapsed, 6),
                 world_size=world,
             )
         checkpoint_due = global_step % cfg.checkpoint.every_n_steps == 0 or global_step == total
         if cfg.eval.due(global_step, checkpoint_due):
-            val_metrics = evaluate(task, model.module, val, cfg, rank, world)
+            val_metrics = evaluate(task, model.module, val, cfg, rank, world, device)
             if log:
                 log.write("eval", global_step=global_step, **val_metrics)
         if rank == 0 and checkpoint_due:
@@ -162,8 +175,20 @@ def main() -> None:
     dist.destroy_process_group()
 
 
+def autocast(cfg, device: torch.device):
+    """bf16 autocast as the Ray loop's ``training.precision`` gives it; fp32: a no-op."""
+    enabled = cfg.training.precision == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def log_loss(cfg, device: torch.device, global_step: int) -> bool:
+    return device.type == "cpu" or global_step % cfg.training.log_every_n_steps == 0
+
+
 @torch.no_grad()
-def evaluate(task, model: nn.Module, val, cfg, rank: int, world: int) -> dict[str, float]:
+def evaluate(
+    task, model: nn.Module, val, cfg, rank: int, world: int, device: torch.device
+) -> dict[str, float]:
     """The project's evaluation: the first ``eval.batches`` global batches of val, each sharded
     over the ranks, the task's totals summed over all ranks."""
     size = cfg.training.global_batch_size
@@ -173,10 +198,13 @@ def evaluate(task, model: nn.Module, val, cfg, rank: int, world: int) -> dict[st
     for start in range(0, count, size):
         ids = data.rank_slice(torch.arange(start, min(start + size, count)), rank, world)
         if len(ids):
-            for key, value in task.step(model, task.batch(val, ids, None)).totals.items():
+            with autocast(cfg, device):
+                totals_now = task.step(model, tasks.to_device(task.batch(val, ids, None), device))
+            for key, value in totals_now.totals.items():
                 totals[key] = totals[key] + value if key in totals else value
     keys = sorted(totals)
-    summed = torch.stack([totals[k].float() for k in keys]) if keys else torch.zeros(0)
+    # NCCL reduces device tensors only (a task may count on the CPU).
+    summed = torch.stack([totals[k].float().to(device) for k in keys]) if keys else torch.zeros(0)
     dist.all_reduce(summed)
     summed_totals = dict(zip(keys, summed.tolist(), strict=True))
     return {f"val_{k}": v for k, v in task.metrics(summed_totals).items()}

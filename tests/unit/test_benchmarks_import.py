@@ -7,7 +7,16 @@ import importlib
 
 import pytest
 
-MODULES = ["harness", "analyze", "floor", "launch", "report", "ray_session", "torchrun_baseline"]
+MODULES = [
+    "harness",
+    "analyze",
+    "floor",
+    "launch",
+    "report",
+    "ray_session",
+    "torchrun_baseline",
+    "wheelhouse",
+]
 
 
 @pytest.mark.parametrize("module", MODULES)
