@@ -40,11 +40,12 @@ class TwoRanks:
 def test_the_drain_agreement_rides_the_interval_reduction(flag):
     """Any rank that heard of a drain makes every rank drain, in the reduction the log interval
     makes anyway: no collective of its own."""
-    totals, first_bad, draining = loop.reduce_totals(
-        TwoRanks(), {"count": torch.tensor(4.0)}, None, flag
+    totals, first_bad, draining, consumed = loop.reduce_totals(
+        TwoRanks(), {"count": torch.tensor(4.0)}, None, flag, [8.0, 77.0]
     )
     assert totals == {"count": 9.0} and first_bad == math.inf
     assert draining is flag
+    assert consumed == [16.0, 154.0]  # the ledger's witness rides along, summed over ranks
 
 
 def test_no_drain_outside_ray():
