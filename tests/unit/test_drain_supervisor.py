@@ -29,10 +29,10 @@ class TwoRanks:
 
     device = torch.device("cpu")
 
-    def gather_rows(self, row):
+    def gather_rows(self, row):  # row: [count, first bad step, drain flag, *witness]
         other = row.clone()
         other[0] += 1
-        other[-1] = 0.0
+        other[2] = 0.0
         return torch.stack([row, other])
 
 
