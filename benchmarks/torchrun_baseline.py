@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
-from training import data, storage, tasks  # noqa: E402
+from training import data, tasks  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.optim import build_optimizer, build_scheduler  # noqa: E402
 
@@ -74,10 +74,7 @@ def main() -> None:
     (run_dir / "pids").mkdir(parents=True, exist_ok=True)
     (run_dir / "pids" / f"rank{rank}").write_text(str(os.getpid()))
 
-    fs, path = storage.resolve(cfg.data.path, cfg.storage)
-    task = tasks.build(
-        cfg.task.name, cfg.task.options, tasks.DataSource(fs, path, path, cfg.data.val_fraction)
-    )
+    task = tasks.build(cfg.task.name, cfg.task.options, tasks.data_source(cfg))
     train, val = task.load()
     per_epoch = data.steps_per_epoch(len(train), cfg.training.global_batch_size)
     total = per_epoch * cfg.training.epochs

@@ -214,7 +214,7 @@ def demo_data(task_name: str, out: str, config_path: str | None) -> None:
     overrides = [f"task.name={task_name}", f"data.path={out}"]
     cfg = _load_or_exit(config_path, overrides)
     try:
-        tasks.build(cfg.task.name, cfg.task.options, loop_free_source(cfg)).write_demo()
+        tasks.build(cfg.task.name, cfg.task.options, tasks.data_source(cfg)).write_demo()
     except tasks.TaskError as exc:
         _fail(EXIT_USAGE, f"error: {exc}")
     click.echo(f"Wrote the {task_name} demo data to {out}")
@@ -226,22 +226,19 @@ def demo_data(task_name: str, out: str, config_path: str | None) -> None:
 def check_task(config_path: str | None, overrides: tuple[str, ...]) -> None:
     """Run the task contract checks on a task and its data (no Ray): pure batches, additive
     totals, a deterministic step, a stable fingerprint. Exit 1 if one fails."""
-    from training.task_contract import run_contract
+    from training.task_contract import CHECKS, run_contract
 
     cfg = _load_or_exit(config_path, list(overrides))
     try:
-        failures = run_contract(cfg.task.name, cfg.task.options, loop_free_source(cfg))
+        failures = run_contract(cfg.task.name, cfg.task.options, tasks.data_source(cfg))
     except tasks.TaskError as exc:
         _fail(EXIT_USAGE, f"error: {exc}")
     for line in failures:
         click.echo(f"FAIL {line}")
     click.echo(f"task '{cfg.task.name}': {'contract holds' if not failures else 'BROKEN'}")
+    if not failures:
+        click.echo("".join(f"  ok  {check}\n" for check in CHECKS), nl=False)
     sys.exit(EXIT_FAILED if failures else 0)
-
-
-def loop_free_source(cfg) -> tasks.DataSource:
-    fs, path = storage.resolve(cfg.data.path, cfg.storage)
-    return tasks.DataSource(fs, path, storage.absolute(cfg.data.path), cfg.data.val_fraction)
 
 
 def _load_or_exit(config_path: str | None, overrides: list[str]):
@@ -300,8 +297,8 @@ def _run_status(fs, run_dir: str) -> dict[str, Any]:
 def _print_run_status(run: dict[str, Any]) -> None:
     click.echo(f"{run['name']}  ({run['run_dir']})")
     click.echo(
-        f"  step {run['final_step']}, attempts {run['attempts']}, world sizes "
-        f"{run['world_sizes']}, {_metrics_line(run)}"
+        f"  {run['state']} at step {run['final_step']} of {run['total_steps'] or '?'}, attempts "
+        f"{run['attempts']}, world sizes {run['world_sizes']}, {_metrics_line(run)}"
     )
     for ckpt in run["checkpoints"]:
         state = "valid" if ckpt["valid"] else f"INVALID ({ckpt['reason']})"
@@ -317,7 +314,12 @@ def _metrics_line(run: dict[str, Any]) -> str:
 def _print_summary(summary: dict[str, Any]) -> None:
     kept = ", ".join(str(c["step"]) for c in summary["checkpoints"] if c["valid"]) or "none"
     rows = [("steps", summary["final_step"])]
+    if summary["train_steps"]:
+        first, last = summary["train_steps"]
+        rows += [("train metrics", f"steps {first}-{last} (the last log interval)")]
     rows += [(f"train {k}", _fmt(v)) for k, v in summary["train"].items()]
+    if summary["val_step"] is not None:
+        rows += [("val metrics", f"at step {summary['val_step']}")]
     rows += [(k.replace("_", " ", 1), _fmt(v)) for k, v in summary["val"].items()]
     rows += [
         ("restarts", f"{summary['restarts']} (world sizes {summary['world_sizes']})"),

@@ -349,7 +349,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _describe(err: dict[str, Any]) -> str:
     """One line per problem: the dotted field, what is wrong and what is allowed."""
-    where = ".".join(str(p) for p in err["loc"]) or "config"
+    where = ".".join(str(p) for p in err["loc"])
+    if not where and err["type"] == "value_error":  # a check across sections names its fields
+        return err["msg"].removeprefix("Value error, ")
+    where = where or "config"
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(err["loc"][:-1])
         return f"{where}: unknown key; allowed keys here: {', '.join(allowed)}"

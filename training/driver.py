@@ -125,9 +125,7 @@ def check_data(cfg: Config) -> dict[str, Any]:
     """Build the task, write its demo data if asked, and check the data from metadata: a bad
     column, type or size fails here (exit 2), not in the workers after retries."""
     storage.check_reachable(cfg.data.path, cfg.storage)
-    source = tasks.DataSource(
-        *storage.resolve(cfg.data.path, cfg.storage), cfg.data.path, cfg.data.val_fraction
-    )
+    source = tasks.data_source(cfg)
     try:
         with storage.named_errors(source.fs, cfg.data.path):
             task = tasks.build(cfg.task.name, cfg.task.options, source)

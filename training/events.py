@@ -12,10 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 METRIC_EVENTS = ("step", "eval")
+# A step's place in the run (with its world size, what the ledger recomputes its ids from).
+POSITION = ("global_step", "epoch", "step_in_epoch")
 # Identify an event or its place in time; never plotted as a metric.
-BOOKKEEPING = frozenset(
-    {"event", "attempt", "time", "global_step", "epoch", "step_in_epoch", "samples"}
-)
+BOOKKEEPING = frozenset({"event", "attempt", "time", *POSITION, "samples"})
+# The framework's own figures in a step event, beside the task's metrics.
+FRAMEWORK_METRICS = ("lr", "samples_per_s", "step_s", "world_size")
+# Everything in a step or eval event that is not one of the task's metrics.
+NOT_TASK_METRICS = BOOKKEEPING | frozenset(FRAMEWORK_METRICS)
 
 
 def scalar_fields(event: dict[str, Any]) -> dict[str, float]:

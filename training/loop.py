@@ -43,13 +43,13 @@ from training import (
     checkpoint,
     data,
     drain,
+    events,
     pace,
     priority,
     reporting,
     shutdown_grace,
     spares,
     stops,
-    storage,
     task_contract,
     tasks,
 )
@@ -272,11 +272,6 @@ def match_threads_to_cpus() -> None:
         torch.set_num_threads(int(threads))
 
 
-def data_source(cfg: Config) -> tasks.DataSource:
-    fs, path = storage.resolve(cfg.data.path, cfg.storage)
-    return tasks.DataSource(fs, path, cfg.data.path, cfg.data.val_fraction)
-
-
 def start_attempt(
     config_dict: dict[str, Any], make_runtime: Callable[[Config], Runtime]
 ) -> tuple[Worker, Progress]:
@@ -292,7 +287,7 @@ def start_attempt(
     match_threads_to_cpus()
     if cfg.training.deterministic:
         make_deterministic(device)
-    task = tasks.build(cfg.task.name, cfg.task.options, data_source(cfg))
+    task = tasks.build(cfg.task.name, cfg.task.options, tasks.data_source(cfg))
     train, val = task.load()
     plan = Plan.for_run(cfg, len(train))
 
@@ -356,10 +351,7 @@ def resume(worker: Worker) -> tuple[Progress, str | None]:
         progress = checkpoint.restore(
             state, unwrap(worker.model), worker.optimizer, worker.scheduler
         )
-        extra = state.get("extra", {})
-        if "scaler" in extra:
-            worker.scaler.load_state_dict(extra["scaler"])
-        worker.task.load_state_dict(extra.get("task", {}))
+        restore_extra(worker, state)
     worker.comm.barrier()  # everyone has loaded before rank 0 deletes anything
     if worker.rank == 0:
         checkpoint.prune(
@@ -651,14 +643,12 @@ def record_step(
         log_progress(worker, step_metrics)
 
 
-LEDGER_FIELDS = ("global_step", "epoch", "step_in_epoch", "world_size")
+LEDGER_FIELDS = (*events.POSITION, "world_size")  # written by record_step itself
 
 
 def log_progress(worker: Worker, step_metrics: dict[str, Any]) -> None:
     shown = " ".join(
-        f"{k} {v:.4g}"
-        for k, v in step_metrics.items()
-        if k not in ("global_step", "epoch", "step_in_epoch", "lr", "samples_per_s", "world_size")
+        f"{k} {v:.4g}" for k, v in step_metrics.items() if k not in events.NOT_TASK_METRICS
     )
     log.info(
         "step %d/%d epoch %d %s lr %.2e %.0f samples/s world %d, %s",
@@ -715,16 +705,7 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
     if worker.rank == 0:
         worker.runlog.flush()  # the ledger reaches storage before the checkpoint that needs it
         wait_for_previous_save(worker)
-        staged = worker.stager.stage(
-            checkpoint.build_state(
-                unwrap(worker.model),
-                worker.optimizer,
-                worker.scheduler,
-                progress,
-                worker.config_dict,
-                extra={"scaler": worker.scaler.state_dict(), "task": worker.task.state_dict()},
-            )
-        )
+        staged = worker.stager.stage(full_state(worker, progress))
         worker.save_done.clear()
         worker.upload_began = False
     else:
@@ -920,15 +901,34 @@ def state_of_last_step(worker: Worker, step: int) -> dict[str, Any]:
         raise RuntimeError("no step boundary was captured (checkpoint.on_failure is off)")
     model_state, task_state = worker.boundary.state_at(step)
     epoch, done_in_epoch = divmod(step, worker.plan.steps_per_epoch)
-    state = checkpoint.build_state(
+    state = full_state(worker, Progress(step, epoch, done_in_epoch, worker.attempt), task_state)
+    return {**state, "model": model_state}
+
+
+def full_state(
+    worker: Worker, progress: Progress, task_state: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The whole training state at ``progress`` (live references: stage or write it before
+    training goes on). The checkpoint's ``extra`` keys are written here and read in
+    ``restore_extra``."""
+    return checkpoint.build_state(
         unwrap(worker.model),
         worker.optimizer,
         worker.scheduler,
-        Progress(step, epoch, done_in_epoch, worker.attempt),
+        progress,
         worker.config_dict,
-        extra={"scaler": worker.scaler.state_dict(), "task": task_state},
+        extra={
+            "scaler": worker.scaler.state_dict(),
+            "task": worker.task.state_dict() if task_state is None else task_state,
+        },
     )
-    return {**state, "model": model_state}
+
+
+def restore_extra(worker: Worker, state: dict[str, Any]) -> None:
+    extra = state.get("extra", {})
+    if "scaler" in extra:
+        worker.scaler.load_state_dict(extra["scaler"])
+    worker.task.load_state_dict(extra.get("task", {}))
 
 
 def state_is_finite(worker: Worker) -> bool:

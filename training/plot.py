@@ -18,11 +18,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from training.events import Point, Series, split_history
+from training.events import FRAMEWORK_METRICS, Point, Series, split_history
 
 FIRST_METRICS = ("loss",)
 # The framework's own fields: drawn after the task's metrics, whatever order they came in.
-LAST_METRICS = ("lr", "samples_per_s", "step_s", "world_size")
+LAST_METRICS = FRAMEWORK_METRICS
 PANEL_COLUMNS = 2
 PANEL_SIZE_IN = (6.0, 2.6)
 

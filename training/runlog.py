@@ -35,6 +35,7 @@ import pyarrow.fs as pafs
 import torch
 
 from training import data, storage, tensorboard
+from training.events import NOT_TASK_METRICS
 
 RUNLOG_DIR = "runlog"
 
@@ -299,33 +300,48 @@ def summarize(events: list[dict[str, Any]]) -> dict[str, Any]:
     starts = [e for e in events if e["event"] == "start"]
     return {
         "final_step": max((e["global_step"] for e in steps), default=0),
+        "total_steps": starts[-1].get("total_steps") if starts else None,
+        "state": _state(events),
         "train": _metric_fields(logged[-1]) if logged else {},
+        # The step the train metrics end at, and the steps they average over (a log interval).
+        "train_steps": _interval(logged, steps),
         "val": _metric_fields(evals[-1]) if evals else {},
+        "val_step": evals[-1]["global_step"] if evals else None,
         "attempts": len(starts),
         "restarts": max(len(starts) - 1, 0),
         "world_sizes": [s["world_size"] for s in starts],
     }
 
 
-# Fields of step/eval events that are bookkeeping, not the task's metrics.
-NOT_METRICS = {
-    "event",
-    "attempt",
-    "time",
-    "global_step",
-    "epoch",
-    "step_in_epoch",
-    "world_size",
-    "samples",
-    "lr",
-    "samples_per_s",
-    "step_s",
-}
+def _state(events: list[dict[str, Any]]) -> str:
+    """finished, stopped (for good), or unfinished (training now, or interrupted)."""
+    last = next((e["event"] for e in reversed(events) if e["event"] in ("end", "stopped")), None)
+    starts = [e for e in events if e["event"] == "start"]
+    if last is None or not starts:
+        return "unfinished"
+    ended = [e for e in events if e["event"] in ("end", "stopped")][-1]
+    if ended["attempt"] != starts[-1]["attempt"]:
+        return "unfinished"  # a later attempt started after it (a run extended, or resumed)
+    return "finished" if last == "end" else "stopped"
+
+
+def _interval(logged: list[dict[str, Any]], steps: list[dict[str, Any]]) -> list[int] | None:
+    """[first, last] global step of the last logged interval."""
+    if not logged:
+        return None
+    last = logged[-1]["global_step"]
+    before = [e["global_step"] for e in logged[:-1] if e["attempt"] == logged[-1]["attempt"]]
+    first = (
+        (max(before) + 1)
+        if before
+        else min(e["global_step"] for e in steps if e["attempt"] == logged[-1]["attempt"])
+    )
+    return [first, last]
 
 
 def _metric_fields(event: dict[str, Any]) -> dict[str, float]:
     return {
         k: v
         for k, v in event.items()
-        if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
+        if k not in NOT_TASK_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
     }

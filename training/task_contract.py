@@ -21,6 +21,14 @@ from training import tasks
 from training.data import derive_seed
 
 SAMPLE_IDS = 8
+# What run_contract checks, in words (check-task prints them).
+CHECKS = (
+    f"batch(ids, seed) pure (two calls, {2 * SAMPLE_IDS} ids)",
+    "totals additive over disjoint ids (sums, not means)",
+    "step deterministic under a fixed seed",
+    "check() fingerprint stable, with an int train_samples",
+    "metrics(totals) has loss",
+)
 
 
 def run_contract(name: str, options: dict[str, Any], source: tasks.DataSource) -> list[str]:

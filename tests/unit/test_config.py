@@ -60,12 +60,18 @@ BAD_INPUTS = [
     ),
     (
         {"task": {"name": "nowhere.tasks:Mine"}},
-        "task.name 'nowhere.tasks:Mine': cannot import 'nowhere.tasks'",
+        "task.name 'nowhere.tasks:Mine': no module 'nowhere.tasks' where this runs (current "
+        "directory",
+    ),
+    (
+        {"task": {"name": "training.tasks.tabular:Tabulr"}},
+        "task.name 'training.tasks.tabular:Tabulr': module 'training.tasks.tabular' has no "
+        "'Tabulr' (it defines:",
     ),
     (
         {"task": {"name": "training.config:Config"}},
-        "task.name 'training.config:Config': 'Config' in training.config is not a subclass of "
-        "training.tasks.Task",
+        "task.name 'training.config:Config': <class 'training.config.Config'> is not a subclass "
+        "of training.tasks.Task",
     ),
     (
         {"task": {"options": {"transformer": {"d_model": 30, "n_heads": 4}}}},
@@ -157,3 +163,9 @@ def test_evaluation_is_due_at_checkpoints_or_every_n_steps_and_never_when_off():
     assert every_30.due(60, checkpoint_due=False)
     assert not every_30.due(100, checkpoint_due=True)
     assert not parse_config({"eval": {"batches": 0}}).eval.due(100, checkpoint_due=True)
+
+
+def test_a_check_across_sections_names_its_fields_without_a_config_prefix():
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"training": {"global_batch_size": 33}})
+    assert str(raised.value).startswith("training.global_batch_size (33) must be divisible")

@@ -40,7 +40,7 @@ def make_worker(table, **training) -> loop.Worker:
             "task": {"options": {"mlp": {"hidden_sizes": [32], "dropout": 0.0}}},
         }
     )
-    task = tasks.build("tabular", cfg.task.options, loop.data_source(cfg))
+    task = tasks.build("tabular", cfg.task.options, tasks.data_source(cfg))
     train, val = task.load()
     plan = loop.Plan.for_run(cfg, len(train))
     torch.manual_seed(data.derive_seed(cfg.training.seed, "init"))

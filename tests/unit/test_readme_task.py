@@ -38,3 +38,4 @@ def test_readme_task_is_under_40_lines_and_keeps_the_contract(tmp_path, monkeypa
     sys.modules.pop("my_tasks", None)
     assert result.exit_code == 0, result.output
     assert "task 'my_tasks:CsvRegression': contract holds" in result.output
+    assert "  ok  totals additive over disjoint ids" in result.output  # says what it checked

@@ -48,3 +48,31 @@ def test_bytes_written_grow_linearly(object_store, tmp_path):
     # Each line is written once: 10x the steps, ~10x the bytes (step numbers get longer).
     assert 9.5 < long / short < 11, (short, long)
     print(f"run log bytes written: {short} for 100 steps, {long} for 1000 steps")
+
+
+def _events(ended: str | None):
+    start = {"event": "start", "attempt": "a1", "time": 0.0, "world_size": 2, "total_steps": 10}
+    steps = [
+        {"event": "step", "attempt": "a1", "time": float(g), "global_step": g}
+        | ({"loss": 1.0 / g} if g % 4 == 0 else {})
+        for g in range(1, 10)
+    ]
+    evals = [{"event": "eval", "attempt": "a1", "time": 8.5, "global_step": 8, "val_loss": 0.3}]
+    end = [{"event": ended, "attempt": "a1", "time": 20.0, "global_step": 9}] if ended else []
+    return [start, *steps, *evals, *end]
+
+
+@pytest.mark.parametrize(
+    "ended,state", [("end", "finished"), ("stopped", "stopped"), (None, "unfinished")]
+)
+def test_the_summary_says_how_the_run_ended_and_which_steps_its_metrics_cover(ended, state):
+    summary = runlog.summarize(_events(ended))
+    assert summary["state"] == state and summary["total_steps"] == 10
+    assert summary["train_steps"] == [5, 8]  # the last log interval, not the whole run
+    assert summary["train"] == {"loss": 0.125}
+    assert summary["val_step"] == 8 and summary["val"] == {"val_loss": 0.3}
+
+
+def test_a_run_resumed_after_it_ended_is_unfinished():
+    later = {"event": "start", "attempt": "a2", "time": 30.0, "world_size": 2, "total_steps": 20}
+    assert runlog.summarize([*_events("end"), later])["state"] == "unfinished"

@@ -191,12 +191,12 @@ def bad_inputs(tmp: Path) -> list[tuple[str, list[str], str]]:
         (
             "factory cannot be imported",
             [f"data.path={good}", "task.options.model=nowhere:net"],
-            "task.options.model 'nowhere:net': cannot import 'nowhere'",
+            "task.options.model 'nowhere:net': no module 'nowhere' where this runs",
         ),
         (
             "factory not callable",
             [f"data.path={good}", "task.options.model=training.tasks.tabular:DEMO_FEATURES"],
-            "'DEMO_FEATURES' is not a callable in training.tasks.tabular",
+            "task.options.model 'training.tasks.tabular:DEMO_FEATURES': 32 is not callable",
         ),
         (
             "missing label column",

@@ -14,6 +14,7 @@ Built-in tasks are named (``tabular``, ``language_model``, ``image``); a user's 
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -51,6 +52,15 @@ class DataSource:
     path: str  # filesystem path (no scheme)
     uri: str  # as the user wrote it, made absolute: for messages
     val_fraction: float
+
+
+def data_source(cfg: Any) -> DataSource:
+    """The task's data (``cfg.data`` on ``cfg.storage``), resolved the same way on the driver,
+    the workers, the CLI and the torchrun baseline."""
+    from training import storage
+
+    fs, path = storage.resolve(cfg.data.path, cfg.storage)
+    return DataSource(fs, path, storage.absolute(cfg.data.path), cfg.data.val_fraction)
 
 
 @dataclass
@@ -150,23 +160,41 @@ def check_heads_divide_width(d_model: int, n_heads: int) -> None:
 def task_class(name: str) -> type[Task]:
     """The class behind ``task.name``; TaskError if it cannot be imported or is not a Task."""
     target = BUILTIN_TASKS.get(name, name)
-    module_name, sep, attr = target.partition(":")
-    if not sep:
+    if ":" not in target:
         raise TaskError(
             f"task.name '{name}': use one of {', '.join(BUILTIN_TASKS)} "
             "or an import string 'package.module:ClassName'"
         )
+    cls = import_object(target, "task.name")
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TaskError(f"task.name '{name}': {cls!r} is not a subclass of training.tasks.Task")
+    return cls
+
+
+def import_object(target: str, field: str) -> Any:
+    """The object behind ``package.module:name`` (the one resolver of user import strings);
+    TaskError naming ``field`` and what to check when the module or the name is missing."""
+    module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise TaskError(f"task.name '{name}': cannot import '{module_name}': {exc}") from None
-    cls = getattr(module, attr, None)
-    if not (isinstance(cls, type) and issubclass(cls, Task)):
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):  # the module itself, not its imports
+            raise TaskError(
+                f"{field} '{target}': no module '{module_name}' where this runs (current "
+                f"directory {os.getcwd()}): run from the directory that holds it, add that "
+                "directory to PYTHONPATH, or ship it with the job (ray job submit "
+                "--working-dir .)"
+            ) from None
+        raise TaskError(f"{field} '{target}': importing '{module_name}' failed: {exc}") from None
+    except Exception as exc:  # a user's module that raises on import
+        raise TaskError(f"{field} '{target}': importing '{module_name}' failed: {exc}") from None
+    if not hasattr(module, attr):
+        public = sorted(n for n in vars(module) if not n.startswith("_"))
         raise TaskError(
-            f"task.name '{name}': '{attr}' in {module_name} is not a subclass of "
-            "training.tasks.Task"
+            f"{field} '{target}': module '{module_name}' has no '{attr}' "
+            f"(it defines: {', '.join(public[:12]) or 'nothing public'})"
         )
-    return cls
+    return getattr(module, attr)
 
 
 def parse_options(cls: type[Task], raw: dict[str, Any]) -> Options:

@@ -15,7 +15,6 @@ The last ``data.val_fraction`` of rows is held out. ``options.model`` is ``mlp``
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import posixpath
 import re
@@ -37,7 +36,13 @@ from torch import nn
 
 from training import storage, streaming
 from training.data import ShardLayout
-from training.tasks import ClassificationTask, Options, TaskError, check_heads_divide_width
+from training.tasks import (
+    ClassificationTask,
+    Options,
+    TaskError,
+    check_heads_divide_width,
+    import_object,
+)
 
 DEMO_FEATURES = 32
 DEMO_CLASSES = 4
@@ -354,18 +359,9 @@ def label_max(dataset: pq.ParquetDataset, fs: pafs.FileSystem, label: str) -> in
 
 def import_factory(import_string: str):
     """The model factory behind ``package.module:factory``; TaskError when unusable."""
-    module_name, _, attr = import_string.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise TaskError(
-            f"task.options.model '{import_string}': cannot import '{module_name}': {exc}"
-        ) from None
-    factory = getattr(module, attr, None)
+    factory = import_object(import_string, "task.options.model")
     if not callable(factory):
-        raise TaskError(
-            f"task.options.model '{import_string}': '{attr}' is not a callable in {module_name}"
-        )
+        raise TaskError(f"task.options.model '{import_string}': {factory!r} is not callable")
     return factory
 
 
