@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import posixpath
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -47,6 +46,7 @@ from training import (
     pace,
     priority,
     reporting,
+    save_protocol,
     shutdown_grace,
     spares,
     stops,
@@ -59,6 +59,7 @@ from training.config import Config
 from training.optim import build_optimizer, build_scheduler
 from training.runlog import RunLog
 from training.runtime import LocalRuntime, RayRuntime, Runtime
+from training.save_protocol import FailureSave, SaveProtocol
 
 # Ray Train routes worker logging to the driver's console; print() would be shown twice.
 log = logging.getLogger(__name__)
@@ -205,40 +206,35 @@ class Worker:
     interval: Interval = field(default_factory=Interval)
     stager: checkpoint.Stager = field(default_factory=checkpoint.Stager)
     reporter: reporting.Reporter = field(default_factory=reporting.Reporter)
-    save_done: threading.Event = field(default_factory=threading.Event)  # no save in flight
-    # Ray runs the uploader only if the report's barrier held: whether it began, and whether the
-    # attempt failed first (then the save on failure writes the state and the uploader must not).
-    upload_began: bool = False
-    failing: bool = False
-    upload_lock: threading.Lock = field(default_factory=threading.Lock)
-    # For the save on failure: the step the model and optimizer hold, the last step in rank 0's
-    # ledger, and the last step whose checkpoint is complete on storage (or resumed from).
-    state_step: int = 0
-    recorded_step: int = 0
-    saved_step: int = 0
+    # Who writes the state, among the training, report, upload and shutdown threads.
+    saves: SaveProtocol = field(default_factory=SaveProtocol)
     warned_slow_save: bool = False
     # The non-parameter state as the last completed step left it (``StepBoundary``).
     boundary: StepBoundary | None = None
     tampering: bool = False  # a test-only chaos fault changes the ids of one step
 
     def __post_init__(self) -> None:
-        self.save_done.set()
         self.tampering = chaos.tampers(self.cfg.chaos.faults, self.rank)
 
 
 def train_func(config_dict: dict[str, Any]) -> None:
     """Entry point on every Ray Train worker."""
-    shutdown_grace.set_state(shutdown_grace.TRAINING)
-    try:
-        run_attempt(*start_attempt(config_dict, RayRuntime))
-    finally:
-        shutdown_grace.set_state(shutdown_grace.IDLE)  # Ray may now kill this process
+    attempt(config_dict, RayRuntime)
 
 
 def train_in_process(config_dict: dict[str, Any], timeout_s: float = 600.0) -> None:
     """The same attempt without Ray: one process, or one of a ``torchrun`` job (see
     ``runtime.LocalRuntime``); ``timeout_s`` bounds a collective whose peer died."""
-    run_attempt(*start_attempt(config_dict, functools.partial(LocalRuntime, timeout_s=timeout_s)))
+    attempt(config_dict, functools.partial(LocalRuntime, timeout_s=timeout_s))
+
+
+def attempt(config_dict: dict[str, Any], make_runtime: Callable[[Config], Runtime]) -> None:
+    saves = save_protocol.THIS_PROCESS
+    saves.begin_attempt()  # from here Ray's shutdown of the group waits for a failure save
+    try:
+        run_attempt(*start_attempt(config_dict, make_runtime, saves))
+    finally:
+        saves.end_attempt()  # Ray may now kill this process
 
 
 def run_attempt(worker: Worker, progress: Progress) -> None:
@@ -273,7 +269,7 @@ def match_threads_to_cpus() -> None:
 
 
 def start_attempt(
-    config_dict: dict[str, Any], make_runtime: Callable[[Config], Runtime]
+    config_dict: dict[str, Any], make_runtime: Callable[[Config], Runtime], saves: SaveProtocol
 ) -> tuple[Worker, Progress]:
     began = time.time()  # for the recovery timeline: worker up -> state restored -> first step
     cfg = Config.model_validate(config_dict)
@@ -320,9 +316,10 @@ def start_attempt(
         attempt=attempt,
         runlog=RunLog(fs, run_dir, attempt) if rank == 0 else None,
         spare_keeper=runtime.spare_keeper(),
+        saves=saves,
     )
     progress, resumed_from = resume(worker)
-    worker.state_step = worker.recorded_step = worker.saved_step = progress.global_step
+    saves.resumed_from(progress.global_step)
     if rank == 0 and cfg.checkpoint.on_failure:
         worker.boundary = StepBoundary(unwrap(model), task)
         worker.boundary.capture(progress.global_step)
@@ -427,7 +424,7 @@ def run_steps(worker: Worker, progress: Progress) -> None:
             step_metrics, draining = close_interval(worker, global_step, lr)
         if worker.runlog is not None:
             record_step(worker, global_step, step_s, step_metrics)
-            worker.recorded_step = global_step
+            worker.saves.recorded_step = global_step  # the training thread's own fields
         if evaluate_now:
             step_metrics.update(evaluate(worker, global_step))
         if checkpoint_due or draining:
@@ -458,7 +455,7 @@ def check_task_at_start(worker: Worker) -> None:
 
 def step_completed(worker: Worker, global_step: int) -> None:
     """The state is now that of ``global_step``: what a save on failure may write."""
-    worker.state_step = global_step
+    worker.saves.state_step = global_step
     if worker.boundary is not None:
         worker.boundary.capture(global_step)
 
@@ -706,8 +703,7 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
         worker.runlog.flush()  # the ledger reaches storage before the checkpoint that needs it
         wait_for_previous_save(worker)
         staged = worker.stager.stage(full_state(worker, progress))
-        worker.save_done.clear()
-        worker.upload_began = False
+        worker.saves.staged()
     else:
         inject_faults(worker, global_step, "checkpoint")
     report = functools.partial(report_checkpoint, worker, global_step, dict(step_metrics), staged)
@@ -737,7 +733,7 @@ def wait_for_previous_save(worker: Worker) -> None:
     busy it finishes only when training waits here. Either way: say so once, with the ways
     out."""
     waited = time.perf_counter()
-    while not worker.save_done.wait(timeout=60):
+    while not worker.saves.wait_until_free(timeout=60):
         log.warning(
             "still waiting for the previous checkpoint's upload (%.0f s)",
             time.perf_counter() - waited,
@@ -762,7 +758,7 @@ def report_checkpoint(
     rescue = None
     if staged is not None:  # a peer that dies inside the report's barrier blocks this call
         rescue = functools.partial(rescue_staged, worker, global_step, staged)
-        shutdown_grace.set_rescue(rescue)
+        worker.saves.offer_rescue(rescue)
     try:
         worker.runtime.report_checkpoint(
             reported,
@@ -772,7 +768,7 @@ def report_checkpoint(
         )
     finally:
         if rescue is not None:
-            shutdown_grace.clear_rescue(rescue)
+            worker.saves.withdraw_rescue(rescue)
 
 
 def make_uploader(worker: Worker, global_step: int, staged: dict[str, Any]) -> Callable[[], str]:
@@ -786,20 +782,18 @@ def make_uploader(worker: Worker, global_step: int, staged: dict[str, Any]) -> C
         # Serialising, checksumming and writing a large state compete with the step for cores:
         # at nice 19 (this thread only) they take the time training leaves idle.
         priority.lower_this_thread()
-        with worker.upload_lock:
-            if worker.failing:  # the save on failure writes this state itself
-                worker.save_done.set()
-                raise RuntimeError(f"checkpoint {global_step}: the attempt failed first")
-            worker.upload_began = True
+        if not worker.saves.upload_begins():  # the save on failure writes this state itself
+            raise RuntimeError(f"checkpoint {global_step}: the attempt failed first")
+        saved = None
         try:
             inject_faults(worker, global_step, "serialize")
             dir_name = checkpoint.dir_name(global_step, worker.attempt)
             target = write_to_storage(worker, global_step, staged, dir_name)
-            worker.saved_step = max(worker.saved_step, global_step)
+            saved = global_step
             prune_leftovers(worker)
             return target
         finally:
-            worker.save_done.set()
+            worker.saves.upload_ended(saved)
 
     return upload
 
@@ -832,10 +826,8 @@ def rescue_staged(worker: Worker, global_step: int, staged: dict[str, Any]) -> N
     ``global_step``: a peer died inside the report's barrier, so Ray never begins the upload and
     rank 0 never sees a failure. The staged copy is that step's whole state: write it from Ray's
     shutdown callback (``shutdown_grace``), as the save on failure would."""
-    with worker.upload_lock:
-        if worker.upload_began or worker.failing:
-            return
-        worker.failing = True
+    if not worker.saves.claim_rescue():  # uploaded, or the attempt saves on failure itself
+        return
     try:
         save_for_retry(worker, global_step, staged, time.perf_counter(), "staged, on shutdown")
     except Exception as exc:
@@ -848,7 +840,7 @@ def save_for_retry(
     """Write ``state`` as checkpoint ``step`` of this attempt (manifest last), outside Ray's
     registry, and log it as a save on failure: the retry resumes from it."""
     path = write_to_storage(worker, step, state, checkpoint.dir_name(step, worker.attempt))
-    worker.saved_step = step
+    worker.saves.saved(step)
     took = time.perf_counter() - started
     worker.runlog.write("checkpoint", global_step=step, blocked_s=took, path=path, failure=True)
     worker.runlog.flush()
@@ -867,25 +859,23 @@ def save_on_failure(worker: Worker) -> None:
     4.5 s; if Ray kills the process before it ends, the manifest is missing and the checkpoint
     is rejected on resume, which then falls back to the newest periodic one.
     """
-    step = worker.state_step
-    if worker.rank != 0 or step <= worker.saved_step or not state_is_finite(worker):
+    saves = worker.saves
+    step = saves.state_step
+    if worker.rank != 0 or step <= saves.saved_step or not state_is_finite(worker):
         return
-    shutdown_grace.set_state(shutdown_grace.SAVING)  # Ray's shutdown waits for what follows
     started = time.perf_counter()
-    with worker.upload_lock:
-        worker.failing = True
-        uploading = worker.upload_began and not worker.save_done.is_set()
-    if uploading:
+    # From here Ray's shutdown waits for what follows, and no upload may begin.
+    if saves.failure_save_begins() is FailureSave.WAIT_FOR_UPLOAD:
         # A periodic checkpoint is still uploading in the background, often of this very step
         # (a peer died just after it): let it finish rather than let Ray's kill cut it short.
-        finished = worker.save_done.wait(timeout=shutdown_grace.HOLD_AT_MOST_S)
+        finished = saves.wait_until_free(timeout=shutdown_grace.HOLD_AT_MOST_S)
         if not finished:  # Ray's kill comes now; a second writer would only race the first
             return
-        if step <= worker.saved_step:
+        if step <= saves.saved_step:
             log.warning("Finished the upload of checkpoint %d on failure", step)
             return
     try:
-        if worker.recorded_step < step:  # the failure came between the step and its ledger entry
+        if saves.recorded_step < step:  # the failure came between the step and its ledger entry
             record_step(worker, step, 0.0, {})
         worker.runlog.flush()
         save_for_retry(worker, step, state_of_last_step(worker, step), started, "on failure")
@@ -958,10 +948,10 @@ def install_fault_hooks(worker: Worker) -> None:
 
     def in_forward(module: nn.Module, *_: Any) -> None:
         if module.training:  # a training step's forward, not evaluation's
-            inject_faults(worker, worker.state_step + 1, "forward")
+            inject_faults(worker, worker.saves.state_step + 1, "forward")
 
     def in_backward(_: torch.Tensor) -> None:
-        inject_faults(worker, worker.state_step + 1, "backward")
+        inject_faults(worker, worker.saves.state_step + 1, "backward")
 
     if "forward" in points:
         model.register_forward_hook(in_forward)

@@ -129,7 +129,7 @@ def test_state_saved_on_failure_is_the_last_completed_step(table, tmp_path):
         loop.step_completed(worker, step)
         if step < 3:  # step 3 failed after the optimizer step, before its ledger entry
             loop.record_step(worker, step, 0.01, {})
-            worker.recorded_step = step
+            worker.saves.recorded_step = step
     loop.save_on_failure(worker)
 
     saved = checkpoint.newest_valid(FS, worker.run_dir)
@@ -149,9 +149,9 @@ def test_nothing_is_saved_on_failure_when_it_would_be_wrong(table, tmp_path, why
     worker.runlog = RunLog(FS, worker.run_dir, worker.attempt)
     loop.train_step(worker, 1)
     loop.step_completed(worker, 1)
-    worker.recorded_step = 1
+    worker.saves.recorded_step = 1
     if why == "already saved":
-        worker.saved_step = 1
+        worker.saves.saved(1)
     elif why == "not finite":
         next(worker.model.parameters()).data.fill_(float("nan"))
     else:
@@ -172,22 +172,20 @@ def test_save_on_failure_waits_for_the_periodic_upload_in_flight(table, tmp_path
     loop.train_step(worker, 1)
     loop.record_step(worker, 1, 0.01, {})
     loop.step_completed(worker, 1)
-    worker.recorded_step = 1
-    worker.save_done.clear()
-    worker.upload_began = upload != "never began"
+    worker.saves.recorded_step = 1
+    worker.saves.staged()
+    began = upload != "never began" and worker.saves.upload_begins()
 
     def background_upload():
         time.sleep(0.3)  # the upload thread, still writing when the failure is noticed
-        if upload == "completes":
-            worker.saved_step = 1
-        worker.save_done.set()
+        worker.saves.upload_ended(1 if upload == "completes" else None)
 
     uploader = threading.Thread(target=background_upload)
-    if worker.upload_began:
+    if began:
         uploader.start()
     loop.save_on_failure(worker)
-    if worker.upload_began:
-        assert worker.save_done.is_set()  # it returned only after the upload ended
+    if began:
+        assert worker.saves.wait_until_free(0)  # it returned only after the upload ended
         uploader.join()
     else:
         late = loop.make_uploader(worker, 1, {})
@@ -206,8 +204,9 @@ def test_training_that_waits_for_a_checkpoint_still_in_flight_says_why_once(tabl
     worker = make_worker(table)
 
     def save_in_flight():
-        worker.save_done.clear()
-        finisher = threading.Timer(0.1, worker.save_done.set)  # the upload, still running
+        worker.saves.staged()
+        worker.saves.upload_begins()
+        finisher = threading.Timer(0.1, worker.saves.upload_ended, args=(None,))  # still running
         finisher.start()
         return finisher
 
@@ -215,7 +214,7 @@ def test_training_that_waits_for_a_checkpoint_still_in_flight_says_why_once(tabl
         finisher = save_in_flight()
         with caplog.at_level("WARNING", logger=loop.log.name):
             loop.wait_for_previous_save(worker)
-        assert worker.save_done.is_set()
+        assert worker.saves.wait_until_free(0)
         finisher.join()
     loop.wait_for_previous_save(worker)  # nothing in flight: no wait, no warning
     warnings = [r.getMessage() for r in caplog.records if "previous checkpoint" in r.getMessage()]

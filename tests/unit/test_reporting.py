@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from training import reporting, shutdown_grace
+from training import reporting
 
 
 def test_reports_run_in_the_order_handed_over_while_the_caller_goes_on():
@@ -43,13 +43,3 @@ def test_a_failed_report_is_raised_on_the_training_thread():
     with pytest.raises(ValueError, match="metrics hold a tensor"):
         reporter.submit(lambda: None)  # the next hand-over raises it
     reporter.stop()
-
-
-def test_a_report_clears_only_its_own_rescue():
-    first, second = (lambda: None), (lambda: None)
-    shutdown_grace.set_rescue(first)
-    shutdown_grace.set_rescue(second)  # the next checkpoint's, set before the first report ended
-    shutdown_grace.clear_rescue(first)
-    assert shutdown_grace._rescue is second
-    shutdown_grace.clear_rescue(second)
-    assert shutdown_grace._rescue is None
