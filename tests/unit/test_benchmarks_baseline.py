@@ -1,0 +1,49 @@
+"""The torchrun baseline runs the project's own step and evaluation (``loop.train_step``,
+``loop.evaluate``): under plain ``torchrun`` it ends bitwise where the project's loop ends at the
+same world size, so a Ray/torchrun ratio compares launchers, not two copies of a step."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import torch
+from in_process import run_ranks
+
+from training import checkpoint
+from training.config import load_config
+from training.tasks import tabular
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 30
+
+
+def test_the_baseline_ends_bitwise_where_the_project_loop_ends(tmp_path):
+    table = tmp_path / "demo.parquet"
+    tabular.write_demo_dataset(pafs.LocalFileSystem(), str(table), rows=2000)
+    overrides = [
+        f"data.path={table}",
+        f"storage.path={tmp_path / 'runs'}",
+        f"training.max_steps={STEPS}",
+        "eval.every_n_steps=10",
+        "training.micro_batch_size=8",  # what the old copy of the step left out
+        "run.name=same",
+    ]
+    baseline = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(REPO / "benchmarks" / "torchrun_baseline.py"), "--config",
+         str(REPO / "training" / "configs" / "local.yaml"),
+         *(arg for o in overrides for arg in ("--set", o)), "--run-dir", str(tmp_path / "tr")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert baseline.returncode == 0, baseline.stderr[-3000:]
+    cfg = load_config(str(REPO / "training" / "configs" / "local.yaml"), overrides)
+    assert run_ranks(cfg.model_dump()) == [0, 0]
+
+    ours = checkpoint.load_newest(pafs.LocalFileSystem(), str(tmp_path / "runs" / "same"))
+    theirs = torch.load(tmp_path / "tr" / "ckpt" / f"checkpoint_{STEPS:09d}.pt", weights_only=True)
+    assert ours is not None and ours[0].step == STEPS == theirs["global_step"]
+    for name, tensor in ours[1]["model"].items():
+        assert torch.equal(tensor, theirs["model"][name]), name
