@@ -36,10 +36,8 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from training import data, loop, tasks  # noqa: E402
-from training.collectives import Collectives  # noqa: E402
+from training import loop  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.optim import build_optimizer, build_scheduler  # noqa: E402
 from training.runtime import LocalRuntime  # noqa: E402
 
 CKPT = re.compile(r"^checkpoint_(\d{9})\.pt$")
@@ -66,7 +64,9 @@ def main() -> None:
         rank=int(os.environ["RANK"]),
         world_size=int(os.environ["WORLD_SIZE"]),
     )
-    worker = build_worker(cfg, run_dir)  # the device, the model in DDP, as the Ray loop has them
+    # The device, the model in DDP, as the Ray loop has them (the process group exists: the
+    # runtime only reads rank and device).
+    worker = loop.build_worker(cfg, cfg.model_dump(), LocalRuntime(cfg))
     rank, world = worker.rank, worker.world_size
     (run_dir / "pids").mkdir(parents=True, exist_ok=True)
     (run_dir / "pids" / f"rank{rank}").write_text(str(os.getpid()))
@@ -138,41 +138,6 @@ def main() -> None:
         log.write("end", global_step=total)
     worker.comm.barrier()
     dist.destroy_process_group()
-
-
-def build_worker(cfg, run_dir: Path) -> loop.Worker:
-    """What the loop's step and evaluation need, built as ``loop.start_attempt`` builds it, minus
-    the run log, the resume from the project's checkpoints and the step boundary."""
-    runtime = LocalRuntime(cfg)  # the process group exists: it only reads rank and device
-    task = tasks.build(cfg.task.name, cfg.task.options, tasks.data_source(cfg))
-    train, val = task.load()
-    plan = loop.Plan.for_run(cfg, len(train))
-    torch.manual_seed(data.derive_seed(cfg.training.seed, "init"))
-    model = runtime.prepare_model(task.build_model())
-    optimizer = build_optimizer(cfg.training.optimizer, model)
-    scheduler = build_scheduler(cfg.training.lr_schedule, optimizer, plan.total_steps)
-    device = runtime.device
-    return loop.Worker(
-        cfg=cfg,
-        config_dict=cfg.model_dump(),
-        runtime=runtime,
-        comm=Collectives(device),
-        rank=runtime.rank,
-        world_size=runtime.world_size,
-        device=device,
-        fs=runtime.fs,
-        run_dir=str(run_dir),
-        task=task,
-        train=train,
-        val=val,
-        plan=plan,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=torch.amp.GradScaler(device.type, enabled=cfg.training.precision == "fp16"),
-        attempt="",
-        runlog=None,
-    )
 
 
 def newest_checkpoint(ckpt_dir: Path) -> Path | None:

@@ -222,10 +222,15 @@ def train_func(config_dict: dict[str, Any]) -> None:
     attempt(config_dict, RayRuntime)
 
 
-def train_in_process(config_dict: dict[str, Any], timeout_s: float = 600.0) -> None:
+def train_in_process(
+    config_dict: dict[str, Any], timeout_s: float = 600.0, init_method: str = "env://"
+) -> None:
     """The same attempt without Ray: one process, or one of a ``torchrun`` job (see
     ``runtime.LocalRuntime``); ``timeout_s`` bounds a collective whose peer died."""
-    attempt(config_dict, functools.partial(LocalRuntime, timeout_s=timeout_s))
+    attempt(
+        config_dict,
+        functools.partial(LocalRuntime, timeout_s=timeout_s, init_method=init_method),
+    )
 
 
 def attempt(config_dict: dict[str, Any], make_runtime: Callable[[Config], Runtime]) -> None:
@@ -274,62 +279,66 @@ def start_attempt(
     began = time.time()  # for the recovery timeline: worker up -> state restored -> first step
     cfg = Config.model_validate(config_dict)
     runtime = make_runtime(cfg)  # rank, world size, device and the run's storage
-    rank, world_size, device = runtime.rank, runtime.world_size, runtime.device
-    fs, run_dir = runtime.fs, runtime.run_dir
-    comm = Collectives(device)
-    stopped = stops.read(fs, run_dir)
+    stopped = stops.read(runtime.fs, runtime.run_dir)
     if stopped:  # a retry after a non-finite loss would only repeat it
         raise RuntimeError(stopped)
     match_threads_to_cpus()
     if cfg.training.deterministic:
-        make_deterministic(device)
+        make_deterministic(runtime.device)
+    worker = build_worker(cfg, config_dict, runtime, saves=saves)
+
+    restore_started = time.perf_counter()
+    rank, fs, run_dir = worker.rank, worker.fs, worker.run_dir
+    worker.attempt = worker.comm.broadcast_object(uuid.uuid4().hex[:8] if rank == 0 else None)
+    worker.runlog = RunLog(fs, run_dir, worker.attempt) if rank == 0 else None
+    worker.spare_keeper = runtime.spare_keeper()
+    progress, resumed_from = resume(worker)
+    saves.resumed_from(progress.global_step)
+    if rank == 0 and cfg.checkpoint.on_failure:
+        worker.boundary = StepBoundary(unwrap(worker.model), worker.task)
+        worker.boundary.capture(progress.global_step)
+    install_fault_hooks(worker)
+    # Streaming (#15): tell the task which ids this rank's remaining steps use, so it can read
+    # ahead in the background; a no-op for in-memory tasks.
+    worker.task.prefetch(worker.train, upcoming_ids(worker, progress.global_step))
+    timing = {"began": began, "restore_s": time.perf_counter() - restore_started}
+    announce_start(worker, progress, resumed_from, timing)
+    return worker, progress
+
+
+def build_worker(
+    cfg: Config, config_dict: dict[str, Any], runtime: Runtime, **fields: Any
+) -> Worker:
+    """The task and its data, the model as the runtime prepares it (on the device, in DDP when
+    the world is larger than one), optimizer, LR schedule and grad scaler: what every step
+    needs. The attempt, the torchrun baseline and the unit tests build theirs here."""
     task = tasks.build(cfg.task.name, cfg.task.options, tasks.data_source(cfg))
     train, val = task.load()
     plan = Plan.for_run(cfg, len(train))
-
     torch.manual_seed(data.derive_seed(cfg.training.seed, "init"))  # same init on every rank
-    model = runtime.prepare_model(task.build_model())  # to the device, DDP when world > 1
+    model = runtime.prepare_model(task.build_model())
     optimizer = build_optimizer(cfg.training.optimizer, model)
-    scheduler = build_scheduler(cfg.training.lr_schedule, optimizer, plan.total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.training.precision == "fp16")
-
-    restore_started = time.perf_counter()
-    attempt = comm.broadcast_object(uuid.uuid4().hex[:8] if rank == 0 else None)
-    worker = Worker(
+    device = runtime.device
+    return Worker(
         cfg=cfg,
         config_dict=config_dict,
         runtime=runtime,
-        comm=comm,
-        rank=rank,
-        world_size=world_size,
+        comm=Collectives(device),
+        rank=runtime.rank,
+        world_size=runtime.world_size,
         device=device,
-        fs=fs,
-        run_dir=run_dir,
+        fs=runtime.fs,
+        run_dir=runtime.run_dir,
         task=task,
         train=train,
         val=val,
         plan=plan,
         model=model,
         optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=scaler,
-        attempt=attempt,
-        runlog=RunLog(fs, run_dir, attempt) if rank == 0 else None,
-        spare_keeper=runtime.spare_keeper(),
-        saves=saves,
+        scheduler=build_scheduler(cfg.training.lr_schedule, optimizer, plan.total_steps),
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.training.precision == "fp16"),
+        **{"attempt": "", "runlog": None, **fields},
     )
-    progress, resumed_from = resume(worker)
-    saves.resumed_from(progress.global_step)
-    if rank == 0 and cfg.checkpoint.on_failure:
-        worker.boundary = StepBoundary(unwrap(model), task)
-        worker.boundary.capture(progress.global_step)
-    install_fault_hooks(worker)
-    # Streaming (#15): tell the task which ids this rank's remaining steps use, so it can read
-    # ahead in the background; a no-op for in-memory tasks.
-    task.prefetch(train, upcoming_ids(worker, progress.global_step))
-    timing = {"began": began, "restore_s": time.perf_counter() - restore_started}
-    announce_start(worker, progress, resumed_from, timing)
-    return worker, progress
 
 
 def resume(worker: Worker) -> tuple[Progress, str | None]:

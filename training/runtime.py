@@ -114,7 +114,7 @@ class LocalRuntime:
     process group is made here when there is more than one rank. Checkpoints are written at
     once, in the caller's thread (the loop's report thread when the upload is asynchronous)."""
 
-    def __init__(self, cfg: Config, timeout_s: float = 600.0) -> None:
+    def __init__(self, cfg: Config, timeout_s: float = 600.0, init_method: str = "env://") -> None:
         self.rank = int(os.environ.get("RANK", "0"))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", str(self.rank)))
@@ -127,6 +127,9 @@ class LocalRuntime:
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group(
                 "nccl" if self.device.type == "cuda" else "gloo",
+                init_method=init_method,  # env://: MASTER_ADDR and MASTER_PORT, as torchrun sets
+                rank=self.rank,
+                world_size=self.world_size,
                 timeout=datetime.timedelta(seconds=timeout_s),
             )
         self.fs, self.run_dir = storage.run_location(cfg.storage, cfg.run.name)

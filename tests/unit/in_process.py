@@ -1,5 +1,6 @@
 """Run the real training loop (``loop.train_in_process``) in plain processes, no Ray: N ranks on
-gloo over loopback, as ``torchrun`` would start them. Seconds instead of a Ray cluster's start-up.
+gloo over loopback (a file rendezvous), as ``torchrun`` would start them. Seconds instead of a
+Ray cluster's start-up.
 
 ``guard=True`` first wraps every public ``torch.distributed`` collective in each rank: a call
 that does not come from ``training.collectives`` (the seam), or a tensor that is not on the
@@ -12,7 +13,7 @@ import functools
 import inspect
 import multiprocessing
 import os
-import socket
+import tempfile
 from typing import Any
 
 import torch
@@ -42,23 +43,26 @@ class CollectiveOutsideSeam(AssertionError):
     pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(
     config: dict[str, Any], world_size: int = 2, guard: bool = False, timeout_s: float = 30.0
 ) -> list[int]:
     """Start ``world_size`` ranks of one attempt, wait for all; their exit codes by rank
     (0: finished, 1: raised, -9: SIGKILLed)."""
     context = multiprocessing.get_context("spawn")
-    port = free_port()
-    ranks = [
-        context.Process(target=_rank_main, args=(rank, world_size, port, config, guard, timeout_s))
-        for rank in range(world_size)
-    ]
+    # A file rendezvous: a free TCP port can be taken between choosing and binding it.
+    with tempfile.TemporaryDirectory() as rendezvous:
+        init = f"file://{rendezvous}/store"
+        ranks = [
+            context.Process(
+                target=_rank_main, args=(rank, world_size, init, config, guard, timeout_s)
+            )
+            for rank in range(world_size)
+        ]
+        _run(ranks, timeout_s)
+    return [process.exitcode for process in ranks]
+
+
+def _run(ranks: list, timeout_s: float) -> None:
     for process in ranks:
         process.start()
     for process in ranks:
@@ -66,19 +70,16 @@ def run_ranks(
         if process.is_alive():
             process.kill()
             process.join()
-    return [process.exitcode for process in ranks]
 
 
 def _rank_main(
-    rank: int, world_size: int, port: int, config: dict[str, Any], guard: bool, timeout_s: float
+    rank: int, world_size: int, init: str, config: dict[str, Any], guard: bool, timeout_s: float
 ) -> None:
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",  # as Ray gives a 1-CPU worker: two ranks share 2 cores
     )
     torch.set_num_threads(1)
@@ -86,7 +87,7 @@ def _rank_main(
         install_guard()
     from training import loop
 
-    loop.train_in_process(config, timeout_s=timeout_s)
+    loop.train_in_process(config, timeout_s=timeout_s, init_method=init)
 
 
 def install_guard() -> None:

@@ -13,10 +13,8 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from training import checkpoint, data, loop, runlog, stops, tasks
-from training.collectives import Collectives
+from training import checkpoint, data, loop, runlog, stops
 from training.config import parse_config
-from training.optim import build_optimizer, build_scheduler
 from training.runlog import RunLog
 from training.runtime import LocalRuntime
 from training.tasks import tabular
@@ -40,34 +38,10 @@ def make_worker(table, **training) -> loop.Worker:
             "task": {"options": {"mlp": {"hidden_sizes": [32], "dropout": 0.0}}},
         }
     )
-    task = tasks.build("tabular", cfg.task.options, tasks.data_source(cfg))
-    train, val = task.load()
-    plan = loop.Plan.for_run(cfg, len(train))
-    torch.manual_seed(data.derive_seed(cfg.training.seed, "init"))
-    model = task.build_model()
-    optimizer = build_optimizer(cfg.training.optimizer, model)
-    return loop.Worker(
-        cfg=cfg,
-        config_dict=cfg.model_dump(),
-        runtime=LocalRuntime(cfg),
-        comm=Collectives(torch.device("cpu")),
-        rank=0,
-        world_size=1,
-        device=torch.device("cpu"),
-        fs=FS,
-        run_dir=str(table.parent / "run"),
-        task=task,
-        train=train,
-        val=val,
-        plan=plan,
-        model=model,
-        optimizer=optimizer,
-        scheduler=build_scheduler(cfg.training.lr_schedule, optimizer, plan.total_steps),
-        scaler=torch.amp.GradScaler("cpu", enabled=cfg.training.precision == "fp16"),
-        attempt="a1",
-        runlog=None,
-        boundary=loop.StepBoundary(model, task),
-    )
+    worker = loop.build_worker(cfg, cfg.model_dump(), LocalRuntime(cfg))
+    worker.fs, worker.run_dir, worker.attempt = FS, str(table.parent / "run"), "a1"
+    worker.boundary = loop.StepBoundary(worker.model, worker.task)
+    return worker
 
 
 def params(worker: loop.Worker) -> list[torch.Tensor]:
