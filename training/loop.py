@@ -317,7 +317,7 @@ def build_worker(
     plan = Plan.for_run(cfg, len(train))
     torch.manual_seed(data.derive_seed(cfg.training.seed, "init"))  # same init on every rank
     model = runtime.prepare_model(task.build_model())
-    optimizer = build_optimizer(cfg.training.optimizer, model)
+    optimizer = build_optimizer(cfg.training.optimizer, model, task.param_groups(unwrap(model)))
     device = runtime.device
     return Worker(
         cfg=cfg,

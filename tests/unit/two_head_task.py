@@ -78,3 +78,17 @@ class MeanTotals(TwoHeadRegression):
     def step(self, model, batch):
         out = super().step(model, batch)
         return StepOutput(out.loss, {"loss": out.loss.detach(), "count": torch.tensor(1)})
+
+
+class NoDecayOnBiases(TwoHeadRegression):
+    """Parameter groups as users write them: weight decay on weights only."""
+
+    def param_groups(self, model):
+        biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
+        weights = [p for name, p in model.named_parameters() if not name.endswith("bias")]
+        return [{"params": weights}, {"params": biases, "weight_decay": 0.0}]
+
+
+class ForgetsTheHeads(TwoHeadRegression):
+    def param_groups(self, model):
+        return [{"params": list(model.body.parameters())}]

@@ -121,6 +121,13 @@ class Task:
         """Reported metrics from summed totals; must include ``loss``."""
         return {"loss": totals["loss"] / totals["count"]}
 
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups of ``model`` (the bare model, on its device), for example
+        no weight decay on biases and norms: ``[{"params": [...], "weight_decay": 0.0}, ...]``;
+        every parameter in exactly one group. None: one group, ``training.optimizer`` as set."""
+        del model
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Extra state saved in every checkpoint (EMA weights, a tokenizer's state)."""
         return {}
