@@ -298,9 +298,6 @@ def start_attempt(
         worker.boundary = StepBoundary(unwrap(worker.model), worker.task)
         worker.boundary.capture(progress.global_step)
     install_fault_hooks(worker)
-    # Streaming (#15): tell the task which ids this rank's remaining steps use, so it can read
-    # ahead in the background; a no-op for in-memory tasks.
-    worker.task.prefetch(worker.train, upcoming_ids(worker, progress.global_step))
     timing = {"began": began, "restore_s": time.perf_counter() - restore_started}
     announce_start(worker, progress, resumed_from, timing)
     return worker, progress
@@ -411,7 +408,10 @@ def run_steps(worker: Worker, progress: Progress) -> None:
     last_step = worker.plan.total_steps
     worker.interval = Interval()
     if progress.global_step == 0 and worker.rank == 0:
-        check_task_at_start(worker)
+        check_task_at_start(worker)  # before the prefetch plan: its reads are not the plan's
+    # Streaming (#15): tell the task which ids this rank's remaining steps use, so it can read
+    # ahead in the background; a no-op for in-memory tasks.
+    worker.task.prefetch(worker.train, upcoming_ids(worker, progress.global_step))
     for global_step in range(progress.global_step + 1, last_step + 1):
         inject_faults(worker, global_step, "step")
         started = time.perf_counter()
