@@ -53,6 +53,14 @@ class Collectives:
         dist.broadcast_object_list(box, src=0, device=self.device)
         return box[0]
 
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's (picklable) ``value``, by rank, on every rank."""
+        if not self.talks:
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)  # on NCCL: the current CUDA device, ours
+        return gathered
+
     def barrier(self) -> None:
         if not self.talks:
             return

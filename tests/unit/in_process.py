@@ -48,46 +48,49 @@ def run_ranks(
 ) -> list[int]:
     """Start ``world_size`` ranks of one attempt, wait for all; their exit codes by rank
     (0: finished, 1: raised, -9: SIGKILLed)."""
+    return run_function(_train, world_size, timeout_s, config, guard, timeout_s)
+
+
+def run_function(function, world_size: int, timeout_s: float, *args: Any) -> list[int]:
+    """``function(*args)`` in each of ``world_size`` spawned ranks (a module-level function),
+    ``RANK`` etc. set as torchrun sets them and ``INIT_METHOD`` naming a file rendezvous (a free
+    TCP port can be taken between choosing and binding it); exit codes by rank."""
     context = multiprocessing.get_context("spawn")
-    # A file rendezvous: a free TCP port can be taken between choosing and binding it.
     with tempfile.TemporaryDirectory() as rendezvous:
         init = f"file://{rendezvous}/store"
         ranks = [
-            context.Process(
-                target=_rank_main, args=(rank, world_size, init, config, guard, timeout_s)
-            )
+            context.Process(target=_rank_main, args=(rank, world_size, init, function, args))
             for rank in range(world_size)
         ]
-        _run(ranks, timeout_s)
+        for process in ranks:
+            process.start()
+        for process in ranks:
+            process.join(timeout=timeout_s * 10)
+            if process.is_alive():
+                process.kill()
+                process.join()
     return [process.exitcode for process in ranks]
 
 
-def _run(ranks: list, timeout_s: float) -> None:
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(timeout=timeout_s * 10)
-        if process.is_alive():
-            process.kill()
-            process.join()
-
-
-def _rank_main(
-    rank: int, world_size: int, init: str, config: dict[str, Any], guard: bool, timeout_s: float
-) -> None:
+def _rank_main(rank: int, world_size: int, init: str, function, args: tuple) -> None:
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size),
+        INIT_METHOD=init,
         OMP_NUM_THREADS="1",  # as Ray gives a 1-CPU worker: two ranks share 2 cores
     )
     torch.set_num_threads(1)
+    function(*args)
+
+
+def _train(config: dict[str, Any], guard: bool, timeout_s: float) -> None:
     if guard:
         install_guard()
     from training import loop
 
-    loop.train_in_process(config, timeout_s=timeout_s, init_method=init)
+    loop.train_in_process(config, timeout_s=timeout_s, init_method=os.environ["INIT_METHOD"])
 
 
 def install_guard() -> None:
