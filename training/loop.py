@@ -35,6 +35,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from training import (
@@ -231,6 +232,10 @@ def train_in_process(
         config_dict,
         functools.partial(LocalRuntime, timeout_s=timeout_s, init_method=init_method),
     )
+    # The group's threads must end before the interpreter does: left to process exit, gloo's
+    # teardown aborted a finished rank ("terminate called without an active exception").
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def attempt(config_dict: dict[str, Any], make_runtime: Callable[[Config], Runtime]) -> None:
