@@ -412,8 +412,10 @@ def run_steps(worker: Worker, progress: Progress) -> None:
     cfg = worker.cfg
     last_step = worker.plan.total_steps
     worker.interval = Interval()
-    if progress.global_step == 0 and worker.rank == 0:
-        check_task_at_start(worker)  # before the prefetch plan: its reads are not the plan's
+    # Not on streamed data: reads outside the prefetch plan there would cost the plan's memory
+    # budget and its bookkeeping (check-task still checks such a task).
+    if progress.global_step == 0 and worker.rank == 0 and worker.task.shard_layout() is None:
+        check_task_at_start(worker)
     # Streaming (#15): tell the task which ids this rank's remaining steps use, so it can read
     # ahead in the background; a no-op for in-memory tasks.
     worker.task.prefetch(worker.train, upcoming_ids(worker, progress.global_step))
