@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
-from training import checkpoint, runlog
+from training.core import checkpoint, runlog
 
 # Driver-output lines that mark recovery phases (timestamped when the harness read them).
 DETECTED = {

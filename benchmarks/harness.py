@@ -42,7 +42,7 @@ from typing import Any
 from benchmarks import analyze, cpu, floor, launch, report
 from benchmarks.analyze import stats
 from benchmarks.launch import KillPlan, Watch
-from training.config import load_config
+from training.driver.settings import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_CONFIG = REPO / "training" / "configs" / "local.yaml"

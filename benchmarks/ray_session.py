@@ -3,7 +3,7 @@
     python -m benchmarks.ray_session SPEC.json
 
 SPEC.json is a list of ``{"name", "config", "overrides", "env"}``. Ray is started once (as
-``training.driver.connect_ray`` would), so each run pays only the trainer's own start-up, not
+``training.driver.launch.connect_ray`` would), so each run pays only the trainer's own start-up, not
 Ray's. ``env`` holds ``RAY_TRAIN_*`` variables for that run: Ray Train propagates them from the
 driver to the controller and workers when the trainer starts, so they can differ per run.
 The harness follows progress through the lines printed here (``BENCH-RUN ...``).
@@ -21,8 +21,8 @@ import traceback
 def main(spec_path: str) -> int:
     import ray
 
-    from training import driver
-    from training.config import load_config
+    from training.driver import launch
+    from training.driver.settings import load_config
 
     specs = json.loads(open(spec_path).read())  # noqa: SIM115
     # None: the dashboard starts where its packages are installed (always, with this project's
@@ -38,7 +38,7 @@ def main(spec_path: str) -> int:
         status = "ok"
         try:
             cfg = load_config(spec["config"], spec["overrides"])
-            driver.train(cfg)
+            launch.train(cfg)
         except Exception:
             traceback.print_exc()
             status = "failed"

@@ -252,7 +252,7 @@ def markdown(r: dict[str, Any]) -> str:
         out += [
             "",
             "- goodput (the standard definition): effective steps (those the final model "
-            "contains, `training.runlog.effective_history`; redone steps excluded) x the "
+            "contains, `training.core.runlog.effective_history`; redone steps excluded) x the "
             "no-failure step period / wall time. The period comes from a no-failure run of the "
             "same config, launcher and length in this benchmark run, over the same span: its "
             "first step to its last (start-up is in the overhead table). Kills are due at T, "

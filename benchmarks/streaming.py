@@ -32,7 +32,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from training import runlog
+from training.core import runlog
 from training.tasks import tabular
 
 REPO = Path(__file__).resolve().parent.parent

@@ -3,8 +3,8 @@
     torchrun --standalone --nproc-per-node 2 [--max-restarts N] benchmarks/torchrun_baseline.py \
         --config training/configs/local.yaml --set KEY=VALUE ... --run-dir DIR
 
-Each global step and each evaluation is the project's own (``loop.train_step``,
-``loop.evaluate``, ``loop.close_interval`` on log steps, through ``runtime.LocalRuntime``): the same
+Each global step and each evaluation is the project's own (``train_step``,
+``evaluate``, ``close_interval`` on log steps, through ``runtime.LocalRuntime``): the same
 samples, micro-batches, precision, clipping, optimizer and LR schedule as under Ray Train, so a
 ratio measures what Ray Train and the project's fault tolerance cost, not two copies of a step.
 Evaluation is the user's workload, not the price of fault tolerance, so both sides do it. It
@@ -36,9 +36,13 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from training import loop  # noqa: E402
-from training.config import load_config  # noqa: E402
-from training.runtime import LocalRuntime  # noqa: E402
+from training.driver.settings import load_config  # noqa: E402
+from training.worker.attempt import build_worker  # noqa: E402
+from training.worker.cadence import close_interval  # noqa: E402
+from training.worker.context import Worker, unwrap  # noqa: E402
+from training.worker.evaluation import evaluate  # noqa: E402
+from training.worker.runtime import LocalRuntime  # noqa: E402
+from training.worker.step import train_step  # noqa: E402
 
 CKPT = re.compile(r"^checkpoint_(\d{9})\.pt$")
 
@@ -66,7 +70,7 @@ def main() -> None:
     )
     # The device, the model in DDP, as the Ray loop has them (the process group exists: the
     # runtime only reads rank and device).
-    worker = loop.build_worker(cfg, cfg.model_dump(), LocalRuntime(cfg))
+    worker = build_worker(cfg, cfg.model_dump(), LocalRuntime(cfg))
     rank, world = worker.rank, worker.world_size
     (run_dir / "pids").mkdir(parents=True, exist_ok=True)
     (run_dir / "pids" / f"rank{rank}").write_text(str(os.getpid()))
@@ -77,7 +81,7 @@ def main() -> None:
     newest = newest_checkpoint(ckpt_dir)
     if newest is not None:
         state = torch.load(newest, map_location="cpu", weights_only=True)
-        loop.unwrap(worker.model).load_state_dict(state["model"])
+        unwrap(worker.model).load_state_dict(state["model"])
         worker.optimizer.load_state_dict(state["optimizer"])
         worker.scheduler.load_state_dict(state["scheduler"])
         start_step, resumed_attempt = state["global_step"], state["attempt"]
@@ -108,13 +112,13 @@ def main() -> None:
 
     for global_step in range(start_step + 1, total + 1):
         started = time.perf_counter()
-        lr = loop.train_step(worker, global_step)
+        lr = train_step(worker, global_step)
         elapsed = time.perf_counter() - started
         checkpoint_due = global_step % cfg.checkpoint.every_n_steps == 0 or global_step == total
         step_metrics = {}
         # The interval's totals, summed over the ranks on log steps (one host sync), as the loop.
         if global_step % cfg.training.log_every_n_steps == 0 or checkpoint_due:
-            step_metrics, _ = loop.close_interval(worker, global_step, lr)
+            step_metrics, _ = close_interval(worker, global_step, lr)
         if log:
             log.write(
                 "step",
@@ -125,7 +129,7 @@ def main() -> None:
                 world_size=world,
             )
         if cfg.eval.due(global_step, checkpoint_due):
-            val_metrics = loop.evaluate(worker, global_step)
+            val_metrics = evaluate(worker, global_step)
             if log:
                 log.write("eval", global_step=global_step, **val_metrics)
         if rank == 0 and checkpoint_due:
@@ -147,13 +151,13 @@ def newest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save(ckpt_dir: Path, worker: loop.Worker, global_step: int, attempt: str) -> None:
+def save(ckpt_dir: Path, worker: Worker, global_step: int, attempt: str) -> None:
     """torch.save to a temp name, then rename: a kill mid-write never leaves a torn file."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     target = ckpt_dir / f"checkpoint_{global_step:09d}.pt"
     tmp = target.with_suffix(".tmp")
     state = {
-        "model": loop.unwrap(worker.model).state_dict(),
+        "model": unwrap(worker.model).state_dict(),
         "optimizer": worker.optimizer.state_dict(),
         "scheduler": worker.scheduler.state_dict(),
         "global_step": global_step,

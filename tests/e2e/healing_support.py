@@ -34,7 +34,7 @@ STEPS_PER_EPOCH = 76  # cluster/train.yaml: 4096 demo rows, global batch 48
 # which step, and the last step it recorded (rank 0 writes a line per step, line-buffered).
 ATTEMPTS_PY = """
 import json, sys, pyarrow.fs as fs
-from training import runlog
+from training.core import runlog
 events = runlog.read_events(fs.LocalFileSystem(), sys.argv[1])
 out = {}
 for e in events:

@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 import pytest
 import yaml
 
-from training import checkpoint, runlog
+from training.core import checkpoint, runlog
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from ray_runs import events, start_cli, two_worker_cluster, wait_for, write_config
 
-from training import runlog
+from training.core import runlog
 
 
 @pytest.fixture

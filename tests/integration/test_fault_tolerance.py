@@ -27,7 +27,8 @@ from ray_runs import (
     write_config,
 )
 
-from training import checkpoint, runlog, spares
+from training.core import checkpoint, runlog
+from training.ray_internals import spares
 
 EVERY = 25  # checkpoint cadence of these runs
 SLOW_RUN = {  # ~0.1 s a step on this machine: long enough to kill things mid-run

@@ -19,7 +19,7 @@ from memory_limit import MemoryCgroup
 from ray_runs import REPO, events, two_worker_cluster, wait_for, write_config
 from test_s3_storage import KEY, SECRET, s3, s3_endpoint  # noqa: F401  (the S3 server fixture)
 
-from training import checkpoint, runlog
+from training.core import checkpoint, runlog
 from training.tasks import tabular
 
 HERE = Path(__file__).resolve().parent

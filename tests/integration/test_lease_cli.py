@@ -13,7 +13,8 @@ import time
 import pyarrow.fs as pafs
 from ray_runs import REPO, run_dir, write_config
 
-from training import checkpoint, lease, runlog
+from training.core import checkpoint, runlog
+from training.driver import lease
 
 NAME = "leased"
 

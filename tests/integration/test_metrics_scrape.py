@@ -3,7 +3,8 @@
 One run on the test cluster, scraped every 0.25 s while it trains, with two windows in which
 no log interval closes for a while: a checkpoint whose upload stalls (the next checkpoint waits
 for it, so training is blocked), and a restart (rank 0 is SIGKILLed; Ray Train restarts the
-group). Before training/metrics.py's holder actor, every gauge vanished ~2 s after the kill for
+group). Before training/observability/metrics.py's holder actor, every gauge vanished ~2 s after
+the kill for
 the rest of the restart (~20 s here); without the holder's refresh, ~20 s into the stall.
 """
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 from ray_runs import events, start_cli, wait_for, write_config
 
-from training import metrics
+from training.observability import metrics
 
 RUN = "scraped"
 # The upload of checkpoint 40 sleeps this long, and checkpoint 60 waits for it: no log interval

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ray_runs import assert_bitwise_equal, events, final_state, train_cli, write_config
 
-from training import runlog
+from training.core import runlog
 
 TOTAL_STEPS = 114  # 2 epochs x 57 steps
 

@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 import pytest
 from ray_runs import REPO, write_config
 
-from training import checkpoint, runlog, storage
+from training.core import checkpoint, runlog, storage
 
 KEY, SECRET = "elastic-trainer", "elastic-trainer-secret"
 
@@ -194,10 +194,10 @@ def assert_tensorboard_and_plot_work_from_s3(fs, tmp_path, config, env) -> None:
 
 def test_a_missing_bucket_or_denied_access_exits_2_before_ray(tmp_path, s3_endpoint, monkeypatch):
     """The store answers, but the bucket is not there or the key is wrong: one line naming the
-    endpoint and what to check, exit 2, nothing created (training/storage.py classifies)."""
+    endpoint and what to check, exit 2, nothing created (training/core/storage.py classifies)."""
     from click.testing import CliRunner
 
-    from training.cli import main
+    from training.driver.cli import main
 
     data = tmp_path / "d.parquet"
     assert CliRunner().invoke(main, ["demo-data", "--out", str(data)]).exit_code == 0

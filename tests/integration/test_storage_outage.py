@@ -21,7 +21,7 @@ import pytest
 from ray_runs import REPO, write_config
 from test_s3_storage import KEY, SECRET, s3, weed_port
 
-from training import checkpoint, runlog
+from training.core import checkpoint, runlog
 
 OUTAGE_S = 6.0
 RUN = "s3-outage"

@@ -33,7 +33,7 @@ from ray_runs import (
     write_config,
 )
 
-from training import checkpoint, data, runlog
+from training.core import checkpoint, data, runlog
 
 # sha256 over the final model tensors (sorted by name) of the tabular demo below: the task
 # refactor must not change a single bit of what the tabular task computes. torch's CPU kernels

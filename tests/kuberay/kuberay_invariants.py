@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from kuberay_pods import parse_quantity, ray_start_params
 
-from training.config import Config
+from training.core.config import Config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KUBERAY_DIR = REPO_ROOT / "kuberay"

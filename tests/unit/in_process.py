@@ -1,9 +1,9 @@
-"""Run the real training loop (``loop.train_in_process``) in plain processes, no Ray: N ranks on
+"""Run the real training loop (``attempt.train_in_process``) in plain processes, no Ray: N ranks on
 gloo over loopback (a file rendezvous), as ``torchrun`` would start them. Seconds instead of a
 Ray cluster's start-up.
 
 ``guard=True`` first wraps every public ``torch.distributed`` collective in each rank: a call
-that does not come from ``training.collectives`` (the seam), or a tensor that is not on the
+that does not come from ``training.worker.collectives`` (the seam), or a tensor that is not on the
 device the seam says the backend needs, fails the rank with ``CollectiveOutsideSeam``.
 """
 
@@ -37,7 +37,7 @@ COLLECTIVES = (
     "scatter",
     "scatter_object_list",
 )
-SEAM = "training.collectives"
+SEAM = "training.worker.collectives"
 
 
 class CollectiveOutsideSeam(AssertionError):
@@ -94,9 +94,9 @@ def _rank_main(rank: int, world_size: int, init: str, function, args: tuple) -> 
 def _train(config: dict[str, Any], guard: bool, timeout_s: float) -> None:
     if guard:
         install_guard()
-    from training import loop
+    from training.worker import attempt
 
-    loop.train_in_process(config, timeout_s=timeout_s, init_method=os.environ["INIT_METHOD"])
+    attempt.train_in_process(config, timeout_s=timeout_s, init_method=os.environ["INIT_METHOD"])
 
 
 def install_guard() -> None:
@@ -123,7 +123,7 @@ def _guarded(collective, name: str):
 
 
 def _seam_device() -> torch.device:
-    from training.collectives import device_for
+    from training.worker.collectives import device_for
 
     return device_for(str(dist.get_backend()), _training_device())
 

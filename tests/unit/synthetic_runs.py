@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow.fs as pafs
 
-from training.runlog import RunLog
+from training.core.runlog import RunLog
 
 OFFSET = {"a": 0.0, "b": 100.0}
 

@@ -1,5 +1,6 @@
-"""The torchrun baseline runs the project's own step and evaluation (``loop.train_step``,
-``loop.evaluate``): under plain ``torchrun`` it ends bitwise where the project's loop ends at the
+"""The torchrun baseline runs the project's own step and evaluation (``step.train_step``,
+``evaluation.evaluate``): under plain ``torchrun`` it ends bitwise where the project's loop ends at
+the
 same world size, so a Ray/torchrun ratio compares launchers, not two copies of a step."""
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import pyarrow.fs as pafs
 import torch
 from in_process import run_ranks
 
-from training import checkpoint
-from training.config import load_config
+from training.core import checkpoint
+from training.driver.settings import load_config
 from training.tasks import tabular
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks import analyze, floor, harness, report
-from training.config import load_config
+from training.driver.settings import load_config
 from training.tasks.tabular import DEMO_CLASSES, DEMO_FEATURES, MLP, MLPOptions
 
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from counting_fs import recording_fs
 
-from training import checkpoint, cli, driver
-from training.checkpoint import InvalidCheckpoint, Progress
-from training.config import Config
-from training.optim import build_optimizer, build_scheduler
+from training.core import checkpoint
+from training.core.checkpoint import InvalidCheckpoint, Progress
+from training.core.config import Config
+from training.core.optim import build_optimizer, build_scheduler
+from training.driver import cli, launch
 from training.tasks.tabular import MLP, MLPOptions
 
 FS = pafs.LocalFileSystem()
@@ -180,9 +181,9 @@ def test_driver_and_status_checks_read_no_state_bytes(tmp_path):
     for step in (10, 20):
         save(tmp_path, step)
     fs, recorded = recording_fs()
-    run = driver.current_state(driver.RunState(fs, str(tmp_path), None, existed=True))
+    run = launch.current_state(launch.RunState(fs, str(tmp_path), None, existed=True))
     assert run.resume_from.step == 20
-    assert [c["valid"] for c in driver.run_summary(fs, str(tmp_path))["checkpoints"]] == [1, 1]
+    assert [c["valid"] for c in launch.run_summary(fs, str(tmp_path))["checkpoints"]] == [1, 1]
     assert [c["valid"] for c in cli._run_status(fs, str(tmp_path))["checkpoints"]] == [1, 1]
     assert checkpoint.newest_valid(fs, str(tmp_path)).step == 20
     assert recorded.read_of(checkpoint.MANIFEST_FILE) > 0  # the check did run

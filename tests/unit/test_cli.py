@@ -7,9 +7,10 @@ import ray
 import torch
 from click.testing import CliRunner
 
-from training import checkpoint, driver, lease, runlog
-from training.cli import main
-from training.config import parse_config
+from training.core import checkpoint, runlog
+from training.driver import launch, lease
+from training.driver.cli import main
+from training.driver.settings import parse_config
 
 
 def run(*args):
@@ -57,7 +58,7 @@ def test_resuming_with_a_different_model_or_seed_is_refused(tmp_path):
         "data": {"path": str(tmp_path / "d.parquet"), "create_demo_if_missing": True},
         "task": {"options": {"demo_rows": 256}},
     }
-    driver.prepare_run(parse_config(base))
+    launch.prepare_run(parse_config(base))
     saved = (tmp_path / "demo" / "run_config.json").read_bytes()
     result = run(
         "train",
@@ -128,17 +129,18 @@ def test_demo_data_command(tmp_path):
 def test_relative_paths_are_resolved_for_the_workers(tmp_path, monkeypatch):
     """Workers run in Ray's own directories: a relative path must reach them absolute."""
     monkeypatch.chdir(tmp_path)
-    cfg = driver.with_absolute_paths(
+    cfg = launch.with_absolute_paths(
         parse_config({"storage": {"path": "runs"}, "data": {"path": "data/d.parquet"}})
     )
     assert cfg.storage.path == str(tmp_path / "runs")
     assert cfg.data.path == str(tmp_path / "data" / "d.parquet")
-    remote = driver.with_absolute_paths(parse_config({"storage": {"path": "s3://b/runs"}}))
+    remote = launch.with_absolute_paths(parse_config({"storage": {"path": "s3://b/runs"}}))
     assert remote.storage.path == "s3://b/runs"
 
 
 def test_ray_starts_inside_the_lease_settle_window_not_after_it(tmp_path, monkeypatch):
-    """Starting Ray fills the lease's settle wait (training/lease.py) instead of following it."""
+    """Starting Ray fills the lease's settle wait (training/driver/lease.py) instead of following
+    it."""
     cfg = parse_config(
         {
             "storage": {"path": str(tmp_path)},
@@ -149,7 +151,7 @@ def test_ray_starts_inside_the_lease_settle_window_not_after_it(tmp_path, monkey
     slept: list[float] = []
     monkeypatch.setattr(lease.time, "sleep", slept.append)  # the settle wait, recorded
     sleeps_before_connect: list[list[float]] = []
-    monkeypatch.setattr(driver, "connect_ray", lambda _: sleeps_before_connect.append(list(slept)))
+    monkeypatch.setattr(launch, "connect_ray", lambda _: sleeps_before_connect.append(list(slept)))
 
     class Stop(Exception):
         pass
@@ -157,8 +159,8 @@ def test_ray_starts_inside_the_lease_settle_window_not_after_it(tmp_path, monkey
     def stop(*_):
         raise Stop
 
-    monkeypatch.setattr(driver, "build_trainer", stop)
+    monkeypatch.setattr(launch, "build_trainer", stop)
     with pytest.raises(Stop):
-        driver.train(cfg)
+        launch.train(cfg)
     assert sleeps_before_connect[0] == []  # Ray was started before any settle sleep...
     assert slept and slept[0] < lease.SETTLE_S  # ...and the sleep that followed was shortened

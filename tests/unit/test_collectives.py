@@ -1,4 +1,5 @@
-"""The collectives seam: only ``training.collectives`` calls ``torch.distributed`` collectives,
+"""The collectives seam: only ``training.worker.collectives`` calls ``torch.distributed``
+collectives,
 and on NCCL every tensor it hands over is on the training device (checked against a stand-in
 NCCL group whose device is not the CPU). ``test_in_process.py`` runs the real loop with every
 collective wrapped."""
@@ -12,8 +13,8 @@ import pytest
 import torch
 from in_process import COLLECTIVES
 
-from training import collectives
-from training.collectives import Collectives, device_for
+from training.worker import collectives
+from training.worker.collectives import Collectives, device_for
 
 PACKAGE = Path(collectives.__file__).resolve().parent
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from training.config import Config, ConfigError, identity_diff, load_config, parse_config
+from training.core.config import Config, ConfigError, identity_diff
+from training.driver.settings import load_config, parse_config
 
 BAD_INPUTS = [
     (
@@ -69,9 +70,9 @@ BAD_INPUTS = [
         "'Tabulr' (it defines:",
     ),
     (
-        {"task": {"name": "training.config:Config"}},
-        "task.name 'training.config:Config': <class 'training.config.Config'> is not a subclass "
-        "of training.tasks.Task",
+        {"task": {"name": "training.core.config:Config"}},
+        "task.name 'training.core.config:Config': <class 'training.core.config.Config'> is not a "
+        "subclass of training.tasks.Task",
     ),
     (
         {"task": {"options": {"transformer": {"d_model": 30, "n_heads": 4}}}},

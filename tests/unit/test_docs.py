@@ -11,8 +11,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from training import config_reference, tasks
-from training.config import Config, Fault
+from training import tasks
+from training.core.config import Config, Fault
+from training.driver import config_reference
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", REPO / "CHANGELOG.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -103,8 +104,8 @@ def test_the_docs_link_every_page() -> None:
 def test_configuration_reference_is_in_sync() -> None:
     committed = (REPO / "docs" / "configuration.md").read_text()
     assert committed == config_reference.render(), (
-        "docs/configuration.md differs from what training/config_reference.py generates from "
-        f"training/config.py; regenerate it: {config_reference.COMMAND}"
+        "docs/configuration.md differs from what training/driver/config_reference.py generates "
+        f"from training/core/config.py; regenerate it: {config_reference.COMMAND}"
     )
 
 

@@ -1,4 +1,5 @@
-"""The drain flag (training/drain.py) and the job supervisor's decisions (cluster/supervisor.py),
+"""The drain flag (training/ray_internals/drain.py) and the job supervisor's decisions
+(cluster/supervisor.py),
 without Ray: the ranks agree on a drain in the log interval's reduction; the supervisor
 resubmits a lost or failed job with the dead job's id, stops on success or on a refused input
 (exit 2)."""
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import drain, loop
+from training.ray_internals import drain
+from training.worker.cadence import reduce_totals
 
 SUPERVISOR = Path(__file__).resolve().parents[2] / "cluster" / "supervisor.py"
 
@@ -40,7 +42,7 @@ class TwoRanks:
 def test_the_drain_agreement_rides_the_interval_reduction(flag):
     """Any rank that heard of a drain makes every rank drain, in the reduction the log interval
     makes anyway: no collective of its own."""
-    totals, first_bad, draining, consumed = loop.reduce_totals(
+    totals, first_bad, draining, consumed = reduce_totals(
         TwoRanks(), {"count": torch.tensor(4.0)}, None, flag, [8.0, 77.0]
     )
     assert totals == {"count": 9.0} and first_bad == math.inf

@@ -1,6 +1,6 @@
 """The real loop in plain processes (no Ray, 2 ranks on gloo; ``in_process``): resume is bitwise,
 the save on failure holds the last completed step with its buffers when a peer is SIGKILLed
-inside forward or backward, and every collective goes through ``training.collectives``.
+inside forward or backward, and every collective goes through ``training.worker.collectives``.
 
 The model is a user's task with a BatchNorm (``two_head_task``), so a forward pass moves
 buffers. Each run takes a few seconds (two spawned processes import torch)."""
@@ -13,8 +13,8 @@ import torch
 from in_process import run_ranks
 from two_head_task import write_csv
 
-from training import checkpoint, runlog, stops
-from training.config import parse_config
+from training.core import checkpoint, runlog, stops
+from training.driver.settings import parse_config
 
 FS = pafs.LocalFileSystem()
 STEPS_PER_EPOCH = 14  # 461 training rows // 32
@@ -105,7 +105,8 @@ def test_peer_killed_inside_a_step_saves_the_last_completed_step_with_its_buffer
 
 def test_every_collective_goes_through_the_seam(points, tmp_path):
     """Checkpoints, evaluation, log intervals, the drain agreement and the resume broadcast,
-    each rank's ``torch.distributed`` wrapped: a call from anywhere but ``training.collectives``
+    each rank's ``torch.distributed`` wrapped: a call from anywhere but
+    ``training.worker.collectives``
     or a tensor off the backend's device fails the run."""
     cfg = config(points, tmp_path, "guarded", every_n_steps=10)
     assert run_ranks(cfg, guard=True) == [0, 0]

@@ -1,4 +1,5 @@
-"""The run lease (training/lease.py): one writer per run, never blocking a resume after a crash."""
+"""The run lease (training/driver/lease.py): one writer per run, never blocking a resume after a
+crash."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from dataclasses import asdict, replace
 import pyarrow.fs as pafs
 import pytest
 
-from training import lease, storage
+from training.core import storage
+from training.driver import lease
 
 
 @pytest.fixture

@@ -13,11 +13,18 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from training import checkpoint, data, loop, runlog, stops
-from training.config import parse_config
-from training.runlog import RunLog
-from training.runtime import LocalRuntime
+from training.core import checkpoint, data, runlog, stops
+from training.core.runlog import RunLog
+from training.driver.settings import parse_config
 from training.tasks import tabular
+from training.worker.attempt import build_worker
+from training.worker.boundary import StepBoundary
+from training.worker.cadence import close_interval, record_step
+from training.worker.checkpointer import make_uploader, save_on_failure, wait_for_previous_save
+from training.worker.context import Worker
+from training.worker.evaluation import evaluate
+from training.worker.runtime import LocalRuntime
+from training.worker.step import step_completed, train_step
 
 FS = pafs.LocalFileSystem()
 
@@ -29,7 +36,7 @@ def table(tmp_path_factory):
     return path
 
 
-def make_worker(table, **training) -> loop.Worker:
+def make_worker(table, **training) -> Worker:
     cfg = parse_config(
         {
             "data": {"path": str(table)},
@@ -38,27 +45,27 @@ def make_worker(table, **training) -> loop.Worker:
             "task": {"options": {"mlp": {"hidden_sizes": [32], "dropout": 0.0}}},
         }
     )
-    worker = loop.build_worker(cfg, cfg.model_dump(), LocalRuntime(cfg))
+    worker = build_worker(cfg, cfg.model_dump(), LocalRuntime(cfg))
     worker.fs, worker.run_dir, worker.attempt = FS, str(table.parent / "run"), "a1"
-    worker.boundary = loop.StepBoundary(worker.model, worker.task)
+    worker.boundary = StepBoundary(worker.model, worker.task)
     return worker
 
 
-def params(worker: loop.Worker) -> list[torch.Tensor]:
+def params(worker: Worker) -> list[torch.Tensor]:
     return [p.detach().clone() for p in worker.model.parameters()]
 
 
 def test_micro_batches_give_the_gradient_of_one_pass(table):
     whole, micro = make_worker(table), make_worker(table, micro_batch_size=16)
     for step in (1, 2, 3):
-        loop.train_step(whole, step)
-        loop.train_step(micro, step)
+        train_step(whole, step)
+        train_step(micro, step)
     for a, b in zip(params(whole), params(micro), strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     # The totals add up to the same interval metrics.
     assert whole.interval.steps == micro.interval.steps == 3
-    first = loop.close_interval(whole, 3, lr=0.0)[0]
-    second = loop.close_interval(micro, 3, lr=0.0)[0]
+    first = close_interval(whole, 3, lr=0.0)[0]
+    second = close_interval(micro, 3, lr=0.0)[0]
     assert math.isclose(first["loss"], second["loss"], rel_tol=1e-5)
     assert first["accuracy"] == second["accuracy"]
 
@@ -68,8 +75,8 @@ def test_mixed_precision_trains(table, precision):
     worker = make_worker(table, precision=precision)
     before = params(worker)
     for step in range(1, 6):
-        loop.train_step(worker, step)
-    step_metrics, _ = loop.close_interval(worker, 5, lr=0.0)
+        train_step(worker, step)
+    step_metrics, _ = close_interval(worker, 5, lr=0.0)
     assert math.isfinite(step_metrics["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, params(worker), strict=True))
     if precision == "fp16":
@@ -79,19 +86,19 @@ def test_mixed_precision_trains(table, precision):
 def test_evaluation_is_bounded_and_uses_no_randomness(table):
     worker = make_worker(table)
     rng = torch.get_rng_state()
-    first = loop.evaluate(worker, global_step=1)
+    first = evaluate(worker, global_step=1)
     assert torch.equal(rng, torch.get_rng_state())
     assert set(first) == {"val_loss", "val_accuracy"}
-    assert loop.evaluate(worker, global_step=1) == first
+    assert evaluate(worker, global_step=1) == first
 
 
 def test_a_non_finite_loss_is_caught_with_its_step(table):
     worker = make_worker(table)
-    loop.train_step(worker, 1)
+    train_step(worker, 1)
     worker.interval.watch(2, torch.tensor(float("nan")))
     worker.interval.watch(3, torch.tensor(float("inf")))
     with pytest.raises(stops.NonFiniteLoss, match="at step 2"):
-        loop.close_interval(worker, 3, lr=0.0)
+        close_interval(worker, 3, lr=0.0)
 
 
 def test_state_saved_on_failure_is_the_last_completed_step(table, tmp_path):
@@ -99,12 +106,12 @@ def test_state_saved_on_failure_is_the_last_completed_step(table, tmp_path):
     worker.run_dir = str(tmp_path / "run")
     worker.runlog = RunLog(FS, worker.run_dir, worker.attempt)
     for step in (1, 2, 3):
-        loop.train_step(worker, step)
-        loop.step_completed(worker, step)
+        train_step(worker, step)
+        step_completed(worker, step)
         if step < 3:  # step 3 failed after the optimizer step, before its ledger entry
-            loop.record_step(worker, step, 0.01, {})
+            record_step(worker, step, 0.01, {})
             worker.saves.recorded_step = step
-    loop.save_on_failure(worker)
+    save_on_failure(worker)
 
     saved = checkpoint.newest_valid(FS, worker.run_dir)
     assert saved is not None and saved.step == 3
@@ -121,8 +128,8 @@ def test_nothing_is_saved_on_failure_when_it_would_be_wrong(table, tmp_path, why
     worker = make_worker(table)
     worker.run_dir = str(tmp_path / "run")
     worker.runlog = RunLog(FS, worker.run_dir, worker.attempt)
-    loop.train_step(worker, 1)
-    loop.step_completed(worker, 1)
+    train_step(worker, 1)
+    step_completed(worker, 1)
     worker.saves.recorded_step = 1
     if why == "already saved":
         worker.saves.saved(1)
@@ -130,7 +137,7 @@ def test_nothing_is_saved_on_failure_when_it_would_be_wrong(table, tmp_path, why
         next(worker.model.parameters()).data.fill_(float("nan"))
     else:
         worker.rank = 1
-    loop.save_on_failure(worker)
+    save_on_failure(worker)
     assert checkpoint.scan(FS, worker.run_dir) == []
 
 
@@ -143,9 +150,9 @@ def test_save_on_failure_waits_for_the_periodic_upload_in_flight(table, tmp_path
     worker = make_worker(table)
     worker.run_dir = str(tmp_path / "run")
     worker.runlog = RunLog(FS, worker.run_dir, worker.attempt)
-    loop.train_step(worker, 1)
-    loop.record_step(worker, 1, 0.01, {})
-    loop.step_completed(worker, 1)
+    train_step(worker, 1)
+    record_step(worker, 1, 0.01, {})
+    step_completed(worker, 1)
     worker.saves.recorded_step = 1
     worker.saves.staged()
     began = upload != "never began" and worker.saves.upload_begins()
@@ -157,12 +164,12 @@ def test_save_on_failure_waits_for_the_periodic_upload_in_flight(table, tmp_path
     uploader = threading.Thread(target=background_upload)
     if began:
         uploader.start()
-    loop.save_on_failure(worker)
+    save_on_failure(worker)
     if began:
         assert worker.saves.wait_until_free(0)  # it returned only after the upload ended
         uploader.join()
     else:
-        late = loop.make_uploader(worker, 1, {})
+        late = make_uploader(worker, 1, {})
         # In a thread of its own, as in Ray: the uploader lowers its thread's CPU priority.
         with ThreadPoolExecutor(1) as upload_thread:
             refused = upload_thread.submit(late)
@@ -186,11 +193,11 @@ def test_training_that_waits_for_a_checkpoint_still_in_flight_says_why_once(tabl
 
     for _ in range(2):
         finisher = save_in_flight()
-        with caplog.at_level("WARNING", logger=loop.log.name):
-            loop.wait_for_previous_save(worker)
+        with caplog.at_level("WARNING", logger="training.worker.checkpointer"):
+            wait_for_previous_save(worker)
         assert worker.saves.wait_until_free(0)
         finisher.join()
-    loop.wait_for_previous_save(worker)  # nothing in flight: no wait, no warning
+    wait_for_previous_save(worker)  # nothing in flight: no wait, no warning
     warnings = [r.getMessage() for r in caplog.records if "previous checkpoint" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert "health-check interval" in warnings[0]

@@ -1,6 +1,6 @@
 """Progress-line pace: steps/s over the last interval and the time left."""
 
-from training.pace import Pace, format_duration
+from training.observability.pace import Pace, format_duration
 
 
 def test_rate_and_eta_come_from_the_last_interval():

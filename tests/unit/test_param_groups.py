@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 from two_head_task import write_csv
 
-from training import loop
-from training.config import parse_config
-from training.runtime import LocalRuntime
+from training.driver.settings import parse_config
+from training.worker.attempt import build_worker
+from training.worker.context import Worker
+from training.worker.runtime import LocalRuntime
 
 
-def worker_for(tmp_path, task: str) -> loop.Worker:
+def worker_for(tmp_path, task: str) -> Worker:
     write_csv(tmp_path / "points.csv")
     cfg = parse_config(
         {
@@ -20,7 +21,7 @@ def worker_for(tmp_path, task: str) -> loop.Worker:
             "training": {"global_batch_size": 32, "optimizer": {"weight_decay": 0.1}},
         }
     )
-    return loop.build_worker(cfg, cfg.model_dump(), LocalRuntime(cfg))
+    return build_worker(cfg, cfg.model_dump(), LocalRuntime(cfg))
 
 
 def test_the_tasks_groups_reach_the_optimizer(tmp_path):

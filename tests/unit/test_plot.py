@@ -9,8 +9,9 @@ import pytest
 from click.testing import CliRunner
 from synthetic_runs import loss, two_attempt_run
 
-from training import plot, runlog
-from training.cli import main
+from training.core import runlog
+from training.driver.cli import main
+from training.observability import plot
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

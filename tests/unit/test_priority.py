@@ -1,4 +1,5 @@
-"""CPU priorities (training/priority.py): train workers at 0, what works beside them lower."""
+"""CPU priorities (training/ray_internals/priority.py): train workers at 0, what works beside them
+lower."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import threading
 
 import pytest
 
-from training import driver, priority, spares
-from training.config import parse_config
+from training.driver import launch
+from training.driver.settings import parse_config
+from training.ray_internals import priority, spares
 
 
 def test_train_workers_run_at_normal_priority_not_rays_default_for_workers():
     cfg = parse_config({"failure": {"spare_workers": False}})
-    assert driver.worker_runtime_env(cfg) == {"env_vars": {"RAY_worker_niceness": "0"}}
+    assert launch.worker_runtime_env(cfg) == {"env_vars": {"RAY_worker_niceness": "0"}}
 
 
 def test_helper_actors_a_worker_starts_get_rays_default_priority_back():

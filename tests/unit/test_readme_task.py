@@ -11,7 +11,7 @@ import numpy as np
 import yaml
 from click.testing import CliRunner
 
-from training.cli import main
+from training.driver.cli import main
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from training import reporting
+from training.worker import reporting
 
 
 def test_reports_run_in_the_order_handed_over_while_the_caller_goes_on():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow.fs as pafs
 import pytest
 
-from training import runlog, storage
+from training.core import runlog, storage
 
 
 @pytest.fixture

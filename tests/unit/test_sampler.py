@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from training import data, runlog
+from training.core import data, runlog
 
 
 def test_epoch_order_is_a_pure_function_of_seed_and_epoch():

@@ -1,4 +1,4 @@
-"""The save protocol (``training/save_protocol.py``) through its API, thread by thread: every
+"""The save protocol (``training/core/save_protocol.py``) through its API, thread by thread: every
 interleaving the fault-tolerance integration tests produce with real kills (a peer dying while a
 checkpoint is staged, serialised, uploaded, reported, or while rank 0 saves on failure), each
 ending with exactly one writer of the state, or none when none is needed."""
@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from training import shutdown_grace
-from training.save_protocol import Attempt, Checkpoint, FailureSave, SaveProtocol
+from training.core.save_protocol import Attempt, Checkpoint, FailureSave, SaveProtocol
+from training.ray_internals import shutdown_grace
 
 
 def training_at(step: int) -> SaveProtocol:

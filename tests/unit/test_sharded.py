@@ -1,4 +1,5 @@
-"""Sharded checkpoints (``training/sharded.py``, FSDP2 + DCP) on real gloo ranks: a checkpoint
+"""Sharded checkpoints (``training/worker/sharded.py``, FSDP2 + DCP) on real gloo ranks: a
+checkpoint
 written by 2 ranks reloads at 1 and at 3 ranks with every model and optimizer tensor equal, and
 a torn or unfinished one is refused by its manifest."""
 
@@ -14,8 +15,8 @@ from in_process import run_function
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-from training import sharded
-from training.checkpoint import MANIFEST_FILE, InvalidCheckpoint
+from training.core.checkpoint import MANIFEST_FILE, InvalidCheckpoint
+from training.worker import sharded
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 

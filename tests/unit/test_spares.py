@@ -1,4 +1,5 @@
-"""Warm spares (training/spares.py): which processes count as this job's spares, how many the
+"""Warm spares (training/ray_internals/spares.py): which processes count as this job's spares, how
+many the
 keeper asks Ray for, and that a broken preload never takes the worker down."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from training import spares
+from training.ray_internals import spares
 
 
 def fake_process(proc: Path, pid: int, title: str, **env: str) -> None:

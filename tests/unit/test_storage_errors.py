@@ -18,10 +18,12 @@ import ray
 from click.testing import CliRunner
 from test_checkpoint import save
 
-from training import driver, storage
-from training.cli import main
-from training.config import StorageSection, parse_config
-from training.storage import StorageError
+from training.core import storage
+from training.core.config import StorageSection
+from training.core.storage import StorageError
+from training.driver import launch
+from training.driver.cli import main
+from training.driver.settings import parse_config
 from training.tasks import DataSource, build
 
 CLOSED = "127.0.0.1:9"  # nothing listens on the discard port: connections are refused at once
@@ -202,13 +204,13 @@ def test_status_verify_and_plot_on_an_unreachable_store_exit_2(tmp_path, command
 
 def test_the_resume_hint_only_when_there_is_a_checkpoint(tmp_path):
     cfg = parse_config({"storage": {"path": str(tmp_path)}, "run": {"name": "r"}})
-    assert driver.resume_hint(cfg).startswith("Nothing to resume: run 'r' has no valid checkpoint")
+    assert launch.resume_hint(cfg).startswith("Nothing to resume: run 'r' has no valid checkpoint")
     save(tmp_path / "r", 12)
-    assert driver.resume_hint(cfg) == (
+    assert launch.resume_hint(cfg) == (
         "Run the same command again to resume run 'r' from its newest checkpoint (step 12)."
     )
     down = parse_config({"storage": DOWN.model_dump(), "run": {"name": "r"}})
-    assert driver.resume_hint(down).startswith(
+    assert launch.resume_hint(down).startswith(
         "Cannot look for a checkpoint to resume from: cannot reach S3 endpoint"
     )
 
@@ -217,7 +219,7 @@ def test_a_failed_run_without_a_checkpoint_is_not_told_to_resume(tmp_path, monke
     def fail(*args, **kwargs):
         raise RuntimeError("the workers died")
 
-    monkeypatch.setattr(driver, "train", fail)
+    monkeypatch.setattr(launch, "train", fail)
     result = run("train", "--storage", str(tmp_path))
     assert result.exit_code == 1
     assert result.output.splitlines() == [
@@ -230,8 +232,8 @@ def test_a_failed_run_without_a_checkpoint_is_not_told_to_resume(tmp_path, monke
 def test_an_unreachable_store_after_a_failure_costs_one_line_not_the_error(tmp_path, capsys):
     cfg = parse_config({"storage": DOWN.model_dump()})
     fs, run_dir = storage.run_location(cfg.storage, cfg.run.name)
-    run_state = driver.RunState(fs, run_dir, resume_from=None, existed=False)
-    assert driver.stop_marker_after_failure(cfg, run_state) is None
+    run_state = launch.RunState(fs, run_dir, resume_from=None, existed=False)
+    assert launch.stop_marker_after_failure(cfg, run_state) is None
     warning = capsys.readouterr().err.strip().splitlines()
     assert warning == [
         "warning: cannot read the run's stop marker: cannot reach S3 endpoint "
@@ -247,9 +249,9 @@ def gpu_config(min_workers: int = 2, use_gpu: bool = True):
 
 
 def test_gpu_shortfall_decision():
-    assert driver.gpu_shortfall(gpu_config(use_gpu=False), 0, "here") is None
-    assert driver.gpu_shortfall(gpu_config(2), 2, "here") is None
-    assert driver.gpu_shortfall(gpu_config(2), 1, "the Ray cluster at x:6379") == (
+    assert launch.gpu_shortfall(gpu_config(use_gpu=False), 0, "here") is None
+    assert launch.gpu_shortfall(gpu_config(2), 2, "here") is None
+    assert launch.gpu_shortfall(gpu_config(2), 1, "the Ray cluster at x:6379") == (
         "scaling.use_gpu is true but the Ray cluster at x:6379 has 1 GPU(s); "
         "scaling.min_workers (2) x 1 GPU per worker needs 2: run where the GPUs are, lower "
         "scaling.min_workers, or set scaling.use_gpu: false"
@@ -274,9 +276,9 @@ def test_a_remote_cluster_without_enough_gpus_is_refused_after_connecting(monkey
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: None)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
-    with pytest.raises(driver.ConfigError, match="the Ray cluster at head:6379 has 1 GPU"):
-        driver.connect_ray(gpu_config(2))
-    driver.connect_ray(gpu_config(1))  # one worker fits one GPU
+    with pytest.raises(launch.ConfigError, match="the Ray cluster at head:6379 has 1 GPU"):
+        launch.connect_ray(gpu_config(2))
+    launch.connect_ray(gpu_config(1))  # one worker fits one GPU
 
 
 # A worker's error as Ray's WorkerGroupError carried it when the store went down mid-run
@@ -293,7 +295,7 @@ def test_a_workers_storage_error_is_named_as_an_outage_after_the_failure(monkeyp
     def fail(*args, **kwargs):
         raise RuntimeError(WORKER_ERROR)
 
-    monkeypatch.setattr(driver, "train", fail)
+    monkeypatch.setattr(launch, "train", fail)
     result = run("train", "--storage", "s3://training/runs", *S3_DOWN)
     assert result.exit_code == 1
     reachable = (
@@ -307,4 +309,4 @@ def test_a_workers_storage_error_is_named_as_an_outage_after_the_failure(monkeyp
         "there is one.",
     ]
     not_storage = parse_config({})
-    assert driver.storage_cause(not_storage, RuntimeError("the loss is NaN")) is None
+    assert launch.storage_cause(not_storage, RuntimeError("the loss is NaN")) is None

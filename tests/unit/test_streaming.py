@@ -18,8 +18,9 @@ import ray
 import torch
 from click.testing import CliRunner
 
-from training import data, tasks
-from training.cli import main
+from training import tasks
+from training.core import data
+from training.driver.cli import main
 
 FS = pafs.LocalFileSystem()
 ROWS, GROUP = 6000, 250  # 24 row groups over two files; 5400 training rows

@@ -19,9 +19,9 @@ import torch
 from click.testing import CliRunner
 
 from training import tasks
-from training.cli import main
-from training.task_contract import run_contract
+from training.driver.cli import main
 from training.tasks import image, tabular
+from training.tasks.contract import run_contract
 
 FS = pafs.LocalFileSystem()
 

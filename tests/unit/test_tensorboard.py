@@ -9,7 +9,7 @@ import pytest
 from synthetic_runs import loss, two_attempt_run, write_attempt
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from training.tensorboard import TENSORBOARD_DIR
+from training.core.tensorboard import TENSORBOARD_DIR
 
 
 def scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from training.data import ShardLayout
+from training.core.data import ShardLayout
 
 BUILTIN_TASKS = {
     "tabular": "training.tasks.tabular:TabularClassification",
@@ -57,7 +57,7 @@ class DataSource:
 def data_source(cfg: Any) -> DataSource:
     """The task's data (``cfg.data`` on ``cfg.storage``), resolved the same way on the driver,
     the workers, the CLI and the torchrun baseline."""
-    from training import storage
+    from training.core import storage
 
     fs, path = storage.resolve(cfg.data.path, cfg.storage)
     return DataSource(fs, path, storage.absolute(cfg.data.path), cfg.data.val_fraction)
@@ -227,7 +227,7 @@ def build(name: str, raw_options: dict[str, Any], data: DataSource) -> Task:
 
 def derive_generator(*parts: object) -> torch.Generator:
     """A CPU generator seeded from ``parts`` (e.g. (seed, sample id)) for per-sample randomness."""
-    from training.data import derive_seed
+    from training.core.data import derive_seed
 
     return torch.Generator().manual_seed(derive_seed(*parts))
 

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from training import storage
+from training.core import storage
 from training.tasks import ClassificationTask, Options, TaskError, derive_generator
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm")

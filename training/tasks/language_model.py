@@ -30,7 +30,7 @@ import torch
 from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
-from training import storage
+from training.core import storage
 from training.tasks import Options, StepOutput, Task, TaskError, check_heads_divide_width
 
 VOCAB = 256

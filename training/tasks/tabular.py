@@ -4,8 +4,8 @@
     data: {path: ./data/demo.parquet}   # a Parquet file or a directory of them, local or s3://
 
 With ``options.stream: true`` the table is read one row group at a time in the background
-(``training/streaming.py``) instead of whole, for tables larger than a worker's memory; the
-order then follows the row groups (``training.data.shard_order``, window ``options.window``).
+(``training/core/streaming.py``) instead of whole, for tables larger than a worker's memory; the
+order then follows the row groups (``training.core.data.shard_order``, window ``options.window``).
 
 The last ``data.val_fraction`` of rows is held out. ``options.model`` is ``mlp``,
 ``transformer`` or your own ``package.module:factory`` called as
@@ -34,8 +34,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import nn
 
-from training import storage, streaming
-from training.data import ShardLayout
+from training.core import storage, streaming
+from training.core.data import ShardLayout
 from training.tasks import (
     ClassificationTask,
     Options,

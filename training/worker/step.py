@@ -1,0 +1,136 @@
+"""One global step: which sample ids it uses, micro-batches, precision, the optimizer step;
+and the chaos points inside forward and backward."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from training import tasks
+from training.core import data
+from training.worker import chaos
+from training.worker.context import inject_faults, unwrap
+
+if TYPE_CHECKING:
+    from training.worker.context import Worker
+
+
+def train_step(worker: Worker, global_step: int) -> float:
+    """One global step: the worker's share of the global batch in micro-batches, gradients
+    accumulated (DDP syncs only on the last), then clip and optimizer step. Returns the LR used."""
+    cfg = worker.cfg.training
+    epoch, step_in_epoch = worker.plan.position(global_step)
+    ids = data.rank_slice(
+        global_batch_ids(worker, epoch, step_in_epoch), worker.rank, worker.world_size
+    )
+    if worker.tampering:  # test-only chaos: the ledger's witness must notice
+        ids = chaos.tamper(worker.cfg.chaos.faults, worker.rank, global_step, ids)
+    chunks = ids.split(cfg.micro_batch_size or len(ids))
+    batch_seed = data.derive_seed(cfg.seed, "batch", epoch)
+    worker.model.train()
+    worker.optimizer.zero_grad(set_to_none=True)
+    for index, chunk in enumerate(chunks):
+        batch = tasks.to_device(worker.task.batch(worker.train, chunk, batch_seed), worker.device)
+        worker.interval.consume(global_step, chunk)
+        # In-step randomness (dropout) depends only on (seed, global step, rank, micro-batch).
+        data.seed_step(
+            data.derive_seed(
+                cfg.seed, "step", global_step, worker.rank, *((index,) if index else ())
+            ),
+            worker.device,
+        )
+        last = index == len(chunks) - 1
+        with no_sync_unless(worker.model, last), autocast(worker):
+            out = worker.task.step(worker.model, batch)
+        # Each micro-batch weighs by its share of the worker's samples: the same gradient as one
+        # pass over the whole share, whatever the micro-batch size.
+        worker.scaler.scale(out.loss * (len(chunk) / len(ids))).backward()
+        worker.interval.add(out.totals)
+        worker.interval.watch(global_step, out.loss)
+    if cfg.grad_clip_norm is not None:
+        worker.scaler.unscale_(worker.optimizer)
+        norm = nn.utils.clip_grad_norm_(worker.model.parameters(), cfg.grad_clip_norm)
+        if not worker.scaler.is_enabled():  # fp16: the scaler skips steps with inf gradients
+            worker.interval.watch(global_step, norm)
+    lr = worker.scheduler.get_last_lr()[0]
+    worker.scaler.step(worker.optimizer)
+    worker.scaler.update()
+    worker.scheduler.step()
+    worker.interval.steps += 1
+    worker.interval.samples += cfg.global_batch_size
+    return lr
+
+
+def step_completed(worker: Worker, global_step: int) -> None:
+    """The state is now that of ``global_step``: what a save on failure may write."""
+    worker.saves.state_step = global_step
+    if worker.boundary is not None:
+        worker.boundary.capture(global_step)
+
+
+def no_sync_unless(model: nn.Module, sync: bool):
+    """DDP's no_sync on every micro-batch but the last: one gradient all-reduce per step."""
+    if sync or not isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def autocast(worker: Worker):
+    precision = worker.cfg.training.precision
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(worker.device.type, dtype=dtype)
+
+
+def global_batch_ids(worker: Worker, epoch: int, step_in_epoch: int) -> torch.Tensor:
+    # Streaming (#15): a sharded task's layout makes the order shard-aware (None: a shuffle).
+    layout = worker.task.shard_layout()
+    batch_size = worker.cfg.training.global_batch_size
+    order = epoch_order_cached(
+        worker.cfg.training.seed, epoch, len(worker.train), layout, batch_size
+    )
+    return data.global_batch(order, step_in_epoch, batch_size)
+
+
+# Streaming (#15): the prefetcher may be an epoch ahead of the steps.
+@functools.lru_cache(maxsize=4)
+def epoch_order_cached(
+    seed: int, epoch: int, num_samples: int, layout: data.ShardLayout | None, batch_size: int
+) -> torch.Tensor:
+    return data.epoch_order(seed, epoch, num_samples, layout, batch_size)
+
+
+def upcoming_ids(worker: Worker, done: int) -> Iterator[torch.Tensor]:
+    """Streaming (#15): this rank's ids for every step after ``done``, lazily, in order."""
+    for global_step in range(done + 1, worker.plan.total_steps + 1):
+        epoch, step_in_epoch = worker.plan.position(global_step)
+        batch = global_batch_ids(worker, epoch, step_in_epoch)
+        yield data.rank_slice(batch, worker.rank, worker.world_size)
+
+
+def install_fault_hooks(worker: Worker) -> None:
+    """Faults inside the forward and the backward pass of a step (``chaos``): hooks on this
+    rank's model, only when such a fault is configured for it (nothing per step otherwise).
+    ``forward`` fires after the model's forward ran (its buffers moved); ``backward`` once the
+    first parameter's gradient is accumulated, which autograd reaches last, so DDP has
+    all-reduced the other buckets by then."""
+    points = {f.during for f in worker.cfg.chaos.faults if f.rank == worker.rank}
+    model = unwrap(worker.model)
+
+    def in_forward(module: nn.Module, *_: Any) -> None:
+        if module.training:  # a training step's forward, not evaluation's
+            inject_faults(worker, worker.saves.state_step + 1, "forward")
+
+    def in_backward(_: torch.Tensor) -> None:
+        inject_faults(worker, worker.saves.state_step + 1, "backward")
+
+    if "forward" in points:
+        model.register_forward_hook(in_forward)
+    if "backward" in points:
+        next(model.parameters()).register_post_accumulate_grad_hook(in_backward)
