@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import sys
 import tempfile
+import traceback
 from typing import Any
 
 import torch
@@ -83,12 +84,17 @@ def _rank_main(rank: int, world_size: int, init: str, function, args: tuple) -> 
         OMP_NUM_THREADS="1",  # as Ray gives a 1-CPU worker: two ranks share 2 cores
     )
     torch.set_num_threads(1)
-    function(*args)
-    # Done: leave without the interpreter's teardown, where a C++ thread of a broken gloo group
-    # can abort a process that finished its work (seen once in CI: exit -6 after a clean run).
+    code = 0
+    try:
+        function(*args)
+    except Exception:  # exit 1 says it; the traceback goes to stderr
+        traceback.print_exc()
+        code = 1
+    # Leave without the interpreter's teardown, where a C++ thread of a broken gloo group can
+    # abort the process (exit -6: seen in CI after a clean run, and here after a raise).
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def _train(config: dict[str, Any], guard: bool, timeout_s: float) -> None:
