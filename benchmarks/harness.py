@@ -124,13 +124,9 @@ GPU_PLAN: dict[str, Any] = {
     "session_env": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"},
     "table": True,
     "timeout_s": 300,
-    # Guessed for one H200 (not yet measured): CUDA start-up in every process, the LM's step.
-    "cost": {
-        "ray_cli_startup": 35,
-        "torchrun_startup": 20,
-        "ray_session_run": 10,
-        "step": {"lm": 0.03, "mlp": 0.004},
-    },
+    # The whole plan's wall-clock limit: a scenario that would start after it is left out and the
+    # run fails by name, so the device call (10 min, 15 min a session) always returns results.
+    "deadline_s": 400,
 }
 ONE_CPU = {**ONE_GPU, "scaling.use_gpu": False}
 TINY_LM = {
@@ -150,7 +146,7 @@ GPU_DRY_RUN: dict[str, Any] = {
     "stall_sizes": ["tiny"],
     "stall_steps": 12,
     "session_env": {},
-    "cost": {"step": {"lm": 0.01, "mlp": 0.004}},
+    "deadline_s": None,  # 2 busy cores: 3.5-6.5 min measured; the dry run checks the plan runs
 }
 
 PLANS: dict[str, dict[str, Any]] = {
@@ -237,19 +233,6 @@ PLANS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Assumed costs for the duration estimate (seconds) on a quiet 16-core machine. Start-up as
-# measured on an H100 host's 16 cores with the CUDA build of torch (2026-11-26: command -> first
-# step 27 s under Ray, 16 s under torchrun, plus their teardown; the MLP at ~270 steps/s); the
-# rest guessed from the 2-core figures (kill -> training again ~7.7 s at a 2 s health check).
-COST = {
-    "ray_cli_startup": 30,
-    "ray_session_run": 6,
-    "torchrun_startup": 18,
-    "step": {"mlp": 0.004, "lm": 0.05},
-    "recovery": 8,
-    "checkpoint": {"tiny": 0.1, "10 MB": 0.3, "100 MB": 2.0, "500 MB": 8.0, "2 GB": 6.0},
-}
-
 # label, overrides, env, steps cap (each sync report waits for the controller's poll, up to
 # the health-check interval, so frequent-report runs are kept short). No row sets more than
 # it says: the rest is the shipped local.yaml (its health check, checkpoint every 100 with
@@ -313,33 +296,6 @@ RECOVERY: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
 }
 
 
-def estimate_s(plan: dict[str, Any]) -> float:
-    """A rough duration of a plan from the assumed COST; printed before a run starts."""
-    reps, c = plan["reps"], {**COST, **plan.get("cost", {})}
-    total = 10.0 * len(plan["floor_sizes"]) + 10.0 * len(plan.get("device_floor_sizes", []))
-    for task, steps in plan["overhead"].items():
-        run = steps * c["step"][task]
-        total += reps * (c["ray_cli_startup"] + c["torchrun_startup"] + 2 * run)
-    total += c["ray_cli_startup"] * 2  # the Ray sessions' own start-up
-    for key in plan["cadence"]:
-        cap = CADENCE[key][3] or NEVER
-        steps = min(cap, plan["cadence_steps"])
-        total += reps * (c["ray_session_run"] + steps * c["step"]["mlp"])
-    for size in plan["stall_sizes"]:
-        checkpoints = plan["stall_steps"] // STALL_EVERY
-        modes = len(plan.get("stall_modes", STALL_MODES))
-        total += reps * modes * (c["ray_session_run"] + checkpoints * c["checkpoint"][size])
-    recovery_run = plan["kill_after_s"] + c["recovery"] + plan["recovery_steps"] * c["step"]["mlp"]
-    if plan["recovery"]:  # + torchrun's
-        total += reps * (len(plan["recovery"]) + 1) * (c["ray_session_run"] + recovery_run)
-    if exact := plan.get("exact"):  # two runs, one of them recovers
-        total += 2 * (c["ray_session_run"] + exact["steps"] * c["step"]["lm"]) + c["recovery"]
-    for kind, every, target in plan["goodput"]:
-        startup = c["ray_cli_startup"] if kind == "ray" else c["torchrun_startup"]
-        total += startup + target + (target // every) * c["recovery"]
-    return total
-
-
 def steady_cpu(sampler: cpu.Sampler, evs: list[dict[str, Any]], run_root: int) -> Any:
     """Cores each group of processes used over the window the steady rate is taken from."""
     runs = analyze.attempts(evs)
@@ -399,7 +355,7 @@ class Bench:
         return launch.Launched(cmd, self.env(env), log, REPO)
 
     def supervise(self, launched, watches: list[Watch]) -> int:
-        rc = launch.run(launched, watches, self.plan["timeout_s"])
+        rc = launch.run(launched, watches, self.timeout_s())
         for w in watches:
             if w.status != "ok" or rc != 0:
                 self.failures.append(f"run {w.name}: status {w.status}, exit code {rc}")
@@ -415,7 +371,7 @@ class Bench:
         launched = self.launch(cmd, name)
         watch = Watch(name, self.runs_dir / name, "ray")
         watch.begin = launched.launched_at
-        rc = launch.run(launched, [watch], self.plan["timeout_s"])
+        rc = launch.run(launched, [watch], self.timeout_s())
         watch.end, watch.status = time.time(), "ok" if rc == 0 else "failed"
         if rc != 0:
             self.failures.append(f"run {name}: exit code {rc} (log {launched.log_path})")
@@ -870,6 +826,8 @@ class Bench:
         if not self.plan["goodput"] and self.goodput in scenarios:
             scenarios.remove(self.goodput)
         for scenario in scenarios:
+            if self.past_deadline(started, scenario.__name__):
+                break
             print(f"== {scenario.__name__} ({time.strftime('%H:%M:%S')})", flush=True)
             try:
                 scenario()
@@ -890,6 +848,24 @@ class Bench:
         for failure in self.failures:
             print(f"FAILED: {failure}", file=sys.stderr)
         return 1 if self.failures else 0
+
+    def past_deadline(self, started: float, scenario: str) -> bool:
+        deadline = self.plan.get("deadline_s")
+        if deadline is None or time.time() - started < deadline:
+            return False
+        self.failures.append(
+            f"plan {self.mode}: past its deadline of {deadline} s before scenario {scenario}; "
+            "it and the scenarios after it were left out"
+        )
+        return True
+
+    def timeout_s(self) -> float:
+        """A run's limit: the plan's, and never past the plan's deadline."""
+        deadline = self.plan.get("deadline_s")
+        if deadline is None:
+            return self.plan["timeout_s"]
+        left = deadline - (time.time() - self.results["started"])
+        return max(1.0, min(self.plan["timeout_s"], left))
 
     def write_demo_data(self) -> None:
         """Every task's demo data up front: torchrun's baseline does not create it."""
@@ -939,10 +915,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else args.plan
-    print(
-        f"plan {mode}: estimated {estimate_s(PLANS[mode]) / 60:.1f} min on a quiet machine "
-        "(assumed costs: benchmarks/harness.py COST)",
-        flush=True,
-    )
+    deadline = PLANS[mode].get("deadline_s")
+    print(f"plan {mode}" + (f": deadline {deadline} s" if deadline else ""), flush=True)
     bench = Bench(mode, Path(args.workdir), Path(args.out))
     return bench.run()
