@@ -92,6 +92,29 @@ def test_evaluation_is_bounded_and_uses_no_randomness(table):
     assert evaluate(worker, global_step=1) == first
 
 
+def test_steps_and_evaluation_tell_the_task_which_they_are(table):
+    """``batch(..., training=True)`` on the training split in a step, ``training=False`` on the
+    validation split in evaluation; ``metrics`` gets what ``load`` learned."""
+    worker = make_worker(table)
+    calls, batch, metrics = [], worker.task.batch, worker.task.metrics
+
+    def recorded_batch(samples, ids, seed, *, training):
+        calls.append((samples is worker.train, samples is worker.val, training))
+        return batch(samples, ids, seed, training=training)
+
+    def recorded_metrics(totals, info):
+        calls.append(info)
+        return metrics(totals, info)
+
+    worker.task.batch, worker.task.metrics = recorded_batch, recorded_metrics
+    train_step(worker, 1)
+    close_interval(worker, 1, lr=0.0)
+    evaluate(worker, global_step=1)
+    info = tabular.TableInfo(tabular.DEMO_FEATURES, tabular.DEMO_CLASSES)
+    assert worker.info == info
+    assert calls == [(True, False, True), info, (False, True, False), info]  # val: 1 batch
+
+
 def test_a_non_finite_loss_is_caught_with_its_step(table):
     worker = make_worker(table)
     train_step(worker, 1)

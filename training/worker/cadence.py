@@ -137,7 +137,7 @@ def close_interval(worker: Worker, global_step: int, lr: float) -> tuple[dict[st
         "global_step": global_step,
         "epoch": epoch,
         "step_in_epoch": step_in_epoch + 1,
-        **(worker.task.metrics(totals) if totals else {}),
+        **(worker.task.metrics(totals, worker.info) if totals else {}),
         "lr": lr,
         "samples_per_s": interval.samples / elapsed if elapsed > 0 else 0.0,
         "world_size": worker.world_size,
