@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
@@ -280,12 +281,19 @@ def import_object(target: str, field: str) -> Any:
     except Exception as exc:  # a user's module that raises on import
         raise TaskError(f"{field} '{target}': importing '{module_name}' failed: {exc}") from None
     if not hasattr(module, attr):
-        public = sorted(n for n in vars(module) if not n.startswith("_"))
+        public = sorted(n for n, value in vars(module).items() if _defined_in(module, n, value))
         raise TaskError(
             f"{field} '{target}': module '{module_name}' has no '{attr}' "
             f"(it defines: {', '.join(public[:12]) or 'nothing public'})"
         )
     return getattr(module, attr)
+
+
+def _defined_in(module: types.ModuleType, name: str, value: Any) -> bool:
+    """A public name the module defines itself, not one it imported (what a user may mean)."""
+    if name.startswith("_") or isinstance(value, types.ModuleType):
+        return False
+    return getattr(value, "__module__", module.__name__) == module.__name__
 
 
 def parse_options(cls: type[Task], raw: dict[str, Any]) -> Options:
