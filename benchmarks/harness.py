@@ -366,6 +366,9 @@ class Bench:
     ) -> tuple[Watch, Any]:
         name = self.name(tag)
         cmd = [sys.executable, "-m", "training", "train", "--config", str(TASKS[task][1])]
+        # --verbose: the measurement reads Ray Train's own console lines (a failure detected,
+        # a worker group started with each rank's pid), which are off by default.
+        cmd.append("--verbose")
         for item in self.overrides(name, steps, extra, task):
             cmd += ["--set", item]
         launched = self.launch(cmd, name)

@@ -142,7 +142,7 @@ USER_TASK = textwrap.dedent('''
     from torch import nn
     from torch.utils.data import TensorDataset
 
-    from training.tasks import Options, StepOutput, Task, TaskError
+    from training.tasks import Loaded, Options, StepOutput, Task, TaskError
 
 
     class RegressionOptions(Options):
@@ -171,17 +171,17 @@ USER_TASK = textwrap.dedent('''
             y = torch.tensor(table[self.options.target].to_numpy(), dtype=torch.float32)
             x = torch.stack([torch.tensor(table[c].to_numpy(), dtype=torch.float32)
                              for c in table.column_names if c != self.options.target], dim=1)
-            self.inputs, n = x.shape[1], len(y) - int(len(y) * self.data.val_fraction)
-            return TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:])
+            n = len(y) - int(len(y) * self.data.val_fraction)
+            return Loaded(TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:]), x.shape[1])
 
-        def build_model(self):
-            return nn.Sequential(nn.Linear(self.inputs, self.options.hidden), nn.ReLU(),
+        def build_model(self, inputs):
+            return nn.Sequential(nn.Linear(inputs, self.options.hidden), nn.ReLU(),
                                  nn.Linear(self.options.hidden, 1))
 
-        def batch(self, samples, ids, seed):
+        def batch(self, samples, ids, seed, *, training):
             x, y = samples[ids]
             poison = self.options.poison_id
-            poisoned = poison is not None and seed is not None and bool((ids == poison).any())
+            poisoned = poison is not None and training and bool((ids == poison).any())
             return x, y, poisoned
 
         def step(self, model, batch):

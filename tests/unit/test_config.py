@@ -67,7 +67,8 @@ BAD_INPUTS = [
     (
         {"task": {"name": "training.tasks.tabular:Tabulr"}},
         "task.name 'training.tasks.tabular:Tabulr': module 'training.tasks.tabular' has no "
-        "'Tabulr' (it defines:",
+        "'Tabulr' (it defines: DEMO_CLASSES, DEMO_FEATURES, MLP, MLPOptions, Table, TableInfo, "
+        "TabularClassification,",  # its own names, not what it imports (Any, BaseModel, ...)
     ),
     (
         {"task": {"name": "training.core.config:Config"}},

@@ -92,6 +92,48 @@ def test_evaluation_is_bounded_and_uses_no_randomness(table):
     assert evaluate(worker, global_step=1) == first
 
 
+def test_steps_and_evaluation_tell_the_task_which_they_are(table):
+    """``batch(..., training=True)`` on the training split in a step, ``training=False`` on the
+    validation split in evaluation; ``metrics`` gets what ``load`` learned."""
+    worker = make_worker(table)
+    calls, batch, metrics = [], worker.task.batch, worker.task.metrics
+
+    def recorded_batch(samples, ids, seed, *, training):
+        calls.append((samples is worker.train, samples is worker.val, training))
+        return batch(samples, ids, seed, training=training)
+
+    def recorded_metrics(totals, info):
+        calls.append(info)
+        return metrics(totals, info)
+
+    worker.task.batch, worker.task.metrics = recorded_batch, recorded_metrics
+    train_step(worker, 1)
+    close_interval(worker, 1, lr=0.0)
+    evaluate(worker, global_step=1)
+    info = tabular.TableInfo(tabular.DEMO_FEATURES, tabular.DEMO_CLASSES)
+    assert worker.info == info
+    assert calls == [(True, False, True), info, (False, True, False), info]  # val: 1 batch
+
+
+def test_a_log_line_that_covers_part_of_an_interval_says_which_steps(table, tmp_path, caplog):
+    """After a resume (here: from step 3) the first line's metrics cover fewer steps than
+    ``log_every_n_steps``: the line names them; a full interval's line does not."""
+    worker = make_worker(table, log_every_n_steps=2)
+    worker.run_dir = str(tmp_path / "run")
+    worker.runlog = RunLog(FS, worker.run_dir, worker.attempt)
+    caplog.set_level("INFO", logger="training.worker.cadence")
+    for step in (4, 5, 6):  # the steps after the resume; the log cadence closes 4 and 6
+        train_step(worker, step)
+        if step % 2 == 0:
+            close_interval(worker, step, lr=0.0)
+    total = worker.plan.total_steps
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split(" loss")[0] for line in lines] == [
+        f"step 4/{total} epoch 0 (over steps 4-4 only)",
+        f"step 6/{total} epoch 0",
+    ]
+
+
 def test_a_non_finite_loss_is_caught_with_its_step(table):
     worker = make_worker(table)
     train_step(worker, 1)

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from training import tasks
 from training.core import data
 from training.driver.cli import main
+from training.tasks.tabular import TableInfo
 
 FS = pafs.LocalFileSystem()
 ROWS, GROUP = 6000, 250  # 24 row groups over two files; 5400 training rows
@@ -107,22 +108,27 @@ def test_without_a_layout_the_order_is_the_in_memory_shuffle_bit_for_bit():
 
 def test_streamed_samples_are_bit_identical_to_loaded_ones(table_dir):
     loaded, streamed = build(table_dir), build(table_dir, stream=True, window=4)
-    (train, val), (s_train, s_val) = loaded.load(), streamed.load()
+    whole, parts = loaded.load(), streamed.load()
+    train, val, s_train, s_val = whole.train, whole.val, parts.train, parts.val
     assert (len(s_train), len(s_val)) == (len(train), len(val)) == (5400, 600)
-    assert streamed.num_classes == loaded.num_classes == 5
+    assert parts.info == whole.info == TableInfo(num_features=6, num_classes=5)
     ids = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:500]
-    for got, want in zip(streamed.batch(s_train, ids, 0), loaded.batch(train, ids, 0), strict=True):
-        assert got.dtype == want.dtype and torch.equal(got, want)
+    got, want = (
+        t.batch(s, ids, 0, training=True) for t, s in ((streamed, s_train), (loaded, train))
+    )
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
     every_val = torch.arange(len(val))
-    got, want = streamed.batch(s_val, every_val, None), loaded.batch(val, every_val, None)
+    got = streamed.batch(s_val, every_val, 0, training=False)
+    want = loaded.batch(val, every_val, 0, training=False)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-    assert loaded.shard_layout() is None
-    assert streamed.shard_layout() == data.ShardLayout(tuple([GROUP] * 21 + [150]), 4)
+    assert loaded.shard_layout(train) is None
+    assert streamed.shard_layout(s_train) == data.ShardLayout(tuple([GROUP] * 21 + [150]), 4)
 
 
 def rank_ids(task, train, world: int, rank: int, first_step: int, batch: int = 60):
     """The ids rank ``rank`` uses at each step from ``first_step`` to the end of epoch 0."""
-    order = data.epoch_order(0, 0, len(train), task.shard_layout(), batch)
+    order = data.epoch_order(0, 0, len(train), task.shard_layout(train), batch)
     for step in range(first_step, len(train) // batch):
         yield data.rank_slice(data.global_batch(order, step, batch), rank, world)
 
@@ -130,14 +136,14 @@ def rank_ids(task, train, world: int, rank: int, first_step: int, batch: int = 6
 @pytest.mark.parametrize("resume_at", [0, 60])
 def test_a_plan_reads_only_what_its_steps_need_once_within_two_windows(table_dir, resume_at):
     loaded, streamed = build(table_dir), build(table_dir, stream=True, window=3)
-    (train, _), (s_train, _) = loaded.load(), streamed.load()
+    train, s_train = loaded.load().train, streamed.load().train
     planned = list(rank_ids(streamed, s_train, 3, 1, resume_at))
     needed = {int(g) for ids in planned for g in s_train.groups_of(ids.numpy())}
     streamed.prefetch(s_train, iter(planned))
     for ids in planned:
         for chunk in ids.split(7):  # micro-batches consume a step in pieces
-            got = streamed.batch(s_train, chunk, 0)
-            assert torch.equal(got[0], loaded.batch(train, chunk, 0)[0])
+            got = streamed.batch(s_train, chunk, 0, training=True)
+            assert torch.equal(got[0], loaded.batch(train, chunk, 0, training=True)[0])
     stats = s_train.stats
     assert stats.peak_resident <= 2 * 3
     assert stats.row_groups_read == len(needed), (stats, len(needed))
@@ -149,12 +155,12 @@ def test_a_plan_reads_only_what_its_steps_need_once_within_two_windows(table_dir
 
 def test_a_failing_read_surfaces_in_the_training_thread(table_dir):
     streamed = build(table_dir, stream=True, window=2)
-    s_train, _ = streamed.load()
+    s_train = streamed.load().train
     planned = list(rank_ids(streamed, s_train, 1, 0, 0))
     s_train.columns = ["no_such_column"]
     streamed.prefetch(s_train, iter(planned))
     with pytest.raises(RuntimeError, match="Parquet prefetch failed"):
-        streamed.batch(s_train, planned[0], 0)
+        streamed.batch(s_train, planned[0], 0, training=True)
 
 
 @pytest.mark.parametrize(
@@ -184,7 +190,7 @@ def test_a_step_whose_row_groups_are_already_resident_is_not_left_waiting(table_
     step's row groups are still resident from the step before, no read wakes it up, so planning
     the step must. (Hung forever before: seen once in a unit run on a loaded machine.)"""
     streamed = build(table_dir, stream=True, window=3)
-    s_train, _ = streamed.load()
+    s_train = streamed.load().train
     ids = torch.arange(10)  # all in the first row group
     release = threading.Event()
 
@@ -194,8 +200,10 @@ def test_a_step_whose_row_groups_are_already_resident_is_not_left_waiting(table_
         yield ids  # the same row group, still resident
 
     streamed.prefetch(s_train, upcoming())
-    streamed.batch(s_train, ids, 0)
-    second = threading.Thread(target=streamed.batch, args=(s_train, ids, 0), daemon=True)
+    streamed.batch(s_train, ids, 0, training=True)
+    second = threading.Thread(
+        target=streamed.batch, args=(s_train, ids, 0), kwargs={"training": True}, daemon=True
+    )
     second.start()
     deadline = time.monotonic() + 30
     while not s_train._cond._waiters and time.monotonic() < deadline:  # waiting for the plan

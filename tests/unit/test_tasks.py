@@ -91,31 +91,43 @@ def test_contract_catches_an_impure_batch(digits, monkeypatch):
 
 def test_augmentation_depends_on_seed_and_id_only(digits):
     task = tasks.build("image", {}, source(digits))
-    train, _ = task.load()
+    train = task.load().train
     ids = torch.tensor([5, 17, 40, 41])
-    whole, _ = task.batch(train, ids, seed=11)
+
+    def images(ids, seed, training=True):
+        return task.batch(train, ids, seed, training=training)[0]
+
+    whole = images(ids, 11)
     # The same samples in another batch (another rank's split) get the same shift.
-    split = torch.cat([task.batch(train, ids[:2], 11)[0], task.batch(train, ids[2:], 11)[0]])
-    assert torch.equal(whole, split)
-    assert not torch.equal(whole, task.batch(train, ids, seed=12)[0])  # another epoch
+    assert torch.equal(whole, torch.cat([images(ids[:2], 11), images(ids[2:], 11)]))
+    assert not torch.equal(whole, images(ids, 12))  # another epoch
+    # Evaluation: the images as they are, whatever the seed.
+    assert torch.equal(images(ids, 11, training=False), images(ids, 12, training=False))
+    assert not torch.equal(whole, images(ids, 11, training=False))
 
 
 def test_language_model_blocks_are_memory_mapped_and_held_out_at_the_tail(corpus):
     task = tasks.build("language_model", {"block_size": 64}, source(corpus, 0.1))
-    train, val = task.load()
+    loaded = task.load()
+    train, val = loaded.train, loaded.val
     assert isinstance(train.files[0].base.obj, mmap.mmap)  # not read into memory
     raw = corpus.read_bytes()
     assert bytes(train.get(0)) == raw[:65] and bytes(train.get(3)) == raw[192:257]
     blocks = (len(raw) - 1) // 64
     assert len(train) + len(val) == blocks and len(val) == int(blocks * 0.1)
     assert bytes(val.get(0)) == raw[len(train) * 64 : len(train) * 64 + 65]
-    assert 5 < task.unigram_perplexity < 60  # English bytes under byte frequencies
+    # English bytes under byte frequencies: learned by load, reported by metrics.
+    assert 5 < loaded.info.unigram_perplexity < 60
+    metrics = task.metrics({"loss": 2.0, "count": 1.0}, loaded.info)
+    assert metrics["unigram_perplexity"] == loaded.info.unigram_perplexity
 
 
 def test_image_split_is_stable_and_covers_every_class(digits):
     task = tasks.build("image", {}, source(digits, 0.2))
     first = task.check()
-    train, val = task.load()
+    loaded = task.load()
+    train, val = loaded.train, loaded.val
+    assert loaded.info == image.ImageInfo(num_classes=10)
     assert first["train_samples"] == len(train) and first["val_samples"] == len(val)
     assert len(train) + len(val) == 1797 and 0.15 < len(val) / 1797 < 0.25
     assert set(val.labels.tolist()) == set(range(10))
@@ -135,19 +147,19 @@ def test_tabular_models_and_a_custom_factory(demo_table, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     for model in ("mlp", "transformer"):
         task = tasks.build("tabular", {"model": model}, source(demo_table))
-        train, _ = task.load()
-        assert task.build_model()(train.features[:7]).shape == (7, tabular.DEMO_CLASSES)
+        loaded = task.load()
+        assert loaded.info == tabular.TableInfo(tabular.DEMO_FEATURES, tabular.DEMO_CLASSES)
+        logits = task.build_model(loaded.info)(loaded.train.features[:7])
+        assert logits.shape == (7, tabular.DEMO_CLASSES)
     task = tasks.build(
         "tabular",
         {"model": "my_models:linear", "model_kwargs": {"bias": False}},
         source(demo_table),
     )
-    task.load()
-    assert task.build_model().bias is None
+    assert task.build_model(task.load().info).bias is None
     task = tasks.build("tabular", {"model": "my_models:not_a_model"}, source(demo_table))
-    task.load()
     with pytest.raises(TypeError, match=r"returned int, not nn\.Module"):
-        task.build_model()
+        task.build_model(task.load().info)
     sys.modules.pop("my_models", None)
 
 
@@ -156,7 +168,8 @@ def test_tabular_demo_dataset_is_deterministic(tmp_path):
     tabular.write_demo_dataset(FS, str(first), rows=500, seed=3)
     tabular.write_demo_dataset(FS, str(second), rows=500, seed=3)
     assert first.read_bytes() == second.read_bytes()
-    train, val = tasks.build("tabular", {}, source(first, 0.2)).load()
+    loaded = tasks.build("tabular", {}, source(first, 0.2)).load()
+    train, val = loaded.train, loaded.val
     assert len(train) == 400 and len(val) == 100
     shares = torch.bincount(train.labels).float() / len(train)
     assert shares.max() < 0.45  # no class dominates: a model must learn the boundary

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from training.tasks import Options, StepOutput, Task
+from training.tasks import Loaded, Options, StepOutput, Task
 
 
 class TwoHeadOptions(Options):
@@ -28,7 +28,7 @@ class TwoHeads(nn.Module):
         return self.mean_head(h).squeeze(1), self.spread_head(h).squeeze(1)
 
 
-class TwoHeadRegression(Task):
+class TwoHeadRegression(Task[int]):  # load learns the number of inputs
     Options = TwoHeadOptions
 
     def check(self):
@@ -43,14 +43,13 @@ class TwoHeadRegression(Task):
             dim=1,
         )
         n = len(x) - int(len(x) * self.data.val_fraction)
-        return TensorDataset(x[:n], ys[0][:n], ys[1][:n]), TensorDataset(
-            x[n:], ys[0][n:], ys[1][n:]
-        )
+        train = TensorDataset(x[:n], ys[0][:n], ys[1][:n])
+        return Loaded(train, TensorDataset(x[n:], ys[0][n:], ys[1][n:]), info=x.shape[1])
 
-    def build_model(self):
-        return TwoHeads(3, self.options.hidden)
+    def build_model(self, inputs: int):
+        return TwoHeads(inputs, self.options.hidden)
 
-    def batch(self, samples, ids, seed):
+    def batch(self, samples, ids, seed, *, training):
         return samples[ids]
 
     def step(self, model, batch):

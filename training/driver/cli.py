@@ -54,6 +54,13 @@ def main() -> None:
     metavar="SUBMISSION_ID",
     help="A Ray job known to have ended: its lease on the run is free at once (supervisor).",
 )
+@click.option(
+    "--verbose",
+    is_flag=True,
+    help="Ray Train's own logging on the console too: worker groups starting and stopping, the "
+    "full tracebacks of a failed attempt (default: one line per failed attempt; Ray Train's log "
+    "files hold it all either way).",
+)
 def train(
     config_path: str | None,
     overrides: tuple[str, ...],
@@ -61,6 +68,7 @@ def train(
     storage_path: str | None,
     wait_for_lease: bool,
     dead_jobs: tuple[str, ...],
+    verbose: bool,
 ) -> None:
     """Train, or resume the run named by storage.path + run.name.
 
@@ -76,6 +84,7 @@ def train(
             on_connected=_exit_cleanly_on_sigterm,
             wait_for_lease=wait_for_lease,
             dead_jobs=dead_jobs,
+            verbose=verbose,
         )
     except (ConfigError, storage.StorageError) as exc:  # both raised before training starts
         _fail(EXIT_USAGE, f"error: {exc}")
@@ -91,7 +100,7 @@ def train(
         _fail(EXIT_INTERRUPTED, f"Interrupted. {launch.resume_hint(cfg)}")
     except Exception as exc:  # Ray's TrainingFailedError and anything the workers raised
         cause = launch.storage_cause(cfg, exc)  # a worker's storage error, named
-        lines = [f"Training failed: {type(exc).__name__}: {exc}", *[cause] * bool(cause)]
+        lines = [*_failure_lines(exc, verbose), *[cause] * bool(cause)]
         _fail(EXIT_FAILED, "\n".join([*lines, launch.resume_hint(cfg)]))
     _print_summary(summary)
 
@@ -242,6 +251,21 @@ def check_task(config_path: str | None, overrides: tuple[str, ...]) -> None:
     if not failures:
         click.echo("".join(f"  ok  {check}\n" for check in CHECKS), nl=False)
     sys.exit(EXIT_FAILED if failures else 0)
+
+
+def _failure_lines(exc: Exception, verbose: bool) -> list[str]:
+    """Why training failed. Ray's error for failed workers (its tracebacks, cut short) becomes
+    its first line and one line per failed rank (``failures.describe``) unless --verbose; any
+    other error is shown whole."""
+    from training.observability import failures
+
+    text = str(exc)
+    per_rank = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError
+    if verbose or not per_rank:
+        return [f"Training failed: {type(exc).__name__}: {text}"]
+    ranks = [f"  {failures.describe(r, e)}" for r, e in sorted(per_rank.items())]
+    more = "  (the full error: run again with --verbose, or Ray's logs/train/ in its session dir)"
+    return [f"Training failed: {type(exc).__name__}: {text.splitlines()[0]}", *ranks, more]
 
 
 def _load_or_exit(config_path: str | None, overrides: list[str]):

@@ -207,6 +207,8 @@ def connect_ray(cfg: Config) -> None:
     (check_local_gpus has counted its GPUs already)."""
     import ray
 
+    from training.ray_internals import console
+
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -216,6 +218,7 @@ def connect_ray(cfg: Config) -> None:
         if shortfall:
             raise ConfigError(shortfall)
         return
+    console.quiet_token_auth_notice()
     needed = cfg.scaling.max_workers * cfg.scaling.cpus_per_worker
     # A laptop with fewer cores than workers still runs the demo: CPUs here are a scheduling
     # unit, not a reservation of physical cores.
@@ -231,10 +234,11 @@ def connect_ray(cfg: Config) -> None:
     )
 
 
-def build_trainer(cfg: Config, run: RunState):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def build_trainer(cfg: Config, run: RunState, verbose: bool = False):
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from training.observability import failures
     from training.ray_internals.shutdown_grace import WaitForFailureSave
     from training.worker.attempt import train_func
 
@@ -271,8 +275,17 @@ def build_trainer(cfg: Config, run: RunState):
             # Ray deletes the checkpoints it registered beyond num_to_keep; checkpoint.prune
             # deletes what Ray does not know about (lost from its registry, partial uploads).
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-            # Rank 0's save on failure finishes before Ray kills the group (up to 4.5 s).
-            callbacks=[WaitForFailureSave()] if cfg.checkpoint.on_failure else [],
+            # Rank 0's save on failure finishes before Ray kills the group (up to 4.5 s); a
+            # failed attempt is one line on the console.
+            callbacks=[
+                *([WaitForFailureSave()] if cfg.checkpoint.on_failure else []),
+                failures.FailureLines(),
+            ],
+            # Ray Train logs each worker group's start and each failure as several tracebacks:
+            # on the console only with --verbose, always in its log files.
+            logging_config=LoggingConfig(
+                log_level=failures.VERBOSE_LOG_LEVEL if verbose else failures.QUIET_LOG_LEVEL
+            ),
             # Warm spare processes for restarts (training/ray_internals/spares.py).
             worker_runtime_env=worker_runtime_env(cfg),
         ),
@@ -318,8 +331,10 @@ def train(
     on_connected: Callable[[], None] = lambda: None,
     wait_for_lease: bool = False,
     dead_jobs: tuple[str, ...] = (),
+    verbose: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) training to the end; returns the run summary.
+    """Run (or resume) training to the end; returns the run summary. ``verbose``: Ray Train's
+    own logging (worker groups, tracebacks of failed attempts) on the console too.
 
     Raises lease.LeaseHeld when another driver trains the same run, unless ``wait_for_lease``:
     before Ray is touched, or, for the loser of two drivers starting within the lease's settle
@@ -349,7 +364,7 @@ def train(
         connect_ray(cfg)  # returns at once if it started while settling
         on_connected()
         try:
-            trainer = build_trainer(cfg, run)
+            trainer = build_trainer(cfg, run, verbose)
             start_workers_ahead(cfg)
             trainer.fit()
         except Exception:

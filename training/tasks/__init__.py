@@ -1,11 +1,14 @@
 """The task seam: the framework decides *which* sample ids a step uses, a task decides *what* a
 sample is.
 
-A task is a class with the methods of :class:`Task`. The loop calls them in this order on every
-worker: ``load`` -> ``build_model`` (under the framework's seed) -> per step ``batch`` (pure in
-ids and seed) -> ``step`` (loss for backward + additive totals) -> ``metrics`` (totals summed over
-all ranks and steps of a log interval). On the driver, before Ray starts, ``check`` reads metadata
-only and returns the data fingerprint that becomes part of the run's identity.
+A task is a class with the methods of :class:`Task`. On every worker the framework calls
+``load`` -> ``build_model(info)`` (under the framework's seed) -> per step ``batch`` (pure in ids
+and seed; ``training=False`` in evaluation) -> ``step`` (loss for backward + additive totals) ->
+``metrics(totals, info)`` (totals summed over all ranks and steps of a log interval). What
+``load`` learns about the data (the number of classes, a feature count) is the ``info`` of the
+:class:`Loaded` it returns, passed to ``build_model`` and ``metrics`` as an argument: no method
+reads what another one left on ``self``. On the driver, before Ray starts, ``check`` reads
+metadata only and returns the data fingerprint that becomes part of the run's identity.
 
 Built-in tasks are named (``tabular``, ``language_model``, ``image``); a user's task is
 ``package.module:ClassName``, importable on the driver and on every worker.
@@ -14,10 +17,12 @@ Built-in tasks are named (``tabular``, ``language_model``, ``image``); a user's 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import pyarrow.fs as pafs
 import torch
@@ -73,8 +78,25 @@ class StepOutput:
     totals: dict[str, torch.Tensor]
 
 
-class Task:
-    """Base class with the defaults; override what your workload needs (see README)."""
+Info = TypeVar("Info")
+
+
+@dataclass(frozen=True)
+class Loaded(Generic[Info]):
+    """What ``Task.load`` returns. ``train`` and ``val``: anything with ``len()`` that ``batch``
+    can index by integer id. ``info``: what loading learned about the data that the model or the
+    metrics depend on (the number of classes, a feature count, a vocabulary size): a frozen
+    dataclass, a NamedTuple, a number, a string or None. The framework passes it to
+    ``build_model`` and ``metrics``; immutable, so neither can change what the other sees."""
+
+    train: Any
+    val: Any
+    info: Info = None  # type: ignore[assignment]  # None: nothing learned
+
+
+class Task(Generic[Info]):
+    """Base class with the defaults; override what your workload needs (see README). ``Info`` is
+    the type of ``Loaded.info``: write ``class MyTask(Task[MyInfo])`` for a type checker."""
 
     Options: ClassVar[type[Options]] = Options
 
@@ -92,17 +114,19 @@ class Task:
         raise TaskError(f"task {type(self).__name__} has no demo dataset; point data.path at data")
 
     # ---- every worker -------------------------------------------------------------------
-    def load(self) -> tuple[Any, Any]:
-        """(train, val) samples: anything with ``len()`` that ``batch`` can index by id."""
+    def load(self) -> Loaded[Info]:
+        """``Loaded(train, val, info)``: the two splits and what loading learned (see Loaded)."""
         raise NotImplementedError
 
-    def build_model(self) -> nn.Module:
+    def build_model(self, info: Info) -> nn.Module:
+        """The model for data described by ``info`` (``Loaded.info``)."""
         raise NotImplementedError
 
-    def shard_layout(self) -> ShardLayout | None:
-        """For data read shard by shard (streamed): how the training ids sit in storage, so the
-        framework's order keeps each step within a window of shards. None: ids are random
-        access and the order is a plain shuffle. Called after ``load``."""
+    def shard_layout(self, train: Any) -> ShardLayout | None:
+        """For data read shard by shard (streamed): how the ids of ``train`` (``Loaded.train``)
+        sit in storage, so the framework's order keeps each step within a window of shards.
+        None: ids are random access and the order is a plain shuffle."""
+        del train
         return None
 
     def prefetch(self, samples: Any, upcoming: Iterator[torch.Tensor]) -> None:
@@ -110,15 +134,18 @@ class Task:
         in order), so a streaming task can read ahead in the background. Optional."""
         del samples, upcoming
 
-    def batch(self, samples: Any, ids: torch.Tensor, seed: int) -> Any:
-        """The batch for sample ``ids``; any randomness (augmentation) only from (seed, id)."""
+    def batch(self, samples: Any, ids: torch.Tensor, seed: int, *, training: bool) -> Any:
+        """The batch for sample ``ids``; any randomness (augmentation) only from (seed, id).
+        ``training`` is False in evaluation: no augmentation then (``seed`` is still an int,
+        the same at every evaluation of a run)."""
         raise NotImplementedError
 
     def step(self, model: nn.Module, batch: Any) -> StepOutput:
         raise NotImplementedError
 
-    def metrics(self, totals: dict[str, float]) -> dict[str, float]:
-        """Reported metrics from summed totals; must include ``loss``."""
+    def metrics(self, totals: dict[str, float], info: Info) -> dict[str, float]:
+        """Reported metrics from summed totals (and ``Loaded.info``); must include ``loss``."""
+        del info
         return {"loss": totals["loss"] / totals["count"]}
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
@@ -136,7 +163,7 @@ class Task:
         del state
 
 
-class ClassificationTask(Task):
+class ClassificationTask(Task[Info]):
     """A task whose batch is ``(inputs, integer labels)`` and whose model returns class logits:
     cross-entropy, with loss, hits and count as totals; reports loss and accuracy."""
 
@@ -151,7 +178,8 @@ class ClassificationTask(Task):
         }
         return StepOutput(loss, totals)
 
-    def metrics(self, totals: dict[str, float]) -> dict[str, float]:
+    def metrics(self, totals: dict[str, float], info: Info) -> dict[str, float]:
+        del info
         return {
             "loss": totals["loss"] / totals["count"],
             "accuracy": totals["correct"] / totals["count"],
@@ -175,7 +203,64 @@ def task_class(name: str) -> type[Task]:
     cls = import_object(target, "task.name")
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise TaskError(f"task.name '{name}': {cls!r} is not a subclass of training.tasks.Task")
+    check_interface(cls, f"task.name '{name}'")
     return cls
+
+
+# The task interface changed on 2026-12-03 (CHANGELOG): per method, arguments that the new
+# signature accepts and the old one does not, and the new signature in words.
+NEW_SIGNATURES = {
+    "build_model": (((None,), {}), "build_model(self, info)"),
+    "metrics": ((({}, None), {}), "metrics(self, totals, info)"),
+    "batch": (
+        ((None, None, 0), {"training": True}),
+        "batch(self, samples, ids, seed, *, training)",
+    ),
+    "shard_layout": (((None,), {}), "shard_layout(self, train)"),
+}
+
+
+def check_interface(cls: type[Task], where: str) -> None:
+    """TaskError naming every method of ``cls`` whose signature the framework cannot call: a
+    task written for the interface before 2026-12-03 fails here, on the driver, not in a
+    worker with a TypeError."""
+    changed = []
+    for method, ((args, kwargs), wanted) in NEW_SIGNATURES.items():
+        function = getattr(cls, method)
+        try:
+            inspect.signature(function).bind(None, *args, **kwargs)
+        except TypeError:
+            changed.append(f"{method}{inspect.signature(function)} must be {wanted}")
+    if changed:
+        raise TaskError(
+            f"{where}: {cls.__name__} is written for the task interface before 2026-12-03: "
+            f"{'; '.join(changed)}. Now load() returns Loaded(train, val, info), the framework "
+            "passes info (what load learned, e.g. the number of classes) to build_model and "
+            "metrics, and evaluation calls batch with training=False instead of seed=None "
+            "(docs/tasks.md#your-own-task)"
+        )
+
+
+def load(task: Task[Info]) -> Loaded[Info]:
+    """``task.load()``, checked: TaskError naming what it returned when that is not a Loaded
+    whose info is immutable (build_model and metrics share it)."""
+    loaded = task.load()
+    name = type(task).__name__
+    if not isinstance(loaded, Loaded):
+        raise TaskError(
+            f"{name}.load() returned {type(loaded).__name__}, not Loaded(train, val, info): a "
+            "(train, val) tuple is the task interface before 2026-12-03 (docs/tasks.md)"
+        )
+    info = loaded.info
+    params = getattr(type(info), "__dataclass_params__", None)  # set by @dataclass
+    frozen = params is not None and params.frozen
+    if not (frozen or info is None or isinstance(info, (tuple, int, float, str))):
+        raise TaskError(
+            f"{name}.load() returned Loaded.info of type {type(info).__name__}, which can be "
+            "changed; use a frozen dataclass (@dataclass(frozen=True)), a NamedTuple, a number, "
+            "a string or None"
+        )
+    return loaded
 
 
 def import_object(target: str, field: str) -> Any:
@@ -196,12 +281,19 @@ def import_object(target: str, field: str) -> Any:
     except Exception as exc:  # a user's module that raises on import
         raise TaskError(f"{field} '{target}': importing '{module_name}' failed: {exc}") from None
     if not hasattr(module, attr):
-        public = sorted(n for n in vars(module) if not n.startswith("_"))
+        public = sorted(n for n, value in vars(module).items() if _defined_in(module, n, value))
         raise TaskError(
             f"{field} '{target}': module '{module_name}' has no '{attr}' "
             f"(it defines: {', '.join(public[:12]) or 'nothing public'})"
         )
     return getattr(module, attr)
+
+
+def _defined_in(module: types.ModuleType, name: str, value: Any) -> bool:
+    """A public name the module defines itself, not one it imported (what a user may mean)."""
+    if name.startswith("_") or isinstance(value, types.ModuleType):
+        return False
+    return getattr(value, "__module__", module.__name__) == module.__name__
 
 
 def parse_options(cls: type[Task], raw: dict[str, Any]) -> Options:

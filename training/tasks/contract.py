@@ -2,12 +2,13 @@
 
     python -m training check-task --config my_task.yaml
 
-1. ``batch`` is a pure function of (ids, seed): the same call twice gives equal tensors;
+1. ``batch`` is a pure function of (ids, seed): the same call twice gives equal tensors; with
+   ``training=False`` (evaluation) it does not depend on the seed (no augmentation);
 2. the totals of ``step`` add up over disjoint id sets (so summing over ranks and micro-batches
    normalises by the global count at any world size);
 3. ``step`` is deterministic under a fixed seed;
-4. ``check`` (the data fingerprint) is stable and holds ``train_samples``; ``metrics`` has
-   ``loss``.
+4. ``check`` (the data fingerprint) is stable and holds ``train_samples``; ``load`` returns a
+   ``Loaded`` with an immutable ``info``; ``metrics`` has ``loss``.
 Each failure is one line; an empty list means the contract holds.
 """
 
@@ -23,40 +24,48 @@ from training.core.data import derive_seed
 SAMPLE_IDS = 8
 # What run_contract checks, in words (check-task prints them).
 CHECKS = (
-    f"batch(ids, seed) pure (two calls, {2 * SAMPLE_IDS} ids)",
+    "load() returns Loaded(train, val, info), info immutable",
+    f"batch(ids, seed, training=True) pure (two calls, {2 * SAMPLE_IDS} ids)",
+    "batch(ids, seed, training=False) the same for any seed (no augmentation in evaluation)",
     "totals additive over disjoint ids (sums, not means)",
     "step deterministic under a fixed seed",
     "check() fingerprint stable, with an int train_samples",
-    "metrics(totals) has loss",
+    "metrics(totals, info) has loss",
 )
 
 
 def run_contract(name: str, options: dict[str, Any], source: tasks.DataSource) -> list[str]:
     task = tasks.build(name, options, source)
     failures = _fingerprint_failures(task, tasks.build(name, options, source))
-    train, _ = task.load()
+    try:
+        loaded = tasks.load(task)
+    except tasks.TaskError as exc:
+        return [*failures, str(exc)]
+    train = loaded.train
     if len(train) < 2 * SAMPLE_IDS:
         return [*failures, f"fewer than {2 * SAMPLE_IDS} training samples to check with"]
     torch.manual_seed(derive_seed(0, "contract-init"))
-    model = task.build_model().eval()  # eval: dropout would make totals differ by design
+    # eval: dropout would make totals differ by design
+    model = task.build_model(loaded.info).eval()
     failures += batch_and_totals_failures(task, model, train)
     ids, seed = _sample_ids(len(train)), derive_seed(0, "contract-batch")
-    first, second = (_totals(task, model, task.batch(train, ids, seed)) for _ in range(2))
+    first, second = (_totals(task, model, _batch(task, train, ids, seed)) for _ in range(2))
     if not _equal(first, second):
         failures.append("step(model, batch) is not deterministic under a fixed seed")
     try:
-        metrics = task.metrics({k: float(v) for k, v in first.items()})
+        metrics = task.metrics({k: float(v) for k, v in first.items()}, loaded.info)
     except Exception as exc:  # a user's task: report, do not crash the checker
-        return [*failures, f"metrics(totals) raised {type(exc).__name__}: {exc}"]
+        return [*failures, f"metrics(totals, info) raised {type(exc).__name__}: {exc}"]
     if "loss" not in metrics:
-        failures.append(f"metrics(totals) has no 'loss' (has: {sorted(metrics)})")
+        failures.append(f"metrics(totals, info) has no 'loss' (has: {sorted(metrics)})")
     return failures
 
 
 def batch_and_totals_failures(task: tasks.Task, model: torch.nn.Module, train: Any) -> list[str]:
     """The cheap part of the contract, which ``train`` also runs on rank 0 before the first step
-    (``attempt.check_task_at_start``): ``batch`` is pure and the totals add up. ``model`` is left
-    as it was (evaluation mode while checking: dropout would make totals differ by design)."""
+    (``attempt.check_task_at_start``): ``batch`` is pure, evaluation batches do not depend on
+    the seed, and the totals add up. ``model`` is left as it was (evaluation mode while
+    checking: dropout would make totals differ by design)."""
     if len(train) < 2 * SAMPLE_IDS:
         return []  # too few samples to check with (run_contract says so)
     was_training = model.training
@@ -64,11 +73,26 @@ def batch_and_totals_failures(task: tasks.Task, model: torch.nn.Module, train: A
     try:
         ids, seed = _sample_ids(len(train)), derive_seed(0, "contract-batch")
         failures = []
-        if not _equal(task.batch(train, ids, seed), task.batch(train, ids, seed)):
-            failures.append("batch(ids, seed) differs between two identical calls: not pure")
+        if not _equal(_batch(task, train, ids, seed), _batch(task, train, ids, seed)):
+            failures.append(
+                "batch(ids, seed, training=True) differs between two identical calls: not pure"
+            )
+        other_seed = derive_seed(1, "contract-batch")
+        evaluated = (_batch(task, train, ids, s, training=False) for s in (seed, other_seed))
+        if not _equal(*evaluated):
+            failures.append(
+                "batch(ids, seed, training=False) depends on the seed: evaluation batches must "
+                "not be augmented"
+            )
         return failures + _additivity_failures(task, model, train, ids, seed)
     finally:
         model.train(was_training)
+
+
+def _batch(
+    task: tasks.Task, samples: Any, ids: torch.Tensor, seed: int, training: bool = True
+) -> Any:
+    return task.batch(samples, ids, seed, training=training)
 
 
 def _sample_ids(num_samples: int) -> torch.Tensor:
@@ -87,8 +111,10 @@ def _fingerprint_failures(task: tasks.Task, again: tasks.Task) -> list[str]:
 
 
 def _additivity_failures(task, model, train, ids, seed) -> list[str]:
-    whole = _totals(task, model, task.batch(train, ids, seed))
-    halves = [_totals(task, model, task.batch(train, part, seed)) for part in ids.split(SAMPLE_IDS)]
+    whole = _totals(task, model, _batch(task, train, ids, seed))
+    halves = [
+        _totals(task, model, _batch(task, train, part, seed)) for part in ids.split(SAMPLE_IDS)
+    ]
     failures = []
     for key, value in whole.items():
         summed = sum(h[key] for h in halves)

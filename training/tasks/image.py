@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import posixpath
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -25,7 +26,7 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from training.core import storage
-from training.tasks import ClassificationTask, Options, TaskError, derive_generator
+from training.tasks import ClassificationTask, Loaded, Options, TaskError, derive_generator
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm")
 
@@ -49,7 +50,14 @@ class Images:
         return len(self.labels)
 
 
-class ImageClassification(ClassificationTask):
+@dataclass(frozen=True)
+class ImageInfo:
+    """What ``load`` learns that the model depends on."""
+
+    num_classes: int  # class subfolders
+
+
+class ImageClassification(ClassificationTask[ImageInfo]):
     Options = ImageOptions
     options: ImageOptions
     augment = True  # the contract tests switch it off to compare with and without
@@ -109,10 +117,10 @@ class ImageClassification(ClassificationTask):
         return ([f for f in files if not held_out(f[0])], [f for f in files if held_out(f[0])])
 
     # ---- workers --------------------------------------------------------------------------
-    def load(self) -> tuple[Images, Images]:
+    def load(self) -> Loaded[ImageInfo]:
         classes, files = self._listing()
-        self.num_classes = len(classes)
-        return tuple(self._decode(split) for split in self._split(files))
+        train, val = (self._decode(split) for split in self._split(files))
+        return Loaded(train, val, ImageInfo(len(classes)))
 
     def _decode(self, files: list[tuple[str, int, int]]) -> Images:
         from PIL import Image
@@ -130,13 +138,15 @@ class ImageClassification(ClassificationTask):
                 )
         return Images(pixels, torch.tensor([label for _, label, _ in files], dtype=torch.int64))
 
-    def build_model(self) -> nn.Module:
-        return SmallCNN(self.options.channels, self.options.width, self.num_classes)
+    def build_model(self, info: ImageInfo) -> nn.Module:
+        return SmallCNN(self.options.channels, self.options.width, info.num_classes)
 
-    def batch(self, samples: Images, ids: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+    def batch(
+        self, samples: Images, ids: torch.Tensor, seed: int, *, training: bool
+    ) -> tuple[torch.Tensor, ...]:
         images = samples.pixels[ids].float() / 255.0
         shift = self.options.max_shift
-        if self.augment and shift and seed is not None:
+        if self.augment and shift and training:  # evaluation sees the images as they are
             padded = nn.functional.pad(images, (shift,) * 4)
             size = images.shape[-1]
             for row, sample in enumerate(ids.tolist()):

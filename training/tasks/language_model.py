@@ -21,6 +21,7 @@ import os
 import posixpath
 import sysconfig
 from bisect import bisect_right
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,14 @@ from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
 from training.core import storage
-from training.tasks import Options, StepOutput, Task, TaskError, check_heads_divide_width
+from training.tasks import (
+    Loaded,
+    Options,
+    StepOutput,
+    Task,
+    TaskError,
+    check_heads_divide_width,
+)
 
 VOCAB = 256
 # The unigram baseline is fitted on at most this many training bytes (a bounded read).
@@ -72,7 +80,14 @@ class Blocks:
         return self.files[which][offset : offset + self.block + 1]
 
 
-class CausalLanguageModel(Task):
+@dataclass(frozen=True)
+class CorpusInfo:
+    """What ``load`` learns that the metrics report: the trivial baseline to beat."""
+
+    unigram_perplexity: float
+
+
+class CausalLanguageModel(Task[CorpusInfo]):
     Options = LanguageModelOptions
     options: LanguageModelOptions
 
@@ -133,14 +148,13 @@ class CausalLanguageModel(Task):
         return train, val
 
     # ---- workers --------------------------------------------------------------------------
-    def load(self) -> tuple[Blocks, Blocks]:
+    def load(self) -> Loaded[CorpusInfo]:
         files = self._text_files()
         mapped = [self._map(f) for f in files]
-        train, val = self._split([len(m) for m in mapped])
+        train_ranges, val_ranges = self._split([len(m) for m in mapped])
         block = self.options.block_size
-        self.train, self.val = Blocks(mapped, train, block), Blocks(mapped, val, block)
-        self.unigram_perplexity = unigram_perplexity(self.train, self.val)
-        return self.train, self.val
+        train, val = Blocks(mapped, train_ranges, block), Blocks(mapped, val_ranges, block)
+        return Loaded(train, val, CorpusInfo(unigram_perplexity(train, val)))
 
     def _map(self, path: str) -> np.ndarray:
         """A local file is memory-mapped; an object-store file is read once into memory."""
@@ -153,10 +167,12 @@ class CausalLanguageModel(Task):
                 )
         return np.frombuffer(storage.read_bytes(self.data.fs, path), dtype=np.uint8)
 
-    def build_model(self) -> nn.Module:
-        return BytesGPT(self.options)
+    def build_model(self, info: CorpusInfo) -> nn.Module:
+        return BytesGPT(self.options)  # the vocabulary is fixed: every byte
 
-    def batch(self, samples: Blocks, ids: torch.Tensor, seed: int) -> torch.Tensor:
+    def batch(
+        self, samples: Blocks, ids: torch.Tensor, seed: int, *, training: bool
+    ) -> torch.Tensor:
         rows = np.stack([samples.get(int(i)) for i in ids])
         return torch.from_numpy(rows.astype(np.int64))
 
@@ -171,12 +187,12 @@ class CausalLanguageModel(Task):
         }
         return StepOutput(loss, totals)
 
-    def metrics(self, totals: dict[str, float]) -> dict[str, float]:
+    def metrics(self, totals: dict[str, float], info: CorpusInfo) -> dict[str, float]:
         loss = totals["loss"] / totals["count"]
         return {
             "loss": loss,
             "perplexity": math.exp(min(loss, 50.0)),
-            "unigram_perplexity": getattr(self, "unigram_perplexity", float("nan")),
+            "unigram_perplexity": info.unigram_perplexity,
         }
 
 

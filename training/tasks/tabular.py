@@ -38,6 +38,7 @@ from training.core import storage, streaming
 from training.core.data import ShardLayout
 from training.tasks import (
     ClassificationTask,
+    Loaded,
     Options,
     TaskError,
     check_heads_divide_width,
@@ -103,6 +104,14 @@ class TabularOptions(Options):
 
 
 @dataclass(frozen=True)
+class TableInfo:
+    """What ``load`` learns that the model depends on."""
+
+    num_features: int
+    num_classes: int  # the largest label + 1
+
+
+@dataclass(frozen=True)
 class Table:
     features: torch.Tensor  # float32 [N, F]
     labels: torch.Tensor  # int64 [N]
@@ -111,7 +120,7 @@ class Table:
         return len(self.labels)
 
 
-class TabularClassification(ClassificationTask):
+class TabularClassification(ClassificationTask[TableInfo]):
     Options = TabularOptions
     options: TabularOptions
 
@@ -245,7 +254,7 @@ class TabularClassification(ClassificationTask):
         return int(top) + 1
 
     # ---- workers --------------------------------------------------------------------------
-    def load(self) -> tuple[Any, Any]:
+    def load(self) -> Loaded[TableInfo]:
         if self.options.stream:
             return self._load_streaming()
         with storage.named_errors(self.data.fs, self.data.uri, training=True):
@@ -254,23 +263,22 @@ class TabularClassification(ClassificationTask):
         features_t = torch.from_numpy(feature_matrix(table, features))
         labels = torch.from_numpy(table[self.options.label_column].to_numpy().astype(np.int64))
         n_train = len(labels) - int(len(labels) * self.data.val_fraction)
-        self.num_features, self.num_classes = features_t.shape[1], int(labels.max()) + 1
-        return (
+        return Loaded(
             Table(features_t[:n_train], labels[:n_train]),
             Table(features_t[n_train:], labels[n_train:]),
+            TableInfo(features_t.shape[1], int(labels.max()) + 1),
         )
 
-    def _load_streaming(self) -> tuple[streaming.StreamingRows, streaming.StreamingRows]:
+    def _load_streaming(self) -> Loaded[TableInfo]:
         """Footers only: the row groups are read when a step needs them (``prefetch``)."""
         dataset = self._dataset(training=True)
         features = self._feature_columns(dataset.schema.names)
         label = self.options.label_column
         with storage.named_errors(self.data.fs, self.data.uri, training=True):
             groups = streaming.row_groups(self.data.fs, dataset.files)
-            self.num_classes = label_max(dataset, self.data.fs, label) + 1
+            num_classes = label_max(dataset, self.data.fs, label) + 1
         rows = sum(n for _, _, n in groups)
         n_train = rows - int(rows * self.data.val_fraction)
-        self.num_features = len(features)
 
         def split(begin: int, end: int) -> streaming.StreamingRows:
             return streaming.StreamingRows(
@@ -281,27 +289,27 @@ class TabularClassification(ClassificationTask):
                 max_resident=2 * self.options.window,
             )
 
-        self.train = split(0, n_train)
-        return self.train, split(n_train, rows)
+        info = TableInfo(len(features), num_classes)
+        return Loaded(split(0, n_train), split(n_train, rows), info)
 
-    def shard_layout(self) -> ShardLayout | None:
-        if not self.options.stream:
+    def shard_layout(self, train: Any) -> ShardLayout | None:
+        if not isinstance(train, streaming.StreamingRows):
             return None
-        return ShardLayout(self.train.shard_sizes(), self.options.window)
+        return ShardLayout(train.shard_sizes(), self.options.window)
 
     def prefetch(self, samples: Any, upcoming: Iterator[torch.Tensor]) -> None:
         if isinstance(samples, streaming.StreamingRows):
             samples.plan(upcoming)
 
-    def build_model(self) -> nn.Module:
+    def build_model(self, info: TableInfo) -> nn.Module:
         opts = self.options
         if opts.model == "mlp":
-            return MLP(self.num_features, self.num_classes, opts.mlp)
+            return MLP(info.num_features, info.num_classes, opts.mlp)
         if opts.model == "transformer":
-            return TabularTransformer(self.num_features, self.num_classes, opts.transformer)
+            return TabularTransformer(info.num_features, info.num_classes, opts.transformer)
         factory = import_factory(opts.model)
         model = factory(
-            in_features=self.num_features, num_classes=self.num_classes, **opts.model_kwargs
+            in_features=info.num_features, num_classes=info.num_classes, **opts.model_kwargs
         )
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -309,7 +317,9 @@ class TabularClassification(ClassificationTask):
             )
         return model
 
-    def batch(self, samples: Any, ids: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+    def batch(
+        self, samples: Any, ids: torch.Tensor, seed: int, *, training: bool
+    ) -> tuple[torch.Tensor, ...]:
         if isinstance(samples, streaming.StreamingRows):
             return tuple(torch.from_numpy(a) for a in samples.gather(ids))
         return samples.features[ids], samples.labels[ids]

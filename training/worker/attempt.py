@@ -150,10 +150,10 @@ def build_worker(
     the world is larger than one), optimizer, LR schedule and grad scaler: what every step
     needs. The attempt, the torchrun baseline and the unit tests build theirs here."""
     task = tasks.build(cfg.task.name, cfg.task.options, tasks.data_source(cfg))
-    train, val = task.load()
-    plan = Plan.for_run(cfg, len(train))
+    loaded = tasks.load(task)
+    plan = Plan.for_run(cfg, len(loaded.train))
     torch.manual_seed(data.derive_seed(cfg.training.seed, "init"))  # same init on every rank
-    model = runtime.prepare_model(task.build_model())
+    model = runtime.prepare_model(task.build_model(loaded.info))
     optimizer = build_optimizer(cfg.training.optimizer, model, task.param_groups(unwrap(model)))
     device = runtime.device
     return Worker(
@@ -167,8 +167,9 @@ def build_worker(
         fs=runtime.fs,
         run_dir=runtime.run_dir,
         task=task,
-        train=train,
-        val=val,
+        train=loaded.train,
+        val=loaded.val,
+        info=loaded.info,
         plan=plan,
         model=model,
         optimizer=optimizer,
@@ -219,7 +220,7 @@ def announce_start(
         train_samples=len(worker.train),
         # The ledger: with these, a step's sample ids are a pure function of its position.
         seed=worker.cfg.training.seed,
-        layout=data.layout_record(worker.task.shard_layout()),
+        layout=data.layout_record(worker.task.shard_layout(worker.train)),
         task=worker.cfg.task.name,
         pid=os.getpid(),  # rank 0's process: tells a failure of rank 0 from one of a peer
         nice=os.getpriority(
@@ -251,7 +252,8 @@ def run_steps(worker: Worker, progress: Progress) -> None:
     worker.interval = Interval()
     # Not on streamed data: reads outside the prefetch plan there would cost the plan's memory
     # budget and its bookkeeping (check-task still checks such a task).
-    if progress.global_step == 0 and worker.rank == 0 and worker.task.shard_layout() is None:
+    streamed = worker.task.shard_layout(worker.train) is not None
+    if progress.global_step == 0 and worker.rank == 0 and not streamed:
         check_task_at_start(worker)
     # Streaming (#15): tell the task which ids this rank's remaining steps use, so it can read
     # ahead in the background; a no-op for in-memory tasks.

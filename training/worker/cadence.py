@@ -137,13 +137,14 @@ def close_interval(worker: Worker, global_step: int, lr: float) -> tuple[dict[st
         "global_step": global_step,
         "epoch": epoch,
         "step_in_epoch": step_in_epoch + 1,
-        **(worker.task.metrics(totals) if totals else {}),
+        **(worker.task.metrics(totals, worker.info) if totals else {}),
         "lr": lr,
         "samples_per_s": interval.samples / elapsed if elapsed > 0 else 0.0,
         "world_size": worker.world_size,
     }
     if worker.runlog is not None:
         steps = sorted(interval.consumed)
+        log_progress(worker, step_metrics, first_step=steps[0] if steps else global_step)
         worker.runlog.write(  # what the ranks fed task.batch; `verify` checks it
             "consumed",
             steps=steps,
@@ -181,20 +182,24 @@ def record_step(
         step_s=round(step_s, 6),
         **{k: v for k, v in step_metrics.items() if k not in LEDGER_FIELDS},
     )
-    if step_metrics:
-        log_progress(worker, step_metrics)
 
 
 LEDGER_FIELDS = (*events.POSITION, "world_size")  # written by record_step itself
 
 
-def log_progress(worker: Worker, step_metrics: dict[str, Any]) -> None:
+def log_progress(worker: Worker, step_metrics: dict[str, Any], first_step: int) -> None:
+    """The interval's metrics in one line; one that covers fewer steps than
+    ``training.log_every_n_steps`` (the first after a resume, one closed by a checkpoint off
+    the log cadence) says which steps it covers."""
+    global_step = step_metrics["global_step"]
     shown = " ".join(
         f"{k} {v:.4g}" for k, v in step_metrics.items() if k not in events.NOT_TASK_METRICS
     )
+    if global_step - first_step + 1 != worker.cfg.training.log_every_n_steps:
+        shown = f"(over steps {first_step}-{global_step} only) {shown}"
     log.info(
         "step %d/%d epoch %d %s lr %.2e %.0f samples/s world %d, %s",
-        step_metrics["global_step"],
+        global_step,
         worker.plan.total_steps,
         step_metrics["epoch"],
         shown,

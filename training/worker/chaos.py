@@ -7,10 +7,10 @@ marker exists is never fired again (a re-run of the same step after resume passe
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import signal
-import sys
 import time
 
 import pyarrow.fs as pafs
@@ -18,6 +18,9 @@ import torch
 
 from training.core import storage
 from training.core.config import Fault
+
+# Not print(): Ray Train shows a worker's print twice (its logger and the raw stream).
+log = logging.getLogger(__name__)
 
 
 class InjectedFault(RuntimeError):
@@ -39,7 +42,7 @@ def tamper(faults: list[Fault], rank: int, global_step: int, ids: torch.Tensor) 
     for fault in faults:
         if (fault.rank, fault.step) != (rank, global_step) or fault.kind not in TAMPERING:
             continue
-        print(f"chaos: {fault.kind} on rank {rank} at step {global_step}", file=sys.stderr)
+        log.warning("chaos: %s on rank %d at step %d", fault.kind, rank, global_step)
         ids = ids[:-1] if fault.kind == "drop_sample" else torch.cat([ids[:-1], ids[:1]])
     return ids
 
@@ -66,7 +69,7 @@ def maybe_inject(
 
 def _fire(fault: Fault, rank: int, global_step: int) -> None:
     what = f"chaos: {fault.kind} on rank {rank} at step {global_step} ({fault.during})"
-    print(what, file=sys.stderr, flush=True)
+    log.warning(what)  # handlers flush each record: it is out before a kill
     if fault.kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif fault.kind == "raise":

@@ -59,6 +59,7 @@ class Worker:
     task: tasks.Task
     train: Any
     val: Any
+    info: Any  # Loaded.info: what the task's load learned, for its build_model and metrics
     plan: Plan
     model: nn.Module
     optimizer: torch.optim.Optimizer

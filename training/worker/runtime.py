@@ -23,7 +23,7 @@ from torch import nn
 from training.core import storage
 from training.core.config import Config
 from training.observability import metrics
-from training.ray_internals import drain, spares
+from training.ray_internals import console, drain, spares
 
 # Writes a checkpoint to storage (manifest last) and returns its directory.
 Upload = Callable[[], str]
@@ -36,6 +36,7 @@ class RayRuntime:
         import ray.train
         import ray.train.torch
 
+        console.quiet_report_echo()  # Ray's echo of every report: the progress lines say it
         self._cfg = cfg
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()

@@ -35,7 +35,8 @@ def train_step(worker: Worker, global_step: int) -> float:
     worker.model.train()
     worker.optimizer.zero_grad(set_to_none=True)
     for index, chunk in enumerate(chunks):
-        batch = tasks.to_device(worker.task.batch(worker.train, chunk, batch_seed), worker.device)
+        samples = worker.task.batch(worker.train, chunk, batch_seed, training=True)
+        batch = tasks.to_device(samples, worker.device)
         worker.interval.consume(global_step, chunk)
         # In-step randomness (dropout) depends only on (seed, global step, rank, micro-batch).
         data.seed_step(
@@ -90,7 +91,7 @@ def autocast(worker: Worker):
 
 def global_batch_ids(worker: Worker, epoch: int, step_in_epoch: int) -> torch.Tensor:
     # Streaming (#15): a sharded task's layout makes the order shard-aware (None: a shuffle).
-    layout = worker.task.shard_layout()
+    layout = worker.task.shard_layout(worker.train)
     batch_size = worker.cfg.training.global_batch_size
     order = epoch_order_cached(
         worker.cfg.training.seed, epoch, len(worker.train), layout, batch_size
