@@ -156,6 +156,9 @@ class CausalLanguageModel(Task):
     def build_model(self) -> nn.Module:
         return BytesGPT(self.options)
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.blocks.layers)  # one FSDP unit per Transformer block
+
     def batch(self, samples: Blocks, ids: torch.Tensor, seed: int) -> torch.Tensor:
         rows = np.stack([samples.get(int(i)) for i in ids])
         return torch.from_numpy(rows.astype(np.int64))

@@ -40,6 +40,7 @@ from training.core.runlog import RunLog
 from training.core.save_protocol import SaveProtocol
 from training.ray_internals import drain, spares
 from training.tasks import contract
+from training.worker import sharded, sharded_checkpointer
 from training.worker.boundary import StepBoundary
 from training.worker.cadence import Due, Interval, close_interval, record_step
 from training.worker.checkpointer import restore_extra, save_and_report, save_on_failure
@@ -153,7 +154,12 @@ def build_worker(
     train, val = task.load()
     plan = Plan.for_run(cfg, len(train))
     torch.manual_seed(data.derive_seed(cfg.training.seed, "init"))  # same init on every rank
-    model = runtime.prepare_model(task.build_model())
+    if cfg.training.parallelism == "fsdp":  # sharded over the ranks, FSDP2 (worker/sharded.py)
+        model = task.build_model()
+        units = task.shard_units(model)
+        model = sharded.prepare(model, units, cfg.training.precision, runtime.device)
+    else:
+        model = runtime.prepare_model(task.build_model())
     optimizer = build_optimizer(cfg.training.optimizer, model, task.param_groups(unwrap(model)))
     device = runtime.device
     return Worker(
@@ -181,7 +187,9 @@ def build_worker(
 def resume(worker: Worker) -> tuple[Progress, str | None]:
     """Load the newest valid checkpoint on storage, if any; rank 0 chooses it for everyone by
     loading it (one read, its checksum checked as it streams; a corrupted one is skipped), then
-    every other rank reads it once."""
+    every other rank reads it once. Sharded (fsdp): ``sharded_checkpointer.resume``."""
+    if worker.cfg.training.parallelism == "fsdp":
+        return sharded_checkpointer.resume(worker)
     fs, run_dir = worker.fs, worker.run_dir
     loaded = None
     if worker.rank == 0:
@@ -250,8 +258,14 @@ def run_steps(worker: Worker, progress: Progress) -> None:
     last_step = worker.plan.total_steps
     worker.interval = Interval()
     # Not on streamed data: reads outside the prefetch plan there would cost the plan's memory
-    # budget and its bookkeeping (check-task still checks such a task).
-    if progress.global_step == 0 and worker.rank == 0 and worker.task.shard_layout() is None:
+    # budget and its bookkeeping (check-task still checks such a task). Not under fsdp either:
+    # a forward on rank 0 alone would wait for its peers' shards forever.
+    if (
+        progress.global_step == 0
+        and worker.rank == 0
+        and worker.task.shard_layout() is None
+        and worker.cfg.training.parallelism != "fsdp"
+    ):
         check_task_at_start(worker)
     # Streaming (#15): tell the task which ids this rank's remaining steps use, so it can read
     # ahead in the background; a no-op for in-memory tasks.
@@ -279,7 +293,7 @@ def run_steps(worker: Worker, progress: Progress) -> None:
         if due.evaluate:
             step_metrics.update(evaluate(worker, global_step))
         if due.checkpoint or draining:
-            save_and_report(worker, global_step, step_metrics)
+            save_checkpoint(worker, global_step, step_metrics)
             if draining and global_step < last_step:
                 worker.reporter.wait()  # the drain checkpoint is Ray's before this rank stops
                 drain.hold(global_step)
@@ -291,6 +305,13 @@ def run_steps(worker: Worker, progress: Progress) -> None:
     if worker.runlog is not None:
         worker.runlog.write("end", global_step=last_step)
         worker.runtime.metrics.run_ended(cfg.run.name)
+
+
+def save_checkpoint(worker: Worker, global_step: int, step_metrics: dict[str, Any]) -> None:
+    if worker.cfg.training.parallelism == "fsdp":  # every rank writes its shards
+        sharded_checkpointer.save_and_report(worker, global_step, step_metrics)
+    else:  # rank 0 stages the whole state
+        save_and_report(worker, global_step, step_metrics)
 
 
 def check_task_at_start(worker: Worker) -> None:
