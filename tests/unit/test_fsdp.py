@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from training import tasks
 from training.core import checkpoint, runlog
-from training.core.config import ConfigError, read_raw, validate_sections
+from training.core.config import ConfigError, identity_diff, read_raw, validate_sections
 from training.driver.settings import parse_config
 
 FS = pafs.LocalFileSystem()
@@ -195,3 +195,12 @@ def test_on_failure_defaults_to_what_the_parallelism_can_do():
     assert validate_sections(read_raw(None, [])).checkpoint.on_failure is True
     fsdp = validate_sections(read_raw(None, ["training.parallelism=fsdp"]))
     assert fsdp.checkpoint.on_failure is False
+
+
+def test_a_run_cannot_switch_parallelism_its_checkpoints_would_be_unreadable():
+    ddp = validate_sections(read_raw(None, [])).model_dump()
+    fsdp = validate_sections(read_raw(None, ["training.parallelism=fsdp"])).model_dump()
+    assert identity_diff(ddp, fsdp) == ["training.parallelism: 'ddp' -> 'fsdp'"]
+    del ddp["training"]["parallelism"]  # a run saved before the field existed was ddp
+    assert identity_diff(ddp, fsdp) == ["training.parallelism: 'ddp' -> 'fsdp'"]
+    assert identity_diff(ddp, validate_sections(read_raw(None, [])).model_dump()) == []

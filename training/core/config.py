@@ -306,7 +306,11 @@ IDENTITY_FIELDS = (
     "training.optimizer",
     "training.lr_schedule",
     "training.grad_clip_norm",
+    # The checkpoint format differs: a run cannot read the other mode's checkpoints.
+    "training.parallelism",
 )
+# What a run saved before the field existed meant.
+IDENTITY_DEFAULTS = {"training.parallelism": "ddp"}
 
 
 def identity_diff(
@@ -316,6 +320,8 @@ def identity_diff(
     diffs = []
     for dotted in fields:
         old, new = _lookup(saved, dotted), _lookup(current, dotted)
+        if old is None:
+            old = IDENTITY_DEFAULTS.get(dotted)
         if old != new:
             diffs.append(f"{dotted}: {old!r} -> {new!r}")
     return diffs
