@@ -64,14 +64,17 @@ def train_in_process(
 ) -> None:
     """The same attempt without Ray: one process, or one of a ``torchrun`` job (see
     ``runtime.LocalRuntime``); ``timeout_s`` bounds a collective whose peer died."""
-    attempt(
-        config_dict,
-        functools.partial(LocalRuntime, timeout_s=timeout_s, init_method=init_method),
-    )
-    # The group's threads must end before the interpreter does: left to process exit, gloo's
-    # teardown aborted a finished rank ("terminate called without an active exception").
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        attempt(
+            config_dict,
+            functools.partial(LocalRuntime, timeout_s=timeout_s, init_method=init_method),
+        )
+    finally:
+        # The group's threads must end before the interpreter does: left to process exit,
+        # gloo's teardown aborted a finished rank ("terminate called without an active
+        # exception"), and crashed (SIGSEGV) one that raised.
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def attempt(config_dict: dict[str, Any], make_runtime: Callable[[Config], Runtime]) -> None:
