@@ -109,6 +109,13 @@ class TrainingSection(Section):
     deterministic: bool = Field(
         False, description="torch.use_deterministic_algorithms (slower kernels on GPU)."
     )
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every worker holds the whole model (DDP), rank 0 writes one checkpoint "
+        "file. fsdp: parameters, gradients and optimizer state sharded over the workers (FSDP2, "
+        "the task's shard units), every worker writes its shards (Distributed Checkpoint), "
+        "loadable at any world size; local/shared storage only; docs/fsdp.md.",
+    )
     collective_timeout_s: PositiveFloat = Field(
         300, description="A peer silent this long in a collective fails the attempt (Ray: 30 min)."
     )
@@ -170,11 +177,13 @@ class CheckpointSection(Section):
         description="async: training continues while the checkpoint uploads (measured: 1.98 s "
         "-> 0.05 s pause per 10 MB checkpoint); sync: report() returns after the upload.",
     )
-    on_failure: bool = Field(
-        True,
+    on_failure: bool | None = Field(
+        None,
         description="When a peer dies or a collective fails, rank 0 saves the state it holds "
         "(the last completed step), so the retry redoes no step; if rank 0 itself died, the "
-        "retry resumes from the newest periodic checkpoint.",
+        "retry resumes from the newest periodic checkpoint. null: true under "
+        "training.parallelism ddp, false under fsdp (where no rank holds the whole state, so it "
+        "cannot be set true).",
     )
 
 
@@ -246,6 +255,31 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _fsdp_supported(self) -> Config:
+        if self.training.parallelism != "fsdp":
+            if self.checkpoint.on_failure is None:
+                self.checkpoint.on_failure = True
+            return self
+        if self.storage.path.startswith("s3://"):
+            raise ValueError(
+                "training.parallelism: fsdp writes sharded checkpoints to a local or shared "
+                f"path only; storage.path is {self.storage.path!r}"
+            )
+        if self.training.precision == "fp16":
+            raise ValueError(
+                "training.precision: fp16 is not supported with training.parallelism: fsdp "
+                "(no sharded grad scaler); use bf16 or fp32"
+            )
+        if self.checkpoint.on_failure:
+            raise ValueError(
+                "checkpoint.on_failure: true is not possible with training.parallelism: fsdp: "
+                "no rank holds the whole state, and a dead peer's shards die with it (the retry "
+                "resumes from the newest periodic checkpoint; docs/fsdp.md); leave it unset"
+            )
+        self.checkpoint.on_failure = False
+        return self
+
+    @model_validator(mode="after")
     def _faults_target_existing_ranks(self) -> Config:
         for i, fault in enumerate(self.chaos.faults):
             if fault.during == "serialize" and fault.rank != 0:
@@ -272,7 +306,11 @@ IDENTITY_FIELDS = (
     "training.optimizer",
     "training.lr_schedule",
     "training.grad_clip_norm",
+    # The checkpoint format differs: a run cannot read the other mode's checkpoints.
+    "training.parallelism",
 )
+# What a run saved before the field existed meant.
+IDENTITY_DEFAULTS = {"training.parallelism": "ddp"}
 
 
 def identity_diff(
@@ -282,6 +320,8 @@ def identity_diff(
     diffs = []
     for dotted in fields:
         old, new = _lookup(saved, dotted), _lookup(current, dotted)
+        if old is None:
+            old = IDENTITY_DEFAULTS.get(dotted)
         if old != new:
             diffs.append(f"{dotted}: {old!r} -> {new!r}")
     return diffs

@@ -155,6 +155,14 @@ class Task(Generic[Info]):
         del model
         return None
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module] | None:
+        """Under ``training.parallelism: fsdp``: the submodules of ``model`` sharded as units
+        (their parameters gathered for their forward and freed after), typically the transformer
+        blocks. None: the framework's rule (the entries of the model's ``nn.ModuleList`` s, else
+        its children with parameters)."""
+        del model
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Extra state saved in every checkpoint (EMA weights, a tokenizer's state)."""
         return {}

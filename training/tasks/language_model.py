@@ -170,6 +170,9 @@ class CausalLanguageModel(Task[CorpusInfo]):
     def build_model(self, info: CorpusInfo) -> nn.Module:
         return BytesGPT(self.options)  # the vocabulary is fixed: every byte
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.blocks.layers)  # one FSDP unit per Transformer block
+
     def batch(
         self, samples: Blocks, ids: torch.Tensor, seed: int, *, training: bool
     ) -> torch.Tensor:

@@ -40,6 +40,7 @@ from training.core.runlog import RunLog
 from training.core.save_protocol import SaveProtocol
 from training.ray_internals import drain, spares
 from training.tasks import contract
+from training.worker import sharded, sharded_checkpointer
 from training.worker.boundary import StepBoundary
 from training.worker.cadence import Due, Interval, close_interval, record_step
 from training.worker.checkpointer import restore_extra, save_and_report, save_on_failure
@@ -63,14 +64,17 @@ def train_in_process(
 ) -> None:
     """The same attempt without Ray: one process, or one of a ``torchrun`` job (see
     ``runtime.LocalRuntime``); ``timeout_s`` bounds a collective whose peer died."""
-    attempt(
-        config_dict,
-        functools.partial(LocalRuntime, timeout_s=timeout_s, init_method=init_method),
-    )
-    # The group's threads must end before the interpreter does: left to process exit, gloo's
-    # teardown aborted a finished rank ("terminate called without an active exception").
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        attempt(
+            config_dict,
+            functools.partial(LocalRuntime, timeout_s=timeout_s, init_method=init_method),
+        )
+    finally:
+        # The group's threads must end before the interpreter does: left to process exit,
+        # gloo's teardown aborted a finished rank ("terminate called without an active
+        # exception"), and crashed (SIGSEGV) one that raised.
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def attempt(config_dict: dict[str, Any], make_runtime: Callable[[Config], Runtime]) -> None:
@@ -153,7 +157,12 @@ def build_worker(
     loaded = tasks.load(task)
     plan = Plan.for_run(cfg, len(loaded.train))
     torch.manual_seed(data.derive_seed(cfg.training.seed, "init"))  # same init on every rank
-    model = runtime.prepare_model(task.build_model(loaded.info))
+    if cfg.training.parallelism == "fsdp":  # sharded over the ranks, FSDP2 (worker/sharded.py)
+        model = task.build_model(loaded.info)
+        units = task.shard_units(model)
+        model = sharded.prepare(model, units, cfg.training.precision, runtime.device)
+    else:
+        model = runtime.prepare_model(task.build_model(loaded.info))
     optimizer = build_optimizer(cfg.training.optimizer, model, task.param_groups(unwrap(model)))
     device = runtime.device
     return Worker(
@@ -182,7 +191,9 @@ def build_worker(
 def resume(worker: Worker) -> tuple[Progress, str | None]:
     """Load the newest valid checkpoint on storage, if any; rank 0 chooses it for everyone by
     loading it (one read, its checksum checked as it streams; a corrupted one is skipped), then
-    every other rank reads it once."""
+    every other rank reads it once. Sharded (fsdp): ``sharded_checkpointer.resume``."""
+    if worker.cfg.training.parallelism == "fsdp":
+        return sharded_checkpointer.resume(worker)
     fs, run_dir = worker.fs, worker.run_dir
     loaded = None
     if worker.rank == 0:
@@ -251,9 +262,11 @@ def run_steps(worker: Worker, progress: Progress) -> None:
     last_step = worker.plan.total_steps
     worker.interval = Interval()
     # Not on streamed data: reads outside the prefetch plan there would cost the plan's memory
-    # budget and its bookkeeping (check-task still checks such a task).
+    # budget and its bookkeeping (check-task still checks such a task). Not under fsdp either:
+    # a forward on rank 0 alone would wait for its peers' shards forever.
     streamed = worker.task.shard_layout(worker.train) is not None
-    if progress.global_step == 0 and worker.rank == 0 and not streamed:
+    sharded_model = worker.cfg.training.parallelism == "fsdp"
+    if progress.global_step == 0 and worker.rank == 0 and not streamed and not sharded_model:
         check_task_at_start(worker)
     # Streaming (#15): tell the task which ids this rank's remaining steps use, so it can read
     # ahead in the background; a no-op for in-memory tasks.
@@ -281,7 +294,7 @@ def run_steps(worker: Worker, progress: Progress) -> None:
         if due.evaluate:
             step_metrics.update(evaluate(worker, global_step))
         if due.checkpoint or draining:
-            save_and_report(worker, global_step, step_metrics)
+            save_checkpoint(worker, global_step, step_metrics)
             if draining and global_step < last_step:
                 worker.reporter.wait()  # the drain checkpoint is Ray's before this rank stops
                 drain.hold(global_step)
@@ -293,6 +306,13 @@ def run_steps(worker: Worker, progress: Progress) -> None:
     if worker.runlog is not None:
         worker.runlog.write("end", global_step=last_step)
         worker.runtime.metrics.run_ended(cfg.run.name)
+
+
+def save_checkpoint(worker: Worker, global_step: int, step_metrics: dict[str, Any]) -> None:
+    if worker.cfg.training.parallelism == "fsdp":  # every rank writes its shards
+        sharded_checkpointer.save_and_report(worker, global_step, step_metrics)
+    else:  # rank 0 stages the whole state
+        save_and_report(worker, global_step, step_metrics)
 
 
 def check_task_at_start(worker: Worker) -> None:

@@ -12,9 +12,14 @@ directory without it, or with a file of the wrong size, is never loaded. Each ra
 files it wrote itself (no rank reads another's shards), and the digests travel to rank 0 through
 the collectives seam.
 
+Alongside the shards, rank 0 writes ``loop_state.pt`` (LR schedule, progress, resolved config,
+grad scaler and task state: small, the same on every rank). The manifest has the project's
+format plus ``"layout": "dcp"``, so ``status``, ``verify``, ``prune`` and resume's scan read it
+like any other checkpoint.
+
 Local and shared paths only (DCP's ``FileSystemWriter``); S3 needs a DCP storage writer over
-``pyarrow.fs``, not written yet. This module is the base for ``training.parallelism: fsdp``
-(issue 26); the loop does not use it yet.
+``pyarrow.fs``, not written yet (the config refuses ``fsdp`` with ``s3://`` storage). The loop
+uses this under ``training.parallelism: fsdp`` (``training/worker/sharded_checkpointer.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,49 +42,120 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
-from training.core.checkpoint import MANIFEST_FILE, InvalidCheckpoint
+from training.core.checkpoint import FORMAT_VERSION, MANIFEST_FILE, InvalidCheckpoint
 from training.worker.collectives import Collectives
 
 _READ_CHUNK = 16 << 20
+LAYOUT = "dcp"
+LOOP_STATE_FILE = "loop_state.pt"
 
 
-def shard(model: nn.Module, units: Iterable[nn.Module], device_type: str) -> nn.Module:
+def shard(
+    model: nn.Module,
+    units: Iterable[nn.Module],
+    device_type: str,
+    mp_policy: MixedPrecisionPolicy | None = None,
+) -> nn.Module:
     """``fully_shard`` each unit (a transformer block, say: its parameters are gathered for its
     forward and freed after) and then the root, over all ranks of the process group."""
+    if not dist.is_initialized():  # one process alone: FSDP2 and DCP still need a group
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    policy = mp_policy or MixedPrecisionPolicy()
     for unit in units:
-        fully_shard(unit, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
-def save(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every rank calls this: each writes its shards, then rank 0 the manifest, last."""
+def prepare(
+    model: nn.Module, units: list[nn.Module] | None, precision: str, device: torch.device
+) -> nn.Module:
+    """The task's model on ``device``, sharded over every rank: ``units`` (the task's, else
+    ``default_units``) and the root. bf16: FSDP2's own policy (parameters gathered and computed
+    in bf16, gradients reduced and kept in fp32) in place of autocast."""
+    model = model.to(device)
+    policy = MixedPrecisionPolicy()
+    if precision == "bf16":
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32
+        )
+    chosen = default_units(model) if units is None else units
+    return shard(model, chosen, device.type, policy)
+
+
+def default_units(model: nn.Module) -> list[nn.Module]:
+    """Where a task names none: the entries of the outermost ``nn.ModuleList`` s (transformer
+    blocks, in most models), else the direct children that hold parameters."""
+    found: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        if isinstance(module, nn.ModuleList):
+            found += [m for m in module if any(True for _ in m.parameters())]
+            inside |= {id(m) for m in module.modules()}
+    if found:
+        return found
+    return [c for c in model.children() if any(True for _ in c.parameters())]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def full_norm(norm: torch.Tensor) -> torch.Tensor:
+    """``clip_grad_norm_`` over DTensor gradients returns a DTensor: its value, on every rank."""
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def save(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loop_state: dict[str, Any] | None = None,
+    before_manifest: Callable[[], None] = lambda: None,
+) -> None:
+    """Every rank calls this: each writes its shards (rank 0 also ``loop_state``, the part of
+    the state that is not sharded), then rank 0 the manifest, last."""
     directory = Path(directory)
     comm = Collectives(torch.device("cpu"))
     model_state, optimizer_state = get_state_dict(model, optimizer)
     # DCP's save ends once the coordinator has written .metadata after every rank's writes.
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
     mine = _describe_own_files(directory, dist.get_rank())
+    if dist.get_rank() == 0 and loop_state is not None:
+        torch.save(loop_state, directory / LOOP_STATE_FILE)
+        mine[LOOP_STATE_FILE] = _describe(directory / LOOP_STATE_FILE)
+    before_manifest()
     every = comm.gather_objects(mine)
     if dist.get_rank() == 0:
         files = {name: meta for rank_files in every for name, meta in rank_files.items()}
         files[".metadata"] = _describe(directory / ".metadata")
-        manifest = {"format": "dcp", "world_size": dist.get_world_size(), "files": files}
+        manifest = {
+            "format": FORMAT_VERSION,
+            "layout": LAYOUT,
+            "world_size": dist.get_world_size(),
+            "progress": (loop_state or {}).get("progress"),
+            "files": files,
+        }
         (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     comm.barrier()  # nobody treats the checkpoint as written before its manifest is
 
 
 def validate(directory: str | Path) -> dict[str, Any]:
-    """The manifest, if every file it lists is there with its size; else InvalidCheckpoint. The
-    checksums are checked where the files are read (``verify`` may hash them all)."""
+    """The manifest, if it is a sharded checkpoint's and every file it lists is there with its
+    size; else InvalidCheckpoint. The checksums: ``corrupted_files``."""
     directory = Path(directory)
     path = directory / MANIFEST_FILE
     if not path.is_file():
         raise InvalidCheckpoint(f"{directory}: no manifest (a partial write)")
     manifest = json.loads(path.read_text())
+    if manifest.get("layout") != LAYOUT:
+        raise InvalidCheckpoint(f"{directory}: not a sharded (DCP) checkpoint")
     for name, meta in manifest["files"].items():
         file = directory / name
         if not file.is_file() or file.stat().st_size != meta["size"]:
@@ -90,8 +166,22 @@ def validate(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every rank calls this, at any world size: each reads the slices its shards need."""
+def corrupted_files(directory: str | Path, rank: int, world_size: int) -> list[str]:
+    """This rank's share of the checksum check (every ``world_size``-th file of the manifest):
+    the files whose SHA-256 differs from it. The ranks split the reading; the caller gathers."""
+    directory = Path(directory)
+    manifest = validate(directory)
+    names = sorted(manifest["files"])[rank::world_size]
+    return [
+        n for n in names if _describe(directory / n)["sha256"] != manifest["files"][n]["sha256"]
+    ]
+
+
+def load(
+    directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Every rank calls this, at any world size: each reads the slices its shards need.
+    Returns ``loop_state`` (empty if the checkpoint has none)."""
     validate(directory)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
@@ -99,6 +189,10 @@ def load(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimiz
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
+    loop_state = Path(directory) / LOOP_STATE_FILE
+    if not loop_state.is_file():
+        return {}
+    return torch.load(loop_state, map_location="cpu", weights_only=True)
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

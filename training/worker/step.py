@@ -13,7 +13,7 @@ from torch import nn
 
 from training import tasks
 from training.core import data
-from training.worker import chaos
+from training.worker import chaos, sharded
 from training.worker.context import inject_faults, unwrap
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ def train_step(worker: Worker, global_step: int) -> float:
     if cfg.grad_clip_norm is not None:
         worker.scaler.unscale_(worker.optimizer)
         norm = nn.utils.clip_grad_norm_(worker.model.parameters(), cfg.grad_clip_norm)
+        norm = sharded.full_norm(norm)
         if not worker.scaler.is_enabled():  # fp16: the scaler skips steps with inf gradients
             worker.interval.watch(global_step, norm)
     lr = worker.scheduler.get_last_lr()[0]
@@ -75,7 +76,11 @@ def step_completed(worker: Worker, global_step: int) -> None:
 
 
 def no_sync_unless(model: nn.Module, sync: bool):
-    """DDP's no_sync on every micro-batch but the last: one gradient all-reduce per step."""
+    """DDP's no_sync on every micro-batch but the last: one gradient all-reduce per step. FSDP2:
+    its flag, read in backward, set for every micro-batch (reduce-scatter on the last only)."""
+    if sharded.is_sharded(model):
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
     if sync or not isinstance(model, nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
@@ -83,7 +88,8 @@ def no_sync_unless(model: nn.Module, sync: bool):
 
 def autocast(worker: Worker):
     precision = worker.cfg.training.precision
-    if precision == "fp32":
+    # fsdp: FSDP2's mixed-precision policy casts instead (sharded.prepare).
+    if precision == "fp32" or worker.cfg.training.parallelism == "fsdp":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(worker.device.type, dtype=dtype)

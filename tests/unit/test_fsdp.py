@@ -1,0 +1,206 @@
+"""``training.parallelism: fsdp`` on the real loop in plain processes (gloo ranks, ``in_process``):
+the built-in language model sharded with FSDP2, checkpointed through DCP by every rank.
+
+- killed half way and resumed at the same world size: bitwise equal to an uninterrupted run;
+- a checkpoint written by 2 ranks resumed by 3 and by 1: the ledger shows every sample once and
+  the loss continues where it was;
+- a torn shard: that checkpoint is skipped for the one before it.
+
+Each run is a few seconds (spawned ranks import torch)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+from in_process import run_ranks
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from training import tasks
+from training.core import checkpoint, runlog
+from training.core.config import ConfigError, identity_diff, read_raw, validate_sections
+from training.driver.settings import parse_config
+
+FS = pafs.LocalFileSystem()
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fsdp") / "corpus.txt"
+    data = tasks.DataSource(FS, str(path), str(path), 0.1)
+    tasks.build("language_model", {"demo_max_bytes": 60_000}, data).write_demo()
+    return path
+
+
+def config(corpus, storage, name: str, faults=()) -> dict:
+    return parse_config(
+        {
+            "run": {"name": name},
+            "storage": {"path": str(storage)},
+            "scaling": {"min_workers": 1, "max_workers": 3},
+            "task": {
+                "name": "language_model",
+                "options": {"block_size": 32, "d_model": 32, "n_heads": 2, "dropout": 0.1},
+            },
+            "data": {"path": str(corpus), "val_fraction": 0.1},
+            "training": {
+                "parallelism": "fsdp",
+                "max_steps": STEPS,
+                "global_batch_size": 12,
+                "micro_batch_size": 3,  # accumulation: FSDP2 reduce-scatters on the last only
+                "log_every_n_steps": 3,
+            },
+            "eval": {"batches": 1, "every_n_steps": 6},
+            "checkpoint": {"every_n_steps": 6},
+            "chaos": {"faults": list(faults)},
+        }
+    ).model_dump()
+
+
+def full_state(storage, name: str, tmp_path) -> dict:
+    """The newest checkpoint's whole model and optimizer, read without a process group."""
+    newest = checkpoint.newest_valid(FS, str(storage / name))
+    assert newest is not None and newest.step == STEPS
+    out = tmp_path / f"{name}.pt"
+    dcp_to_torch_save(newest.path, out)
+    return torch.load(out, weights_only=False)
+
+
+def tensors(tree, prefix=""):
+    if isinstance(tree, torch.Tensor):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for key in sorted(tree, key=str):
+            yield from tensors(tree[key], f"{prefix}/{key}")
+
+
+def ledger(storage, name: str) -> runlog.LedgerReport:
+    report = runlog.check_ledger(runlog.read_events(FS, str(storage / name)))
+    assert report.ok, report.errors
+    assert report.completed and report.final_step == STEPS
+    return report
+
+
+def losses(storage, name: str) -> dict[int, float]:
+    """The training loss of each log interval, by its last step (the final attempt's value)."""
+    events = runlog.read_events(FS, str(storage / name))
+    return {e["global_step"]: e["loss"] for e in events if e["event"] == "step" and "loss" in e}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    assert run_ranks(config(corpus, storage, "whole")) == [0, 0]
+    assert ledger(storage, "whole").resumed_from_steps == [None]
+    # verify --deep's check reads DCP checkpoints like any other: every file's SHA-256
+    assert [(i.step, i.valid) for i in checkpoint.scan(FS, str(storage / "whole"), full=True)] == [
+        (12, True),
+        (6, True),
+    ]
+    return storage, full_state(storage, "whole", storage)
+
+
+@pytest.fixture(scope="module")
+def stopped_at_step_7(corpus, tmp_path_factory):
+    """Two ranks, rank 0 raises before step 7: the run's newest checkpoint is step 6's."""
+    storage = tmp_path_factory.mktemp("runs")
+    fault = {"kind": "raise", "rank": 0, "step": 7}
+    raised, peer = run_ranks(config(corpus, storage, "split", [fault]))
+    assert raised == 1 and peer != 0
+    assert checkpoint.newest_valid(FS, str(storage / "split")).step == 6
+    return storage
+
+
+def resumed_copy(stopped, tmp_path, corpus, world_size: int) -> dict:
+    shutil.copytree(stopped / "split", tmp_path / "split")
+    fault = {"kind": "raise", "rank": 0, "step": 7}  # fired already: recorded in the run
+    assert run_ranks(config(corpus, tmp_path, "split", [fault]), world_size) == [0] * world_size
+    return ledger(tmp_path, "split")
+
+
+def test_killed_and_resumed_at_the_same_world_size_is_bitwise_equal(
+    corpus, stopped_at_step_7, uninterrupted, tmp_path
+):
+    report = resumed_copy(stopped_at_step_7, tmp_path, corpus, 2)
+    assert report.resumed_from_steps == [None, 6]
+    expected = dict(tensors(uninterrupted[1]))
+    got = dict(tensors(full_state(tmp_path, "split", tmp_path)))
+    assert expected.keys() == got.keys() and any("exp_avg" in k for k in expected)
+    for key, tensor in expected.items():
+        assert torch.equal(tensor, got[key]), key
+
+
+@pytest.mark.parametrize("world_size", [3, 1])
+def test_a_checkpoint_of_two_ranks_resumes_at_another_world_size_exactly_once(
+    corpus, stopped_at_step_7, uninterrupted, tmp_path, world_size
+):
+    report = resumed_copy(stopped_at_step_7, tmp_path, corpus, world_size)
+    assert report.world_sizes == [2, world_size] and report.resumed_from_steps == [None, 6]
+    # The loss continues where it was: as the uninterrupted run's at every later interval,
+    # up to the order in which another number of ranks sums the gradients.
+    whole, resumed = losses(uninterrupted[0], "whole"), losses(tmp_path, "split")
+    assert whole.keys() == resumed.keys() == {3, 6, 9, 12}
+    for step in (9, 12):
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-3), step
+    assert resumed[9] < whole[3]  # and it had learnt something by step 6
+
+
+def test_a_torn_shard_is_skipped_for_the_previous_checkpoint(
+    corpus, uninterrupted, tmp_path, monkeypatch
+):
+    shutil.copytree(uninterrupted[0] / "whole", tmp_path / "whole")
+    newest = checkpoint.newest_valid(FS, str(tmp_path / "whole"))
+    shard = f"{newest.path}/__1_0.distcp"
+    with open(shard, "r+b") as torn:
+        torn.truncate(100)
+    assert checkpoint.newest_valid(FS, str(tmp_path / "whole")).step == 6
+    assert run_ranks(config(corpus, tmp_path, "whole")) == [0, 0]
+    assert ledger(tmp_path, "whole").resumed_from_steps == [None, 6]
+
+
+def test_a_corrupted_shard_of_the_right_size_is_skipped(corpus, uninterrupted, tmp_path):
+    """Sizes hold, a byte differs: the ranks' split checksum check refuses it."""
+    shutil.copytree(uninterrupted[0] / "whole", tmp_path / "whole")
+    newest = checkpoint.newest_valid(FS, str(tmp_path / "whole"))
+    with open(f"{newest.path}/__0_0.distcp", "r+b") as shard:
+        shard.seek(200)
+        byte = shard.read(1)
+        shard.seek(200)
+        shard.write(bytes([byte[0] ^ 0xFF]))
+    assert run_ranks(config(corpus, tmp_path, "whole")) == [0, 0]
+    assert ledger(tmp_path, "whole").resumed_from_steps == [None, 6]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["training.parallelism=zero3"], "training.parallelism: Input should be 'ddp' or 'fsdp'"),
+        (
+            ["training.parallelism=fsdp", "checkpoint.on_failure=true"],
+            "checkpoint.on_failure: true is not possible with training.parallelism: fsdp",
+        ),
+        (["training.parallelism=fsdp", "training.precision=fp16"], "fp16 is not supported"),
+        (["training.parallelism=fsdp", "storage.path=s3://b/p"], "local or shared path only"),
+    ],
+)
+def test_fsdp_settings_that_cannot_work_are_refused_in_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_sections(read_raw(None, overrides))
+
+
+def test_on_failure_defaults_to_what_the_parallelism_can_do():
+    assert validate_sections(read_raw(None, [])).checkpoint.on_failure is True
+    fsdp = validate_sections(read_raw(None, ["training.parallelism=fsdp"]))
+    assert fsdp.checkpoint.on_failure is False
+
+
+def test_a_run_cannot_switch_parallelism_its_checkpoints_would_be_unreadable():
+    ddp = validate_sections(read_raw(None, [])).model_dump()
+    fsdp = validate_sections(read_raw(None, ["training.parallelism=fsdp"])).model_dump()
+    assert identity_diff(ddp, fsdp) == ["training.parallelism: 'ddp' -> 'fsdp'"]
+    del ddp["training"]["parallelism"]  # a run saved before the field existed was ddp
+    assert identity_diff(ddp, fsdp) == ["training.parallelism: 'ddp' -> 'fsdp'"]
+    assert identity_diff(ddp, validate_sections(read_raw(None, [])).model_dump()) == []
