@@ -2,9 +2,9 @@
 
     make e2e        # or: .venv/bin/python -m pytest tests/e2e/test_browser.py -s
 
-Debian's chromium (/usr/bin/chromium; `.ci/run` apt-installs it) driven by Playwright. One Compose
-cluster for the module, with the `monitoring` profile (head, 2 workers, Prometheus), and one
-training run on it; in file order:
+Debian's chromium (/usr/bin/chromium; `.ci/run` apt-installs it) driven by Playwright. The
+session's shared Compose cluster (tests/e2e/conftest.py: the `monitoring` profile, head, 2
+workers, Prometheus) and one training run on it; in file order:
   1. Prometheus's graph page shows the ray_elastic_trainer_loss series while the run trains
      (and the value it shows is a loss the run logged); Ray's own ray_train_* metrics answer too;
   2. the Ray dashboard asks for the token, and once given it lists the job as SUCCEEDED;
@@ -21,36 +21,29 @@ import json
 import math
 import os
 import re
-import secrets
 import subprocess
 import sys
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from e2e_support import run
-from test_compose import (
-    CLUSTER_UP_TIMEOUT_S,
+from support.cli import wait_for
+from support.compose import (
     CONFIG_IN_IMAGE,
     STORAGE,
     ComposeCluster,
-    dump_logs,
-    free_port,
     job_client,
     train_command,
-    wait_for,
     wait_for_job,
 )
+from support.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-PROMETHEUS_IMAGE = os.environ.get("PROMETHEUS_IMAGE", "elastic-trainer-prometheus:0.1.0")
 # Screenshots of failed pages (.ci/run points this into the checkout it was started from).
 ARTIFACTS = Path(os.environ.get("E2E_ARTIFACTS", REPO_ROOT / "test-artifacts" / "browser"))
 RUN_NAME = "e2e-browser"
@@ -58,69 +51,8 @@ PAGE_TIMEOUT_MS = 60_000
 SERIES_TIMEOUT_S = 180
 
 
-@dataclass
-class MonitoredCluster(ComposeCluster):
-    """The Compose cluster with the `monitoring` profile on for every compose command."""
-
-    prometheus_port: int = 0
-
-    @property
-    def prometheus(self) -> str:
-        return f"http://127.0.0.1:{self.prometheus_port}"
-
-    def compose(self, *args: str, timeout: float = 120, check: bool = True):
-        return super().compose("--profile", "monitoring", *args, timeout=timeout, check=check)
-
-    def query(self, promql: str) -> list[dict]:
-        """Prometheus's HTTP API (published on 127.0.0.1): the instant vector for ``promql``."""
-        url = f"{self.prometheus}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return json.load(response)["data"]["result"]
-
-
 @pytest.fixture(scope="module")
-def prometheus_image(project_image: str) -> str:
-    """docker/prometheus built on the base image that building the project image made."""
-    run(["docker", "build", "--tag", PROMETHEUS_IMAGE, str(REPO_ROOT / "docker" / "prometheus")],
-        timeout=900)  # fmt: skip
-    return PROMETHEUS_IMAGE
-
-
-@pytest.fixture(scope="module")
-def cluster(
-    prometheus_image: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Iterator[MonitoredCluster]:
-    c = MonitoredCluster(
-        project=f"et-browser-{uuid.uuid4().hex[:8]}",
-        env_file=tmp_path_factory.mktemp("compose") / "e2e.env",
-        token=secrets.token_hex(32),
-        dashboard_port=free_port(),
-        prometheus_port=free_port(),
-    )
-    c.env_file.write_text(
-        f"RAY_AUTH_TOKEN={c.token}\nDASHBOARD_HOST_PORT={c.dashboard_port}\n"
-        f"METRICS_HOST_PORT={free_port()}\nPROMETHEUS_HOST_PORT={c.prometheus_port}\n"
-        f"PROMETHEUS_IMAGE={prometheus_image}\nHEAD_MEMORY=3g\nWORKER_MEMORY=2g\n"
-    )
-    c.env_file.chmod(0o600)
-    failed_before = request.session.testsfailed
-    try:
-        c.compose(
-            "up", "--detach", "--no-build", "--scale", "worker=2", "--wait",
-            "--wait-timeout", str(CLUSTER_UP_TIMEOUT_S), "head", "worker", "prometheus",
-            timeout=CLUSTER_UP_TIMEOUT_S + 60,
-        )  # fmt: skip
-        c.mark(f"cluster up: head + 2 workers + prometheus healthy ({c.project})")
-        yield c
-    finally:
-        if request.session.testsfailed > failed_before:
-            dump_logs(c)
-        print("\n".join(["", "timeline:", *c.timeline]))
-        c.compose("down", "--volumes", "--remove-orphans", "--timeout", "10", timeout=180)
-
-
-@pytest.fixture(scope="module")
-def job_id(cluster: MonitoredCluster) -> str:
+def job_id(cluster: ComposeCluster) -> str:
     """One run for every page: 2 epochs (152 steps) on 2 workers, about 1.5 minutes."""
     submitted = job_client(cluster).submit_job(
         entrypoint=train_command(CONFIG_IN_IMAGE, RUN_NAME, training__epochs=2)
@@ -131,7 +63,7 @@ def job_id(cluster: MonitoredCluster) -> str:
 
 @pytest.fixture(scope="module")
 def finished_run(
-    cluster: MonitoredCluster, job_id: str, tmp_path_factory: pytest.TempPathFactory
+    cluster: ComposeCluster, job_id: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """The run directory, copied out of the volume once the job SUCCEEDED."""
     assert wait_for_job(cluster, job_id) == "SUCCEEDED"
@@ -187,7 +119,9 @@ def test_prometheus_graph_page_shows_the_training_loss(cluster, job_id, page, re
 
     # Readiness: Prometheus found the worker through Ray's service discovery and scraped it.
     expr = f'ray_elastic_trainer_loss{{ray_train_run_name="{RUN_NAME}"}}'
-    series = wait_for(f"{expr} in Prometheus", lambda: cluster.query(expr), SERIES_TIMEOUT_S)
+    series = wait_for(
+        lambda: cluster.query(expr), SERIES_TIMEOUT_S, f"{expr} in Prometheus", every=2
+    )
     cluster.mark(f"Prometheus API: {expr} = {series[0]['value'][1]}")
     query = urllib.parse.urlencode({"g0.expr": expr, "g0.tab": "1"})
     page.goto(f"{cluster.prometheus}/graph?{query}")
@@ -200,12 +134,13 @@ def test_prometheus_graph_page_shows_the_training_loss(cluster, job_id, page, re
     # Ray's own Train metrics, labelled with our run, from the same server. Over a window:
     # the controller's series go stale the moment the run ends, which may be before this.
     ray_train = wait_for(
-        "ray_train_* metrics of the run in Prometheus",
         lambda: cluster.query(
             "count by (__name__) (last_over_time("
             f'{{__name__=~"ray_train_.+",ray_train_run_name="{RUN_NAME}"}}[30m]))'
         ),
         SERIES_TIMEOUT_S,
+        "ray_train_* metrics of the run in Prometheus",
+        every=2,
     )
     names = sorted(s["metric"]["__name__"] for s in ray_train)
     cluster.mark(f"Prometheus API: ray_train_* series of {RUN_NAME}: {names}")
@@ -248,7 +183,7 @@ def tensorboard(finished_run: Path) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for("TensorBoard to list train/loss", lambda: _has_loss_tag(url), 90, every_s=1)
+        wait_for(lambda: _has_loss_tag(url), 90, "TensorBoard to list train/loss", every=1)
         yield url
     finally:
         server.terminate()

@@ -8,12 +8,13 @@ raylets cannot rejoin a head that forgot the cluster, so their containers restar
 from __future__ import annotations
 
 import pytest
-from healing_support import (
+from support.compose import compose_cluster
+from support.healing import (
     CLUSTER_DIR,
     STEPS_PER_EPOCH,
     crash_head_and_recover,
     finish,
-    supervised_cluster,
+    start_supervisor,
 )
 
 # A measurement for the README (what GCS fault tolerance buys), ~9 min: `make e2e-compare`,
@@ -28,6 +29,8 @@ def test_head_crash_without_gcs_ft_heals_by_resubmission(
     project_image: str, tmp_path: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> None:
     override = CLUSTER_DIR / "compose.no-gcs-ft.yaml"
-    with supervised_cluster(request, tmp_path, 1, NAME, EPOCHS, overrides=(override,)) as c:
+    # Its own project: a cluster without GCS fault tolerance, torn down at the end.
+    with compose_cluster(request, tmp_path, "et-heal", 1, overrides=(override,)) as c:
+        start_supervisor(c, NAME, EPOCHS)
         crash_head_and_recover(c, NAME)
         finish(c, NAME, total_steps=EPOCHS * STEPS_PER_EPOCH)

@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from ray.cluster_utils import Cluster
-from ray_runs import free_port
+from support.ray_cluster import ray_cluster as build_ray_cluster
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real Ray head (4 CPUs, dashboard for the state API) in its own processes.
-
-    The pytest process never calls ray.init itself: the tests drive Ray only through the CLI
-    (RAY_ADDRESS) and the state API, as a user would. (ray.init/shutdown cycles in one process
-    also crashed the interpreter.)
-    """
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 4, "include_dashboard": True, "dashboard_port": free_port()},
-    )
-    cluster.wait_for_nodes()
-    yield cluster
-    cluster.shutdown()
+    """A real Ray head (4 CPUs, dashboard for the state API) in its own processes."""
+    with build_ray_cluster(head_cpus=4, dashboard=True) as (cluster, _):
+        yield cluster
 
 
 @pytest.fixture(scope="session")

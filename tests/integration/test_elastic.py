@@ -6,7 +6,9 @@ task (scikit-learn's digits, a small CNN with seeded augmentation)."""
 from __future__ import annotations
 
 import pytest
-from ray_runs import events, start_cli, two_worker_cluster, wait_for, write_config
+from support.cli import start_cli, wait_for
+from support.ray_cluster import ray_cluster
+from support.runs import attempt_state, events, fault_fired, running_on, write_config
 
 from training.core import runlog
 
@@ -14,32 +16,16 @@ from training.core import runlog
 @pytest.fixture
 def cluster():
     """A head with no CPUs (no training worker lands there) and two 1-CPU worker nodes."""
-    with two_worker_cluster() as (cluster, workers):
+    with ray_cluster(head_cpus=0, worker_nodes=2) as (cluster, workers):
         yield cluster, workers
-
-
-def attempt_state(storage, name):
-    """(attempts, world size of the latest attempt, steps it ran) from the run log."""
-    try:
-        logged = events(storage, name)
-    except FileNotFoundError:
-        return 0, 0, 0
-    starts = [e for e in logged if e["event"] == "start"]
-    if not starts:
-        return 0, 0, 0
-    latest = starts[-1]
-    done = [e for e in logged if e["event"] == "step" and e["attempt"] == latest["attempt"]]
-    return len(starts), latest["world_size"], len(done)
-
-
-def running_on(storage, name, world_size, steps, after_attempt=0):
-    """True once an attempt later than ``after_attempt`` runs ``steps`` steps on ``world_size``."""
-    attempts, size, done = attempt_state(storage, name)
-    return attempts > after_attempt and size == world_size and done >= steps
 
 
 def test_node_lost_and_regained(tmp_path, cluster):
     ray_cluster, workers = cluster
+    # Rank 0 stalls (once each) before step 30, where a node is removed, and before step 70 on
+    # the one worker left, where a node is added back: each resize restarts the group and ends
+    # the stall, so the run needs no slack for either.
+    stalls = [{"kind": "stall", "rank": 0, "step": s, "seconds": 300} for s in (30, 70)]
     config = write_config(
         tmp_path / "elastic.yaml",
         tmp_path,
@@ -48,19 +34,25 @@ def test_node_lost_and_regained(tmp_path, cluster):
         # The image task: its seeded augmentation must not care how the batch is split.
         task={"name": "image", "options": {"width": 64}},
         data={"path": str(tmp_path / "digits"), "create_demo_if_missing": True},
-        training={"epochs": 12, "global_batch_size": 64, "log_every_n_steps": 50},
+        training={"epochs": 4, "global_batch_size": 64, "log_every_n_steps": 50},  # 100 steps
         checkpoint={"every_n_steps": 20, "num_to_keep": 2},
         failure={"max_failures": 5},
+        chaos={"faults": stalls},
     )
     log = tmp_path / "elastic.log"
     proc = start_cli(config, log, address=ray_cluster.address)
     try:
-        wait_for(lambda: running_on(tmp_path, "elastic", 2, 30), 240, "30 steps on 2 workers", proc)
+        wait_for(
+            lambda: running_on(tmp_path, "elastic", 2, 29) and fault_fired(tmp_path, "elastic", 0),
+            240,
+            "the stall before step 30 on 2 workers",
+            proc,
+        )
         ray_cluster.remove_node(workers[1])
         wait_for(
-            lambda: running_on(tmp_path, "elastic", 1, 20),
+            lambda: running_on(tmp_path, "elastic", 1, 1) and fault_fired(tmp_path, "elastic", 1),
             240,
-            "20 steps on the 1 worker left",
+            "the stall before step 70 on the 1 worker left",
             proc,
         )
         shrunk_at = attempt_state(tmp_path, "elastic")[0]

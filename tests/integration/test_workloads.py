@@ -9,7 +9,6 @@ import hashlib
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,17 +18,14 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pytest
 import torch
-from ray_runs import (
-    REPO,
+from support.cli import REPO, start_cli, train_cli, wait_for
+from support.runs import (
     alive_train_workers,
     assert_bitwise_equal,
     events,
     final_state,
     progress,
     redone_steps,
-    start_cli,
-    train_cli,
-    wait_for,
     write_config,
 )
 
@@ -223,15 +219,7 @@ def user_task_run(root: Path, name: str, retries: int = 2, **options) -> tuple[P
 
 def user_cli(config: Path, root: Path, address: str) -> subprocess.CompletedProcess:
     """The CLI run from the user's directory with it on PYTHONPATH, as the README says."""
-    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(root)}
-    return subprocess.run(
-        [sys.executable, "-m", "training", "train", "--config", str(config)],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return train_cli(config, address=address, cwd=root, env={"PYTHONPATH": str(root)})
 
 
 def test_users_own_task_from_outside_the_package_trains(tmp_path, ray_address):

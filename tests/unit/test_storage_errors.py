@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 import pytest
 import ray
 from click.testing import CliRunner
-from test_checkpoint import save
+from support.checkpoints import save
 
 from training.core import storage
 from training.core.config import StorageSection

@@ -1,24 +1,15 @@
-"""Helpers for the integration tests: configs, the training CLI run against a real Ray, polling,
-and reading a run back from storage."""
+"""A small run's config, reading a run back from storage (run log, checkpoints), the comparisons
+the fault tests make, and Ray's view of the training workers (state API)."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
-import pytest
 import yaml
 
 from training.core import checkpoint, runlog
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def write_config(path: Path, root: Path, **sections) -> Path:
@@ -44,19 +35,6 @@ def write_config(path: Path, root: Path, **sections) -> Path:
         raw.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-def train_cli(config: Path, *args: str, address: str, timeout: float = 300):
-    """`python -m training train` in a subprocess joined to the test's Ray (RAY_ADDRESS)."""
-    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "training", "train", "--config", str(config), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def run_dir(storage: Path, name: str) -> str:
@@ -85,32 +63,6 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
     ):
         for key in pa_:
             assert pa_[key].equal(pb[key]), f"optimizer state {key} differs"
-
-
-def start_cli(config: Path, log: Path, *args: str, address: str) -> subprocess.Popen:
-    """The training CLI in the background (output to ``log``), joined to the test's Ray."""
-    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "training", "train", "--config", str(config), *args],
-        cwd=REPO,
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
-    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"training exited ({proc.returncode}) while waiting for {what}")
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def progress(storage: Path, name: str) -> tuple[int, int]:
@@ -150,12 +102,6 @@ def alive_actor_pid(address: str, class_name: str) -> int:
     return actor.pid
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def redone_steps(logged: list[dict]) -> list[int]:
     """For each restart: steps the failed attempt completed that the next one did again."""
     last: dict[str, int] = {}
@@ -169,17 +115,32 @@ def redone_steps(logged: list[dict]) -> list[int]:
     ]
 
 
-@contextlib.contextmanager
-def two_worker_cluster():
-    """A head with no CPUs (no training worker lands there) and two 1-CPU worker nodes."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_port": free_port()}
-    )
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
+def attempt_state(storage: Path, name: str) -> tuple[int, int, int]:
+    """(attempts, world size of the latest attempt, steps it ran) from the run log."""
     try:
-        yield cluster, nodes
-    finally:
-        cluster.shutdown()
+        logged = events(storage, name)
+    except FileNotFoundError:
+        return 0, 0, 0
+    starts = [e for e in logged if e["event"] == "start"]
+    if not starts:
+        return 0, 0, 0
+    latest = starts[-1]
+    done = [e for e in logged if e["event"] == "step" and e["attempt"] == latest["attempt"]]
+    return len(starts), latest["world_size"], len(done)
+
+
+def running_on(storage: Path, name: str, world_size: int, steps: int, after_attempt=0) -> bool:
+    """True once an attempt later than ``after_attempt`` runs ``steps`` steps on ``world_size``."""
+    attempts, size, done = attempt_state(storage, name)
+    return attempts > after_attempt and size == world_size and done >= steps
+
+
+def newest_valid_step(storage: Path, name: str) -> int | None:
+    newest = checkpoint.newest_valid(pafs.LocalFileSystem(), run_dir(storage, name))
+    return newest.step if newest else None
+
+
+def fault_fired(storage: Path, name: str, index: int) -> bool:
+    """The chaos fault ``chaos.faults[index]`` of a run on local storage has fired (its marker
+    is written just before it fires: training/worker/chaos.py)."""
+    return (storage / "runs" / name / "chaos" / f"fault-{index}.fired").exists()

@@ -1,28 +1,21 @@
-"""Shared by the self-healing e2e tests: a Compose cluster (optionally with override files)
-whose run is submitted by the cluster's own supervisor, the run's attempts read from its run
-log on the volume, and the head crash with its recovery timeline."""
+"""Shared by the self-healing e2e tests: a run submitted by the Compose cluster's own supervisor
+container, the run's attempts read from its run log on the volume, and the head crash with its
+recovery timeline."""
 
 from __future__ import annotations
 
 import json
-import secrets
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-from e2e_support import run
-from test_compose import (
+from support.cli import wait_for
+from support.compose import (
     CONFIG_IN_IMAGE,
     STORAGE,
     ComposeCluster,
-    dump_logs,
-    free_port,
+    project_containers,
+    run,
     train_command,
-    wait_for,
 )
 
 CLUSTER_DIR = Path(__file__).resolve().parents[2] / "cluster"
@@ -49,17 +42,6 @@ print(json.dumps(sorted((a for a in out.values() if "start" in a), key=lambda a:
 """
 
 
-@dataclass
-class HealingCluster(ComposeCluster):
-    """A ComposeCluster with extra Compose files layered over cluster/compose.yaml."""
-
-    overrides: list[Path] = field(default_factory=list)
-
-    def compose(self, *args: str, timeout: float = 120, check: bool = True):
-        files = [a for f in self.overrides for a in ("--file", str(f))]
-        return super().compose(*files, *args, timeout=timeout, check=check)
-
-
 def attempts(c: ComposeCluster, name: str) -> list[dict[str, Any]]:
     script = ["python", "-c", ATTEMPTS_PY, f"{STORAGE}/{name}"]
     proc = c.compose("exec", "-T", "head", *script, check=False)
@@ -74,60 +56,18 @@ def inspect(container_id: str, fmt: str) -> str:
     return run(["docker", "inspect", "--format", fmt, container_id]).stdout.strip()
 
 
-def project_containers(c: ComposeCluster, *labels: str) -> list[str]:
-    filters = [f"label=com.docker.compose.project={c.project}", *labels]
-    cmd = ["docker", "ps", "--all", "--quiet", *[a for f in filters for a in ("--filter", f)]]
-    return run(cmd).stdout.split()
-
-
 def supervisor_container(c: ComposeCluster) -> str:
     found = project_containers(c, "label=com.docker.compose.service=submit")
     assert len(found) == 1, f"expected one supervisor container, found {found}"
     return found[0]
 
 
-@contextmanager
-def supervised_cluster(
-    request: pytest.FixtureRequest, tmp: Path, workers: int, name: str, epochs: int,
-    overrides: tuple[Path, ...] = (),
-) -> Iterator[HealingCluster]:  # fmt: skip
-    """Head + `workers` workers, healthy, and the supervisor container training `name`;
-    `down -v` afterwards, with every container's logs first if a test failed."""
-    token, dashboard_port = secrets.token_hex(32), free_port()
-    env_file = tmp / "e2e.env"
-    env_file.write_text(
-        f"RAY_AUTH_TOKEN={token}\nDASHBOARD_HOST_PORT={dashboard_port}\n"
-        f"METRICS_HOST_PORT={free_port()}\nHEAD_MEMORY=3g\nWORKER_MEMORY=2g\n"
-    )
-    env_file.chmod(0o600)
-    c = HealingCluster(
-        project=f"et-heal-{uuid.uuid4().hex[:8]}",
-        env_file=env_file,
-        token=token,
-        dashboard_port=dashboard_port,
-        overrides=list(overrides),
-    )
-    failed_before = request.session.testsfailed
-    try:
-        c.up(workers=workers)
-        extra = f" with {', '.join(o.name for o in overrides)}" if overrides else ""
-        c.mark(f"cluster up{extra}: head + {len(c.workers())} workers healthy ({c.project})")
-        entrypoint = train_command(CONFIG_IN_IMAGE, name, training__epochs=epochs).split()
-        c.compose("run", "--detach", "--no-deps", "submit", "python", "/app/cluster/supervisor.py",
-                  "--address=http://head:8265", "--", *entrypoint)  # fmt: skip
-        c.mark(
-            f"supervisor container started: it submits {name} ({epochs * STEPS_PER_EPOCH} steps)"
-        )
-        yield c
-    finally:
-        if request.session.testsfailed > failed_before:
-            dump_logs(c)
-            for sup in project_containers(c, "label=com.docker.compose.service=submit"):
-                print(run(["docker", "logs", "--tail", "200", sup], check=False).stdout[-20000:])
-        print("\n".join(["", "timeline:", *c.timeline]))
-        for leftover in project_containers(c):  # the supervisor is a one-off `run` container
-            run(["docker", "rm", "--force", leftover], check=False)
-        c.compose("down", "--volumes", "--remove-orphans", "--timeout", "10", timeout=180)
+def start_supervisor(c: ComposeCluster, name: str, epochs: int) -> None:
+    """The cluster's supervisor container, submitting the run ``name`` (and resubmitting it)."""
+    entrypoint = train_command(CONFIG_IN_IMAGE, name, training__epochs=epochs).split()
+    c.compose("run", "--detach", "--no-deps", "submit", "python", "/app/cluster/supervisor.py",
+              "--address=http://head:8265", "--", *entrypoint)  # fmt: skip
+    c.mark(f"supervisor container started: it submits {name} ({epochs * STEPS_PER_EPOCH} steps)")
 
 
 def wait_for_training(
@@ -145,7 +85,7 @@ def wait_for_training(
         done = last["last_step"] - (last["resumed_from"] or 0)
         return last if done >= min_steps else None
 
-    return wait_for(f"{name} training after t={after:.0f}", training, STEP_TIMEOUT_S)
+    return wait_for(training, STEP_TIMEOUT_S, f"{name} training after t={after:.0f}", every=2)
 
 
 def crash_head_and_recover(c: ComposeCluster, name: str) -> dict[str, Any]:
@@ -163,7 +103,7 @@ def crash_head_and_recover(c: ComposeCluster, name: str) -> dict[str, Any]:
         restarted = inspect(head, "{{.RestartCount}}") != "0"
         return restarted and inspect(head, "{{.State.Health.Status}}") == "healthy"
 
-    wait_for("the head to restart and be healthy", head_back, 240)
+    wait_for(head_back, 240, "the head to restart and be healthy", every=2)
     c.mark("head restarted by Docker and healthy")
     again = wait_for_training(c, name, after=killed_at, min_steps=1)
     restarts = {w[:12]: inspect(w, "{{.RestartCount}}") for w in workers}
@@ -179,8 +119,8 @@ def crash_head_and_recover(c: ComposeCluster, name: str) -> dict[str, Any]:
 def finish(c: ComposeCluster, name: str, total_steps: int) -> dict[str, Any]:
     """The supervisor exits 0 after its job SUCCEEDED; the ledger is exact."""
     sup = supervisor_container(c)
-    wait_for("the supervisor to finish", lambda: inspect(sup, "{{.State.Status}}") == "exited",
-             FINISH_TIMEOUT_S, every_s=5)  # fmt: skip
+    wait_for(lambda: inspect(sup, "{{.State.Status}}") == "exited", FINISH_TIMEOUT_S,
+             "the supervisor to finish", every=5)  # fmt: skip
     code = inspect(sup, "{{.State.ExitCode}}")
     result = c.verify(name)
     c.mark(f"supervisor exited {code}; verify: {json.dumps(result)}")
