@@ -38,7 +38,9 @@ def main(spec_path: str) -> int:
         status = "ok"
         try:
             cfg = load_config(spec["config"], spec["overrides"])
-            launch.train(cfg)
+            # verbose: the recovery rows read Ray Train's console lines (a failure detected,
+            # a worker group started), which a run prints only with train --verbose.
+            launch.train(cfg, verbose=True)
         except Exception:
             traceback.print_exc()
             status = "failed"
