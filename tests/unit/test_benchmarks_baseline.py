@@ -5,6 +5,7 @@ same world size, so a Ray/torchrun ratio compares launchers, not two copies of a
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,10 @@ def test_the_baseline_ends_bitwise_where_the_project_loop_ends(tmp_path):
          str(REPO / "benchmarks" / "torchrun_baseline.py"), "--config",
          str(REPO / "training" / "configs" / "local.yaml"),
          *(arg for o in overrides for arg in ("--set", o)), "--run-dir", str(tmp_path / "tr")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=180,
+        # Unbuffered: if it ever hangs again (once in CI, 2026-12-03, no output in 300 s; ~12 s
+        # when it runs), the timeout's captured output says how far the ranks got.
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     assert baseline.returncode == 0, baseline.stderr[-3000:]
     cfg = load_config(str(REPO / "training" / "configs" / "local.yaml"), overrides)
