@@ -145,3 +145,13 @@ def _tensors(args, kwargs):
             yield value
         elif isinstance(value, (list, tuple)):
             yield from (v for v in value if isinstance(v, torch.Tensor))
+
+
+def tensors(tree, prefix=""):
+    """(path, tensor) for every tensor in a nested state dict, in a fixed order: two states
+    compare tensor for tensor."""
+    if isinstance(tree, torch.Tensor):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for key in sorted(tree, key=str):
+            yield from tensors(tree[key], f"{prefix}/{key}")

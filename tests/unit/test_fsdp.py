@@ -15,7 +15,7 @@ import shutil
 import pyarrow.fs as pafs
 import pytest
 import torch
-from in_process import run_ranks
+from in_process import run_ranks, tensors
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from training import tasks
@@ -67,14 +67,6 @@ def full_state(storage, name: str, tmp_path) -> dict:
     out = tmp_path / f"{name}.pt"
     dcp_to_torch_save(newest.path, out)
     return torch.load(out, weights_only=False)
-
-
-def tensors(tree, prefix=""):
-    if isinstance(tree, torch.Tensor):
-        yield prefix, tree
-    elif isinstance(tree, dict):
-        for key in sorted(tree, key=str):
-            yield from tensors(tree[key], f"{prefix}/{key}")
 
 
 def ledger(storage, name: str) -> runlog.LedgerReport:

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 import torch.distributed as dist
-from in_process import run_function
+from in_process import run_function, tensors
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -75,14 +75,6 @@ def _load_and_dump(directory: str, out: str) -> None:
     if dist.get_rank() == 0:
         torch.save(state, out)
     dist.destroy_process_group()
-
-
-def tensors(tree, prefix=""):
-    if isinstance(tree, torch.Tensor):
-        yield prefix, tree
-    elif isinstance(tree, dict):
-        for key in sorted(tree, key=str):
-            yield from tensors(tree[key], f"{prefix}/{key}")
 
 
 @pytest.fixture(scope="module")
