@@ -33,17 +33,19 @@ def test_the_baseline_ends_bitwise_where_the_project_loop_ends(tmp_path):
         "training.micro_batch_size=8",  # what the old copy of the step left out
         "run.name=same",
     ]
-    baseline = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(REPO / "benchmarks" / "torchrun_baseline.py"), "--config",
-         str(REPO / "training" / "configs" / "local.yaml"),
-         *(arg for o in overrides for arg in ("--set", o)), "--run-dir", str(tmp_path / "tr")],
-        capture_output=True, text=True, timeout=180,
-        # Unbuffered: if it ever hangs again (once in CI, 2026-12-03, no output in 300 s; ~12 s
-        # when it runs), the timeout's captured output says how far the ranks got.
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    assert baseline.returncode == 0, baseline.stderr[-3000:]
+    output = tmp_path / "baseline.out"
+    with output.open("w") as out:
+        # Output to a file, not a pipe: a rank that outlives torchrun (they run in sessions of
+        # their own) cannot keep the test waiting on the pipe after the timeout.
+        baseline = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+             "2", str(REPO / "benchmarks" / "torchrun_baseline.py"), "--config",
+             str(REPO / "training" / "configs" / "local.yaml"),
+             *(arg for o in overrides for arg in ("--set", o)), "--run-dir", str(tmp_path / "tr")],
+            stdout=out, stderr=subprocess.STDOUT, timeout=180,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    assert baseline.returncode == 0, output.read_text()[-3000:]
     cfg = load_config(str(REPO / "training" / "configs" / "local.yaml"), overrides)
     assert run_ranks(cfg.model_dump()) == [0, 0]
 
