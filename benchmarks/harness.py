@@ -366,9 +366,6 @@ class Bench:
     ) -> tuple[Watch, Any]:
         name = self.name(tag)
         cmd = [sys.executable, "-m", "training", "train", "--config", str(TASKS[task][1])]
-        # --verbose: the measurement reads Ray Train's own console lines (a failure detected,
-        # a worker group started with each rank's pid), which are off by default.
-        cmd.append("--verbose")
         for item in self.overrides(name, steps, extra, task):
             cmd += ["--set", item]
         launched = self.launch(cmd, name)
@@ -625,15 +622,10 @@ class Bench:
     def recovery(self, runs, watches, launched) -> None:
         per: dict[str, list[dict[str, Any]]] = {k: [] for k in self.plan["recovery"]}
         per["torchrun"] = []
-        group_starts = analyze.ray_group_starts(session_dir(launched))
         for r, w in zip(runs, watches, strict=True):
             if w.begin is None:
                 continue
-            lines = launched.lines_after(w.begin)
-            recs = analyze.recoveries(analyze.events(w.run_dir), w.kills, lines, "ray")
-            for rec, group in zip(recs, group_starts.get(w.name, [])[1:], strict=False):
-                rec.update(group)  # Ray's own split of the group restart
-            per[r["key"]] += recs
+            per[r["key"]] += analyze.recoveries(analyze.events(w.run_dir), w.kills)
             self.cleanup(w)
         for _ in range(self.plan["reps"]):
             w, tl = self.torchrun(
@@ -642,9 +634,7 @@ class Bench:
                 "recovery-torchrun",
                 kill=KillPlan(self.plan["kill_after_s"]),
             )
-            per["torchrun"] += analyze.recoveries(
-                analyze.events(w.run_dir), w.kills, tl.lines, "torchrun"
-            )
+            per["torchrun"] += analyze.recoveries(analyze.events(w.run_dir), w.kills, tl.lines)
             self.cleanup(w)
         labels = {
             **{k: v[0] for k, v in RECOVERY.items()},
@@ -653,7 +643,7 @@ class Bench:
         phases = [
             "detect_s",
             "restart_s",
-            *analyze.RAY_GROUP_PHASES,
+            *analyze.GROUP_PHASES,
             "init_load_s",
             "first_step_s",
             "redo_s",
@@ -699,8 +689,7 @@ class Bench:
     def exact(self, runs, watches, launched) -> None:
         killed = watches[1]  # watches[0]: the uninterrupted reference
         kills = analyze.chaos_kills(killed.run_dir)
-        lines = launched.lines_after(killed.begin or 0)
-        recs = analyze.recoveries(analyze.events(killed.run_dir), kills, lines, "ray")
+        recs = analyze.recoveries(analyze.events(killed.run_dir), kills)
         ends = [analyze.final_weights(w.run_dir) for w in watches]
         steps = [end[0] if end else None for end in ends]
         equal = None not in ends and analyze.bitwise_equal(ends[0][1], ends[1][1])
@@ -886,14 +875,6 @@ class Bench:
         (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
         (self.out / "results.md").write_text(report.markdown(self.results))
         report.plot(self.results, self.out / "results.png")
-
-
-def session_dir(launched) -> Path:
-    """The Ray session directory that ``benchmarks.ray_session`` printed."""
-    for _, line in launched.lines:
-        if line.startswith("BENCH-SESSION "):
-            return Path(line.split(" ", 1)[1].strip())
-    return Path("/nonexistent")
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

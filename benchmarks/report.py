@@ -208,13 +208,15 @@ def markdown(r: dict[str, Any]) -> str:
             )
         out += [
             "",
-            "- detect: kill -> Ray's `[FailurePolicy] RETRY` line (torchrun: the agent's "
-            "restart line when printed, otherwise folded into restart). restart: -> "
-            "`Started training worker group` (torchrun: the new worker process began). "
-            "init + load: -> the attempt's `start` event (data, model, DDP, newest valid "
-            "checkpoint). Driver-output times can trail the event by up to ~0.5 s.",
+            "- From the run log: detect: kill -> `failure_detected` (Ray Train's controller "
+            "decided to retry; torchrun: the agent's restart line in its output, the one "
+            "figure read from console text, otherwise folded into restart). restart: -> "
+            "`group_started` (the new group's training function launched; torchrun: the new "
+            "worker process began). init + load: -> the attempt's `start` event (data, model, "
+            "DDP, newest valid checkpoint).",
             "",
-            "Ray Train's own split of the restart (its controller log), median [min-max] s:",
+            "Ray Train's split of the restart (the `group_started` event; the placement group "
+            "as Ray's GCS timed it), median [min-max] s:",
             "",
             "| launcher | placement group | actor processes | train context (imports) | "
             "launch | group start total |",
