@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import statistics
 from pathlib import Path
@@ -319,6 +320,8 @@ def settings(run_dir: Path, env: dict[str, str] | None = None) -> dict[str, Any]
         "eval_batches": cfg.get("eval", {}).get("batches"),
         "health_check_s": float(env.get(HC, cfg["failure"]["health_check_interval_s"])),
         "nice": runs[0]["start"].get("nice") if runs else None,  # rank 0's training thread
+        "threads": runs[0]["start"].get("threads") if runs else None,  # torch's, per worker
+        "cores": os.cpu_count(),  # the harness runs everything on this machine
         "gpu": cfg["scaling"]["use_gpu"],
         "precision": cfg["training"]["precision"],
         "deterministic": cfg["training"]["deterministic"],
@@ -336,6 +339,12 @@ def describe(st: dict[str, Any], launcher: str = "ray") -> str:
         f"{st['steps']} steps",
         f"checkpoint {_every(st['checkpoint_every'], 'at the end only')}",
     ]
+    if st.get("threads") is not None:
+        parts += [f"{st['threads']} threads per worker"]
+    if st.get("cores") is not None:
+        # Nothing is pinned: the launcher's own processes compete with the workers.
+        others = "Ray's daemons and driver" if launcher == "ray" else "torchrun's agent"
+        parts += [f"{st['cores']} cores shared with {others}"]
     if st.get("nice") is not None:
         parts += [f"nice {st['nice']}"]
     parts += [f"{key} {value}" for key, value in sorted((st.get("options") or {}).items())]

@@ -140,10 +140,12 @@ def descendants(root: int) -> set[int]:
     return found
 
 
-def run(launched: Launched, watches: list[Watch], timeout_s: float) -> int:
-    """Supervise until the process exits; returns its exit code (124 on timeout)."""
+def run(launched: Launched, watches: list[Watch], timeout_s: float, markers: bool = False) -> int:
+    """Supervise until the process exits; returns its exit code (124 on timeout). With
+    ``markers`` the process runs several watches one after another and prints when each
+    begins and ends (``benchmarks.ray_session``); without, its one watch spans the process."""
     deadline = time.time() + timeout_s
-    single = len(watches) == 1 and watches[0].kind == "torchrun"
+    single = not markers
     if single:
         watches[0].begin = launched.launched_at
     while launched.proc.poll() is None:

@@ -194,8 +194,8 @@ def markdown(r: dict[str, Any]) -> str:
             "",
             "| launcher | detect (s) | restart group (s) | init + checkpoint load (s) | "
             "first step (s) | kill -> first step (s) | steps redone | kill -> back at the "
-            "killed step (s) | new rank 0 in a warm spare |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "killed step (s) | new rank 0 in a warm spare | settings |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in r["recovery"]:
             warm = [x.get("warm_spare") for x in row.get("runs", [])]
@@ -204,7 +204,8 @@ def markdown(r: dict[str, Any]) -> str:
                 f"| {row['label']} | {_s(row['detect_s'])} | {_s(row['restart_s'])} | "
                 f"{_s(row['init_load_s'])} | {_s(row['first_step_s'], 3)} | "
                 f"**{_s(row['total_s'])}** | {_s(row['steps_redone'], 0)} | "
-                f"{_s(row['back_to_kill_point_s'])} | {warm_cell} |"
+                f"{_s(row['back_to_kill_point_s'])} | {warm_cell} | "
+                f"{row.get('settings', 'n/a')} |"
             )
         out += [
             "",
