@@ -50,9 +50,11 @@ class GroupEvents(ControllerCallback, WorkerGroupCallback):
         self.times["context_at"] = time.time()
 
     def after_worker_group_training_start(self, worker_group: Any) -> None:
+        launched = round(time.time(), 4)  # before asking Ray's GCS about the placement group
         workers = sorted(worker_group.get_workers(), key=lambda w: w.distributed_context.world_rank)
         self.write(
             "group_started",
+            time=launched,
             world_size=len(workers),
             pids=[w.metadata.pid for w in workers],
             placement_group_s=placement_group_seconds(worker_group),
