@@ -340,7 +340,7 @@ def describe(st: dict[str, Any], launcher: str = "ray") -> str:
         f"checkpoint {_every(st['checkpoint_every'], 'at the end only')}",
     ]
     if st.get("threads") is not None:
-        parts += [f"{st['threads']} threads per worker"]
+        parts += [f"{st['threads']} torch thread{'s' if st['threads'] != 1 else ''} per worker"]
     if st.get("cores") is not None:
         # Nothing is pinned: the launcher's own processes compete with the workers.
         others = "Ray's daemons and driver" if launcher == "ray" else "torchrun's agent"

@@ -148,3 +148,12 @@ def test_the_harness_kills_rank_1_of_the_newest_ray_group(tmp_path):
     (logs / "0000ffff.jsonl").write_text(json.dumps({"event": "step", "global_step": 3}) + "\n")
     os.utime(logs / "0000ffff.jsonl", (1_000, 1_000))  # older than the controller's files
     assert launch._newest_attempt(tmp_path)[0] == "0000ffff"
+
+
+def test_every_settings_line_says_threads_and_who_shares_the_cores():
+    st = {"task": "tabular", "workers": 2, "steps": 10, "checkpoint_every": 5, "threads": 1,
+          "cores": 2, "nice": 0, "global_batch": 64, "upload": "async", "report_every": None,
+          "health_check_s": 0.2}  # fmt: skip
+    ray, torchrun = analyze.describe(st, "ray"), analyze.describe(st, "torchrun")
+    assert "1 torch thread per worker, 2 cores shared with Ray's daemons and driver" in ray
+    assert "1 torch thread per worker, 2 cores shared with torchrun's agent" in torchrun

@@ -40,14 +40,14 @@ class GroupEvents(ControllerCallback, WorkerGroupCallback):
     def before_worker_group_start(self, worker_group_context: Any) -> None:
         self.groups += 1
         self.ray_attempt = str(worker_group_context.run_attempt_id)
-        self.times = {"requested_at": time.time()}
+        self.times = {"requested_at": round(time.time(), 4)}
 
     def before_init_train_context(self, workers: list[Any]) -> dict[str, list[Any]]:
-        self.times["actors_at"] = time.time()
+        self.times["actors_at"] = round(time.time(), 4)
         return {}
 
     def after_worker_group_start(self, worker_group: Any) -> None:
-        self.times["context_at"] = time.time()
+        self.times["context_at"] = round(time.time(), 4)
 
     def after_worker_group_training_start(self, worker_group: Any) -> None:
         launched = round(time.time(), 4)  # before asking Ray's GCS about the placement group
