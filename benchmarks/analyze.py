@@ -1,9 +1,10 @@
-"""Numbers from run logs (``<run dir>/runlog/*.jsonl``) and timestamped driver output."""
+"""Numbers from run logs (``<run dir>/runlog/*.jsonl``); torchrun's agent output for one."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import statistics
 from pathlib import Path
@@ -14,45 +15,11 @@ import torch
 
 from training.core import checkpoint, runlog
 
-# Driver-output lines that mark recovery phases (timestamped when the harness read them).
-DETECTED = {
-    "ray": r"\[FailurePolicy\] RETRY",
-    "torchrun": r"will restart worker group|Worker group FAILED|failed \(exitcode",
-}
 HC = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-GROUP_STARTED = {"ray": r"Started training worker group", "torchrun": r"Starting worker group"}
-
-
-# Ray Train's own timing of each worker-group start, in its controller's log file (DEBUG level).
-RAY_GROUP_PHASES = {
-    "placement_group_s": re.compile(r"Placement group ready in ([\d.]+)s"),
-    "actors_s": re.compile(r"worker actors created in ([\d.]+)s"),
-    "train_context_s": re.compile(r"Train context initialized on workers in ([\d.]+)s"),
-    "launch_s": re.compile(r"Train function launched on workers in ([\d.]+)s"),
-    "group_total_s": re.compile(r"Worker group startup completed in ([\d.]+)s total"),
-}
-
-
-def ray_group_starts(session_dir: Path) -> dict[str, list[dict[str, float]]]:
-    """Per run name, each worker-group start's phases as Ray Train timed them: placement group,
-    actor processes, train context (where the workers import the training code), launch."""
-    starts: dict[str, list[dict[str, float]]] = {}
-    for log_file in sorted(Path(session_dir).glob("logs/train/ray-train-sys-controller-*.log")):
-        for line in log_file.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            message, run = record.get("message", ""), record.get("run_name", "")
-            for key, pattern in RAY_GROUP_PHASES.items():
-                found = pattern.search(message)
-                if not found:
-                    continue
-                if key == "placement_group_s":
-                    starts.setdefault(run, []).append({})
-                if starts.get(run):
-                    starts[run][-1][key] = float(found.group(1))
-    return starts
+# torchrun's agent noticing a dead worker, in its own output: the agent records its events to
+# a logging destination nothing can read (torch.distributed.elastic.events, "null"), so this
+# line is all there is. Ray's side is in the run log (``failure_detected``).
+TORCHRUN_DETECTED = re.compile(r"will restart worker group|Worker group FAILED|failed \(exitcode")
 
 
 def stats(values: list[float]) -> dict[str, Any]:
@@ -201,17 +168,23 @@ def saves_ended(run_dir: Path) -> dict[int, float]:
 
 
 def recoveries(
-    evs: list[dict[str, Any]], kills: list[dict[str, Any]], lines, kind: str
+    evs: list[dict[str, Any]],
+    kills: list[dict[str, Any]],
+    agent_lines: list[tuple[float, str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Each kill's recovery, split into phases (seconds, all from wall-clock timestamps).
 
-    detect: kill -> the launcher reports the failure (Ray: FailurePolicy RETRY; torchrun: the
-    agent's restart line, else folded into restart); restart: -> new worker group started
-    (torchrun: the new worker process began); init_load: -> the new attempt's ``start`` event
-    (data, model, DDP, checkpoint load); first_step: -> its first step; redo: time spent
-    re-running steps past the checkpoint; total: kill -> first step after resume.
+    detect: kill -> the launcher decided to restart (Ray: the run log's ``failure_detected``,
+    which Ray Train's controller writes; torchrun: the agent's restart line in
+    ``agent_lines``, else folded into restart); restart: -> the new group is up (Ray: the run
+    log's ``group_started``, with Ray Train's own split of it; torchrun: the new worker process
+    began); init_load: -> the new attempt's ``start`` event (data, model, DDP, checkpoint
+    load); first_step: -> its first step; redo: time spent re-running steps past the
+    checkpoint; total: kill -> first step after resume.
     """
     runs = attempts(evs)
+    detections, slack = _detections(evs, agent_lines)
+    groups = [e for e in evs if e["event"] == "group_started"]
     out = []
     for kill in kills:
         t_kill = kill["time"]
@@ -224,46 +197,61 @@ def recoveries(
         resumed = new["start"]["resumed_from_step"] or 0
         t_start, t_first = new["start"]["time"], new["steps"][0]["time"]
         caught_up = next((s["time"] for s in new["steps"] if s["global_step"] >= last_done), None)
-        t_detect = first_line(lines, DETECTED[kind], t_kill, t_start)
-        t_group = first_line(lines, GROUP_STARTED[kind], t_detect or t_kill, t_start)
-        if kind == "torchrun":
-            t_group = new["start"].get("process_started", t_group)
-        record = {
-            "kill_time": t_kill,
-            "steps_redone": max(0, last_done - resumed),
-            "detect_s": _diff(t_detect, t_kill),
-            "restart_s": _diff(t_group, t_detect or t_kill),
-            "init_load_s": _diff(t_start, t_group),
-            "first_step_s": t_first - t_start,
-            "redo_s": _diff(caught_up, t_start),
-            "total_s": t_first - t_kill,
-            "back_to_kill_point_s": _diff(caught_up, t_kill),
-            "restore_s": new["start"].get("restore_s"),
-            # Ray: 1 when the new rank 0 ran in a spare preloaded before the kill, else 0.
-            "warm_spare": _warm(new["start"], t_kill) if kind == "ray" else None,
-        }
-        out.append(record)
+        t_detect = next((t for t in detections if t_kill <= t <= t_start + slack), None)
+        group = next((g for g in groups if (t_detect or t_kill) <= g["time"] <= t_start), None)
+        t_group = new["start"].get("process_started") or (group or {}).get("time")
+        out.append(
+            {
+                "kill_time": t_kill,
+                "steps_redone": max(0, last_done - resumed),
+                "detect_s": _diff(t_detect, t_kill),
+                "restart_s": _diff(t_group, t_detect or t_kill),
+                **group_phases(group),
+                "init_load_s": _diff(t_start, t_group),
+                "first_step_s": t_first - t_start,
+                "redo_s": _diff(caught_up, t_start),
+                "total_s": t_first - t_kill,
+                "back_to_kill_point_s": _diff(caught_up, t_kill),
+                "restore_s": new["start"].get("restore_s"),
+                # Ray: 1 when the new rank 0 ran in a spare preloaded before the kill, else 0.
+                "warm_spare": _warm(new["start"], t_kill),
+            }
+        )
     return out
+
+
+def _detections(evs, agent_lines) -> tuple[list[float], float]:
+    """When the launcher noticed failures, and how late after the next ``start`` a sighting
+    may come (the agent's output is read as it arrives and can trail by up to ~0.5 s)."""
+    if agent_lines is not None:
+        return [t for t, text in agent_lines if TORCHRUN_DETECTED.search(text)], 1.0
+    return [e["time"] for e in evs if e["event"] == "failure_detected"], 0.0
+
+
+# Ray Train's split of a worker-group start, from its ``group_started`` event.
+GROUP_PHASES = ("placement_group_s", "actors_s", "train_context_s", "launch_s", "group_total_s")
+
+
+def group_phases(group: dict[str, Any] | None) -> dict[str, float | None]:
+    """placement group (as Ray's GCS timed it), actor processes, train context (the workers
+    import the project), launch of the training function, and the whole group start."""
+    if group is None:
+        return {}
+    placement = group.get("placement_group_s")
+    actors = group["actors_at"] - group["requested_at"]
+    return {
+        "placement_group_s": placement,
+        "actors_s": None if placement is None else actors - placement,
+        "train_context_s": group["context_at"] - group["actors_at"],
+        "launch_s": group["time"] - group["context_at"],
+        "group_total_s": group["time"] - group["requested_at"],
+    }
 
 
 def _warm(start: dict[str, Any], t_kill: float) -> int | None:
     if "preloaded_at" not in start:
-        return None  # a run log from before spares existed
+        return None  # torchrun, or a run log from before spares existed
     return int(start["preloaded_at"] is not None and start["preloaded_at"] < t_kill)
-
-
-def first_line(lines, pattern: str, since: float, until: float | None) -> float | None:
-    import re
-
-    regex = re.compile(pattern)
-    for t, text in lines:
-        if t < since:
-            continue
-        if until is not None and t > until + 1.0:  # driver output can trail a little
-            return None
-        if regex.search(text):
-            return t
-    return None
 
 
 def _diff(a: float | None, b: float | None) -> float | None:
@@ -332,6 +320,8 @@ def settings(run_dir: Path, env: dict[str, str] | None = None) -> dict[str, Any]
         "eval_batches": cfg.get("eval", {}).get("batches"),
         "health_check_s": float(env.get(HC, cfg["failure"]["health_check_interval_s"])),
         "nice": runs[0]["start"].get("nice") if runs else None,  # rank 0's training thread
+        "threads": runs[0]["start"].get("threads") if runs else None,  # torch's, per worker
+        "cores": os.cpu_count(),  # the harness runs everything on this machine
         "gpu": cfg["scaling"]["use_gpu"],
         "precision": cfg["training"]["precision"],
         "deterministic": cfg["training"]["deterministic"],
@@ -349,6 +339,12 @@ def describe(st: dict[str, Any], launcher: str = "ray") -> str:
         f"{st['steps']} steps",
         f"checkpoint {_every(st['checkpoint_every'], 'at the end only')}",
     ]
+    if st.get("threads") is not None:
+        parts += [f"{st['threads']} torch thread{'s' if st['threads'] != 1 else ''} per worker"]
+    if st.get("cores") is not None:
+        # Nothing is pinned: the launcher's own processes compete with the workers.
+        others = "Ray's daemons and driver" if launcher == "ray" else "torchrun's agent"
+        parts += [f"{st['cores']} cores shared with {others}"]
     if st.get("nice") is not None:
         parts += [f"nice {st['nice']}"]
     parts += [f"{key} {value}" for key, value in sorted((st.get("options") or {}).items())]

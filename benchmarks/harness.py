@@ -6,19 +6,8 @@
     python -m benchmarks --plan gpu      # one GPU: the table of issue 25 (make gpu-check, ~6 min)
     python -m benchmarks --plan gpu-dry  # the same plan on the CPU, tiny sizes (CI, ~2 min)
 
-Scenarios (see README "Benchmarks"):
-  floor     in-memory copy, serialization, raw write bandwidth and load of the checkpoint state
-  overhead  the project's loop under Ray Train (the CLI, cold, shipped config) vs the same
-            model, data, global batch and steps in plain torchrun DDP, launched alternately;
-            start-up and steps/s, for the demo MLP and the language-model task
-  cadence   steady-state steps/s for report/checkpoint cadences and the health-check interval
-  stall     how long training pauses per checkpoint, sync vs async upload, 10/100/500 MB state
-  recovery  worker SIGKILL -> first step after resume, by phase; Ray defaults, a shorter
-            health-check interval, and torchrun --max-restarts
-  goodput   a worker killed every T seconds from the first step: effective steps x the
-            no-failure step period (the overhead scenario's runs of the same config) / wall time
-  exact     rank 0 SIGKILLed mid-run (chaos) with training.deterministic: kill -> first step,
-            steps redone, final weights bitwise equal to an uninterrupted run, `training verify`
+What each plan runs and the rows of each scenario are data (``benchmarks/plans.py``); this
+module starts the runs, one launcher for all, and reads the figures from their run logs.
 
 "Project defaults" is the shipped config (training/configs/local.yaml, language_model.yaml)
 with nothing forced: the harness sets no RAY_TRAIN_* variable unless a row says so, and every
@@ -36,264 +25,76 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmarks import analyze, cpu, floor, launch, report
 from benchmarks.analyze import stats
 from benchmarks.launch import KillPlan, Watch
+from benchmarks.plans import (
+    CADENCE,
+    NEVER,
+    PLANS,
+    RECOVERY,
+    REPO,
+    SIZES,
+    STALL,
+    STALL_FIGURES,
+    STALL_MODES,
+    TASKS,
+)
 from training.driver.settings import load_config
 
-REPO = Path(__file__).resolve().parent.parent
-BASE_CONFIG = REPO / "training" / "configs" / "local.yaml"
-NEVER = 10**9  # a cadence that never fires (a checkpoint is still written at the last step)
-HC = analyze.HC
+# The scenarios whose Ray runs share one Ray instance, in the order they run there.
+RAY_SCENARIOS = ("cadence", "stall", "recovery", "exact")
+RECOVERY_PHASES = (
+    "detect_s",
+    "restart_s",
+    *analyze.GROUP_PHASES,
+    "init_load_s",
+    "first_step_s",
+    "redo_s",
+    "total_s",
+    "back_to_kill_point_s",
+    "steps_redone",
+    "restore_s",
+    "warm_spare",
+)
 
-# State of an MLP [h, h] + AdamW is about 12 bytes per parameter, ~h^2 parameters.
-SIZES = {
-    "tiny": [64, 64],
-    "10 MB": [900, 900],
-    "100 MB": [2870, 2870],
-    "500 MB": [6450, 6450],
-    "2 GB": [13100, 13100],  # 2.06 GB
-}
 
-# The overhead scenario's workloads: the shipped config of each, and the data file it reads.
-TASKS = {
-    "mlp": ("demo MLP (tabular)", REPO / "training" / "configs" / "local.yaml", "demo.parquet"),
-    "lm": (
-        "language model",
-        REPO / "training" / "configs" / "language_model.yaml",
-        "stdlib-docstrings.txt",
-    ),
-}
+@dataclass
+class Run:
+    """One training run of a scenario: which row it counts towards, how it is launched (``cli``:
+    ``python -m training train``, cold; ``session``: in one warm Ray instance with the other
+    session runs started together, ``benchmarks.ray_session``; ``torchrun``: the baseline),
+    and what it forces. ``start`` fills in ``watch`` and ``launched``."""
 
-# A plan for one issue's rows: n = 3, every scenario empty unless the plan names it.
-ONLY: dict[str, Any] = {
-    "reps": 3,
-    "floor_sizes": [],
-    "overhead": {},
-    "cadence_steps": 0,
-    "cadence": [],
-    "stall_sizes": [],
-    "stall_steps": 0,
-    "recovery": [],
-    "recovery_steps": 0,
-    "kill_after_s": 0.0,
-    "goodput": [],
-    "timeout_s": 900,
-}
-# Checkpoint pause vs the copy floor at 10/100/500 MB, async upload.
-STALL_ROWS: dict[str, Any] = {
-    "floor_sizes": ["10 MB", "100 MB", "500 MB"],
-    "stall_sizes": ["10 MB", "100 MB", "500 MB"],
-    "stall_modes": ["async"],
-    "stall_steps": 36,
-}
+    scenario: str
+    key: Any
+    launcher: str
+    steps: int
+    overrides: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    task: str = "mlp"
+    kill: KillPlan | None = None
+    watch: Watch | None = None
+    launched: launch.Launched | None = None
 
-# Issue 25's GPU check: every run on one GPU worker in bf16 (NCCL); the language model scaled to
-# keep an H200 busy. The dry run is the same plan on one CPU worker (gloo) at tiny sizes.
-ONE_GPU = {
-    "scaling.use_gpu": True,
-    "scaling.min_workers": 1,
-    "scaling.max_workers": 1,
-    "training.precision": "bf16",
-}
-LM_ON_GPU = {
-    "task.options.d_model": 512,
-    "task.options.n_layers": 8,
-    "task.options.n_heads": 8,
-    "task.options.block_size": 256,
-    "training.global_batch_size": 64,
-}
-GPU_PLAN: dict[str, Any] = {
-    **ONLY,
-    "scenarios": ["floor", "overhead", "ray_scenarios"],
-    "overrides": {"lm": {**ONE_GPU, **LM_ON_GPU}, "mlp": ONE_GPU},
-    "overhead": {"lm": 200},
-    # Checkpoints at 100, 200, 300; rank 0 dies before step 280, late enough for the background
-    # save of 200 to have ended (a kill during it resumes from 100: the row says what was redone).
-    "exact": {"steps": 300, "every": 100, "kill_step": 280},
-    "floor_sizes": [],
-    "device_floor_sizes": ["2 GB"],
-    "stall_sizes": ["2 GB"],
-    "stall_modes": ["async"],
-    "stall_steps": 18,  # checkpoints at 6, 12, 18: two pauses a run (the last has no step after)
-    # cuBLAS is deterministic only with a fixed workspace; set before the Ray session starts,
-    # so its workers inherit it (the exact-resume runs).
-    "session_env": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"},
-    "table": True,
-    "timeout_s": 300,
-    # The whole plan's wall-clock limit: a scenario that would start after it is left out and the
-    # run fails by name, so the device call (10 min, 15 min a session) always returns results.
-    "deadline_s": 400,
-}
-ONE_CPU = {**ONE_GPU, "scaling.use_gpu": False}
-TINY_LM = {
-    "task.options.d_model": 32,
-    "task.options.n_layers": 1,
-    "task.options.n_heads": 2,
-    "task.options.block_size": 32,
-    "training.global_batch_size": 8,
-}
-GPU_DRY_RUN: dict[str, Any] = {
-    **GPU_PLAN,
-    "reps": 1,
-    "overrides": {"lm": {**ONE_CPU, **TINY_LM}, "mlp": ONE_CPU},
-    "overhead": {"lm": 30},
-    "exact": {"steps": 12, "every": 4, "kill_step": 10},
-    "device_floor_sizes": ["tiny"],
-    "stall_sizes": ["tiny"],
-    "stall_steps": 12,
-    "session_env": {},
-    "deadline_s": None,  # 2 busy cores: 3.5-6.5 min measured; the dry run checks the plan runs
-}
+    @property
+    def kind(self) -> str:
+        return "torchrun" if self.launcher == "torchrun" else "ray"
 
-PLANS: dict[str, dict[str, Any]] = {
-    "gpu": GPU_PLAN,
-    "gpu-dry": GPU_DRY_RUN,
-    # Issue 12's rows alone: cold start-up and recovery, Ray Train vs torchrun (~7 min on 2
-    # quiet cores).
-    "restart": {
-        **ONLY,
-        "scenarios": ["overhead", "ray_scenarios"],
-        "overhead": {"mlp": 300},
-        "recovery": ["project", "no_spares"],
-        # A failure long after the start: the spares have finished their imports (up to ~12 s
-        # on 2 busy cores); each kill's row says whether the new rank 0 ran in one.
-        "recovery_steps": 8000,
-        "kill_after_s": 20.0,
-    },
-    # Issue 11's steady-state rows: the shipped configs under Ray Train vs torchrun (~13 min).
-    "overhead": {**ONLY, "scenarios": ["overhead"], "overhead": {"mlp": 1500, "lm": 400}},
-    # Issue 11's checkpoint pause alone (~5 min).
-    "stall": {**ONLY, **STALL_ROWS, "scenarios": ["floor", "ray_scenarios"]},
-    # Issue 11's pause and goodput with a worker killed every 60 s, Ray vs torchrun; goodput
-    # needs the MLP's no-failure rate from the overhead scenario of the same run (~13 min).
-    "pause": {
-        **ONLY,
-        **STALL_ROWS,
-        "scenarios": ["floor", "overhead", "ray_scenarios", "goodput"],
-        "overhead": {"mlp": 1500},
-        "goodput": [("ray", 60, 180), ("torchrun", 60, 180)],
-        "timeout_s": 1500,
-    },
-    # Goodput alone: a worker killed every 60 s, Ray vs torchrun, with the MLP's no-failure
-    # rate from the overhead scenario of the same run (~10 min).
-    "goodput": {
-        **ONLY,
-        "scenarios": ["overhead", "goodput"],
-        "overhead": {"mlp": 1500},
-        "goodput": [("ray", 60, 180), ("torchrun", 60, 180)],
-        "timeout_s": 1500,
-    },
-    "quick": {
-        "reps": 1,
-        "floor_sizes": ["10 MB"],
-        "overhead": {"mlp": 200},
-        "cadence_steps": 40,
-        "cadence": ["never", "report_10"],
-        "stall_sizes": ["10 MB"],
-        "stall_steps": 12,
-        "recovery": ["project"],
-        "recovery_steps": 1000,
-        "kill_after_s": 1.0,
-        # (launcher, kill every T s, training seconds to aim for without failures)
-        "goodput": [("torchrun", 4, 9)],
-        "timeout_s": 420,
-    },
-    "full": {
-        "reps": 3,
-        "floor_sizes": ["10 MB", "100 MB", "500 MB"],
-        "overhead": {"mlp": 1500, "lm": 400},  # steps
-        "cadence_steps": 1000,
-        # report_1 exists (see CADENCE) but is left out to keep the full run near 30 minutes:
-        # the per-report pause gives its cost.
-        "cadence": ["never", "report_10", "local_yaml", "ckpt_10", "local_yaml_hc2"],
-        "stall_sizes": ["10 MB", "100 MB", "500 MB"],
-        "stall_steps": 36,
-        "recovery": ["project", "before"],
-        "recovery_steps": 2000,
-        "kill_after_s": 4.0,
-        "goodput": [("ray", 30, 120), ("ray", 60, 180), ("torchrun", 30, 90)],
-        "timeout_s": 1500,
-    },
-    # For a short session on a quiet 16-core machine (~9.5 min, inside one 10-minute device
-    # call): n=3 where it counts, no cadence sweep or goodput, the shipped async upload only,
-    # recovery at the project defaults vs torchrun, the kill late enough for the warm spares.
-    "device": {
-        **ONLY,
-        **STALL_ROWS,
-        "stall_steps": 24,
-        "overhead": {"mlp": 1000},
-        "recovery": ["project"],
-        "recovery_steps": 5000,
-        "kill_after_s": 10.0,
-        "timeout_s": 420,
-    },
-}
+    @property
+    def tag(self) -> str:
+        keys = self.key if isinstance(self.key, tuple) else (self.key,)
+        return "-".join([self.scenario, *(str(k).replace(" ", "") for k in keys)])
 
-# label, overrides, env, steps cap (each sync report waits for the controller's poll, up to
-# the health-check interval, so frequent-report runs are kept short). No row sets more than
-# it says: the rest is the shipped local.yaml (its health check, checkpoint every 100 with
-# async upload, no metrics-only reports); each row's settings column states the values.
-CADENCE: dict[str, tuple[str, dict[str, Any], dict[str, str], int | None]] = {
-    "never": (
-        "no report, no checkpoint until the end",
-        {"training.report_every_n_steps": NEVER, "checkpoint.every_n_steps": NEVER},
-        {},
-        600,
-    ),
-    "report_1": (
-        "report every step",
-        {"training.report_every_n_steps": 1, "checkpoint.every_n_steps": NEVER},
-        {},
-        12,
-    ),
-    "report_10": (
-        "report every 10 steps",
-        {"training.report_every_n_steps": 10, "checkpoint.every_n_steps": NEVER},
-        {},
-        60,
-    ),
-    "local_yaml": ("shipped local.yaml, nothing forced", {}, {}, None),
-    "ckpt_10": (
-        "checkpoint every 10 steps",
-        {"checkpoint.every_n_steps": 10},
-        {},
-        60,
-    ),
-    "local_yaml_hc2": (
-        f"shipped local.yaml with Ray's default {HC}=2",
-        {},
-        {HC: "2"},
-        None,
-    ),
-}
-STALL_MODES = ("sync", "async")
-# A checkpoint every 6 steps: the background save of the previous one has ended (measured: the
-# dip column), so the pause is the checkpoint's own and steps with no save in flight are left to
-# compare with.
-STALL_EVERY = 6
-STALL_FIGURES = ("paused_s", "blocked_s", "save_dip")
-# label, env, overrides
-RECOVERY: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
-    "project": (
-        "project defaults: warm spares, rank 0 saves on failure",
-        {},
-        {},
-    ),
-    "no_spares": (
-        "project defaults without warm spares (failure.spare_workers: false)",
-        {},
-        {"failure.spare_workers": False},
-    ),
-    "before": (
-        "periodic checkpoints only (checkpoint.on_failure: false)",
-        {},
-        {"checkpoint.on_failure": False},
-    ),
-}
+    def events(self) -> list[dict[str, Any]]:
+        return analyze.events(self.watch.run_dir) if self.watch.begin else []
+
+    def settings(self) -> str:
+        return analyze.describe(analyze.settings(self.watch.run_dir, self.env), self.kind)
 
 
 def steady_cpu(sampler: cpu.Sampler, evs: list[dict[str, Any]], run_root: int) -> Any:
@@ -317,11 +118,7 @@ class Bench:
         self.counter = 0
         self.ray_tmp = f"/tmp/etb-ray-{os.getpid()}"
 
-    # ---- plumbing -------------------------------------------------------------------------
-
-    def name(self, tag: str) -> str:
-        self.counter += 1
-        return f"{self.counter:03d}-{tag}"
+    # ---- launching ------------------------------------------------------------------------
 
     def overrides(
         self, name: str, steps: int, extra: dict[str, Any], task: str = "mlp"
@@ -350,86 +147,56 @@ class Bench:
         env.update(extra or {})
         return env
 
-    def launch(self, cmd: list[str], tag: str, env: dict[str, str] | None = None):
-        log = self.logs_dir / f"{tag}.log"
-        return launch.Launched(cmd, self.env(env), log, REPO)
+    def start(self, runs: list[Run]) -> None:
+        """Run to the end, as one process: a ``cli`` or ``torchrun`` run alone, or any number
+        of ``session`` runs one after another in one Ray instance."""
+        for run in runs:
+            self.counter += 1
+            name = f"{self.counter:03d}-{run.tag}"
+            run.watch = Watch(name, self.runs_dir / name, run.kind, kill=run.kill)
+        session = runs[0].launcher == "session"
+        cmd, env = self.session_command(runs) if session else self.command(runs[0])
+        log = self.logs_dir / f"{runs[0].watch.name}.log"
+        launched = launch.Launched(cmd, self.env(env), log, REPO)
+        rc = launch.run(launched, [r.watch for r in runs], self.timeout_s(), markers=session)
+        for run in runs:
+            run.launched = launched
+            if run.watch.status != "ok" or rc != 0:
+                self.failures.append(
+                    f"run {run.watch.name}: status {run.watch.status}, exit code {rc} (log {log})"
+                )
 
-    def supervise(self, launched, watches: list[Watch]) -> int:
-        rc = launch.run(launched, watches, self.timeout_s())
-        for w in watches:
-            if w.status != "ok" or rc != 0:
-                self.failures.append(f"run {w.name}: status {w.status}, exit code {rc}")
-        return rc
-
-    def ray_cli(
-        self, steps: int, extra: dict[str, Any], tag: str, task: str = "mlp"
-    ) -> tuple[Watch, Any]:
-        name = self.name(tag)
-        cmd = [sys.executable, "-m", "training", "train", "--config", str(TASKS[task][1])]
-        # --verbose: the measurement reads Ray Train's own console lines (a failure detected,
-        # a worker group started with each rank's pid), which are off by default.
-        cmd.append("--verbose")
-        for item in self.overrides(name, steps, extra, task):
-            cmd += ["--set", item]
-        launched = self.launch(cmd, name)
-        watch = Watch(name, self.runs_dir / name, "ray")
-        watch.begin = launched.launched_at
-        rc = launch.run(launched, [watch], self.timeout_s())
-        watch.end, watch.status = time.time(), "ok" if rc == 0 else "failed"
-        if rc != 0:
-            self.failures.append(f"run {name}: exit code {rc} (log {launched.log_path})")
-        return watch, launched
-
-    def torchrun(
-        self,
-        steps: int,
-        extra: dict[str, Any],
-        tag: str,
-        kill: KillPlan | None = None,
-        task: str = "mlp",
-    ) -> tuple[Watch, Any]:
-        name = self.name(tag)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        config = str(TASKS[task][1])
+    def command(self, run: Run) -> tuple[list[str], dict[str, str]]:
+        config = str(TASKS[run.task][1])
+        overrides = self.overrides(run.watch.name, run.steps, run.overrides, run.task)
+        sets = [arg for item in overrides for arg in ("--set", item)]
+        if run.launcher == "cli":
+            return [sys.executable, "-m", "training", "train", "--config", config, *sets], run.env
         # As many processes as Ray's largest worker group: the same config, resolved.
-        workers = load_config(config, self.overrides(name, steps, extra, task)).scaling.max_workers
-        cmd += ["--nproc-per-node", str(workers), "--max-restarts", "100" if kill else "0"]
-        cmd += [str(REPO / "benchmarks" / "torchrun_baseline.py"), "--config", config]
-        for item in self.overrides(name, steps, extra, task):
-            cmd += ["--set", item]
-        cmd += ["--run-dir", str(self.runs_dir / name)]
-        launched = self.launch(cmd, name)
-        watch = Watch(name, self.runs_dir / name, "torchrun", kill=kill)
-        self.supervise(launched, [watch])
-        return watch, launched
+        workers = load_config(config, overrides).scaling.max_workers
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc-per-node", str(workers), "--max-restarts", "100" if run.kill else "0"]
+        cmd += [str(REPO / "benchmarks" / "torchrun_baseline.py"), "--config", config, *sets]
+        return [*cmd, "--run-dir", str(run.watch.run_dir)], run.env
 
-    def session(self, runs: list[dict[str, Any]], tag: str) -> tuple[list[Watch], Any]:
-        """Several Ray runs in one Ray instance; each run dict: tag, steps, overrides, env, kill."""
-        specs, watches = [], []
-        for r in runs:
-            name, task = self.name(r["tag"]), r.get("task", "mlp")
-            specs.append(
-                {
-                    "name": name,
-                    "config": str(TASKS[task][1]),
-                    "overrides": self.overrides(name, r["steps"], r.get("overrides", {}), task),
-                    "env": r.get("env", {}),
-                }
-            )
-            watches.append(Watch(name, self.runs_dir / name, "ray", kill=r.get("kill")))
-        spec_path = self.workdir / f"session-{tag}.json"
+    def session_command(self, runs: list[Run]) -> tuple[list[str], dict[str, str]]:
+        specs = [
+            {
+                "name": r.watch.name,
+                "config": str(TASKS[r.task][1]),
+                "overrides": self.overrides(r.watch.name, r.steps, r.overrides, r.task),
+                "env": r.env,
+            }
+            for r in runs
+        ]
+        spec_path = self.workdir / f"session-{runs[0].watch.name}.json"
         spec_path.write_text(json.dumps(specs, indent=1))
-        launched = self.launch(
-            [sys.executable, "-m", "benchmarks.ray_session", str(spec_path)],
-            tag,
-            self.plan.get("session_env"),
-        )
-        self.supervise(launched, watches)
-        return watches, launched
+        cmd = [sys.executable, "-m", "benchmarks.ray_session", str(spec_path)]
+        return cmd, self.plan.get("session_env") or {}
 
-    def cleanup(self, watch: Watch) -> None:
-        shutil.rmtree(watch.run_dir / "ckpt", ignore_errors=True)
-        for path in watch.run_dir.glob("checkpoint_*"):
+    def cleanup(self, run: Run) -> None:
+        shutil.rmtree(run.watch.run_dir / "ckpt", ignore_errors=True)
+        for path in run.watch.run_dir.glob("checkpoint_*"):
             shutil.rmtree(path, ignore_errors=True)
 
     # ---- scenarios ------------------------------------------------------------------------
@@ -453,27 +220,27 @@ class Bench:
     def overhead_task(self, task: str, steps: int) -> dict[str, Any]:
         """Ray (the CLI, the shipped config) and torchrun on the same workload, alternately."""
         per: dict[str, list[dict[str, Any]]] = {"ray": [], "torchrun": []}
-        settings: dict[str, dict[str, Any]] = {}
+        settings: dict[str, str] = {}
         for rep in range(self.plan["reps"]):
-            order = ["torchrun", "ray"] if rep % 2 == 0 else ["ray", "torchrun"]
-            for kind in order:
-                run = self.ray_cli if kind == "ray" else self.torchrun
+            for kind in ["torchrun", "ray"] if rep % 2 == 0 else ["ray", "torchrun"]:
+                launcher = "cli" if kind == "ray" else "torchrun"
+                run = Run("overhead", (task, kind), launcher, steps, task=task)
                 with cpu.Sampler() as sampler:
-                    watch, launched = run(steps, {}, f"overhead-{task}-{kind}", task=task)
-                evs = analyze.events(watch.run_dir)
-                measured = analyze.no_fault_run(evs, launched.launched_at)
-                measured["wall_s"] = (watch.end or time.time()) - launched.launched_at
-                measured["cpu"] = steady_cpu(sampler, evs, launched.proc.pid)
+                    self.start([run])
+                evs, launched_at = run.events(), run.launched.launched_at
+                measured = analyze.no_fault_run(evs, launched_at)
+                measured["wall_s"] = (run.watch.end or time.time()) - launched_at
+                measured["cpu"] = steady_cpu(sampler, evs, run.launched.proc.pid)
                 per[kind].append(measured)
-                settings[kind] = analyze.settings(watch.run_dir)
-                self.cleanup(watch)
+                settings[kind] = run.settings()
+                self.cleanup(run)
         out: dict[str, Any] = {"task": TASKS[task][0], "steps": steps, "runs": per}
         for kind, rows in per.items():
             out[kind] = {
                 key: stats([r.get(key) for r in rows])
                 for key in ("startup_s", "steps_per_s", "compute_steps_per_s", "wall_s")
             }
-            out[kind]["settings"] = analyze.describe(settings.get(kind, {}), kind)
+            out[kind]["settings"] = settings.get(kind, "not measured")
             out[kind]["cpu"] = {
                 group: stats([(r.get("cpu") or {}).get(group) for r in rows])
                 for group in cpu.GROUPS
@@ -487,42 +254,100 @@ class Bench:
             out[name] = stats([_ratio(r.get(key), t.get(key)) for r, t in pairs])
         return out
 
-    # The Ray scenarios share one Ray instance (one session process): Ray's own start-up is
-    # paid once, and the cold start-up of the CLI is measured in `overhead`.
+    # The scenarios below run their Ray runs in one Ray instance (one session process): Ray's
+    # own start-up is paid once; the cold start-up of the CLI is measured in `overhead`.
 
-    def cadence_runs(self) -> list[dict[str, Any]]:
-        runs = []
-        for _ in range(self.plan["reps"]):
-            for key in self.plan["cadence"]:
-                _, extra, env, cap = CADENCE[key]
-                steps = min(cap or NEVER, self.plan["cadence_steps"])
-                runs.append(
-                    {
-                        "tag": f"cadence-{key}",
-                        "steps": steps,
-                        "overrides": extra,
-                        "env": env,
-                        "scenario": "cadence",
-                        "key": key,
-                    }
-                )
-        return runs
+    def cadence_runs(self) -> list[Run]:
+        cap = self.plan["cadence_steps"]
+        return [
+            Run("cadence", key, "session", min(CADENCE[key][3] or NEVER, cap), *CADENCE[key][1:3])
+            for _ in range(self.plan["reps"])
+            for key in self.plan["cadence"]
+        ]
 
-    def cadence(self, runs, watches, launched) -> None:
+    def stall_runs(self) -> list[Run]:
+        return [
+            Run(
+                "stall",
+                (size, mode),
+                "session",
+                self.plan["stall_steps"],
+                {**STALL, "task.options.mlp.hidden_sizes": SIZES[size], "checkpoint.upload": mode},
+            )
+            for size in self.plan["stall_sizes"]
+            for mode in self.plan.get("stall_modes", STALL_MODES)
+            for _ in range(self.plan["reps"])
+        ]
+
+    def recovery_runs(self) -> list[Run]:
+        keys = [*self.plan["recovery"], "torchrun"] if self.plan["recovery"] else []
+        return [
+            Run(
+                "recovery",
+                key,
+                RECOVERY[key][1],
+                self.plan["recovery_steps"],
+                {"failure.max_failures": -1, **RECOVERY[key][2]},
+                kill=KillPlan(self.plan["kill_after_s"]),
+            )
+            for _ in range(self.plan["reps"])
+            for key in keys
+        ]
+
+    def exact_runs(self) -> list[Run]:
+        """An uninterrupted run and the same run with rank 0 SIGKILLed before ``kill_step``
+        (the project's chaos fault: it lands on that step whatever the device's speed)."""
+        spec = self.plan.get("exact")
+        if not spec:
+            return []
+        same = {
+            "training.deterministic": True,
+            "checkpoint.every_n_steps": spec["every"],
+            "failure.max_failures": -1,
+        }
+        fault = [{"kind": "kill", "rank": 0, "step": spec["kill_step"]}]
+        return [
+            Run("exact", key, "session", spec["steps"], extra, task="lm")
+            for key, extra in (
+                ("uninterrupted", same),
+                ("rank0-killed", {**same, "chaos.faults": fault}),
+            )
+        ]
+
+    def ray_scenarios(self) -> None:
+        groups = {name: getattr(self, f"{name}_runs")() for name in RAY_SCENARIOS}
+        runs = [r for group in groups.values() for r in group]
+        if any(r.launcher == "session" for r in runs):
+            self.start([r for r in runs if r.launcher == "session"])
+        for run in runs:
+            if run.launcher != "session":
+                self.start([run])
+        for scenario, group in groups.items():
+            if not group:
+                continue
+            print(f"== analyse {scenario} ({time.strftime('%H:%M:%S')})", flush=True)
+            try:
+                getattr(self, scenario)(group)
+            except Exception:
+                traceback.print_exc()
+                self.failures.append(f"scenario {scenario} raised (see traceback)")
+        for run in runs:
+            self.cleanup(run)
+
+    def cadence(self, runs: list[Run]) -> None:
         per: dict[str, list[dict[str, Any]]] = {k: [] for k in self.plan["cadence"]}
         pauses: dict[str, list[float]] = {k: [] for k in self.plan["cadence"]}
         settings: dict[str, str] = {}
-        for r, w in zip(runs, watches, strict=True):
-            if w.begin is None:
+        for run in runs:
+            if run.watch.begin is None:
                 continue
-            evs = analyze.events(w.run_dir)
-            per[r["key"]].append(analyze.no_fault_run(evs, w.begin))
-            ran = analyze.settings(w.run_dir, r["env"])
-            settings[r["key"]] = analyze.describe(ran)
+            evs = run.events()
+            per[run.key].append(analyze.no_fault_run(evs, run.watch.begin))
+            ran = analyze.settings(run.watch.run_dir, run.env)
+            settings[run.key] = analyze.describe(ran)
             every = ran.get("report_every")
             for attempt in analyze.attempts(evs)[:1] if every else []:
-                pauses[r["key"]] += analyze.report_pauses(attempt, every)
-            self.cleanup(w)
+                pauses[run.key] += analyze.report_pauses(attempt, every)
         base = [r.get("steps_per_s") for r in per.get("never", [])]
         rows = []
         for key, measured in per.items():
@@ -546,48 +371,19 @@ class Bench:
             )
         self.results["cadence"] = rows
 
-    def stall_runs(self) -> list[dict[str, Any]]:
-        runs = []
-        for label in self.plan["stall_sizes"]:
-            for mode in self.plan.get("stall_modes", STALL_MODES):
-                extra = {
-                    "task.options.mlp.hidden_sizes": SIZES[label],
-                    "checkpoint.every_n_steps": STALL_EVERY,
-                    "checkpoint.num_to_keep": NEVER,  # every manifest's time: when it ended
-                    "checkpoint.upload": mode,
-                    "training.report_every_n_steps": NEVER,
-                    "training.log_every_n_steps": 1,
-                    # The pause of the checkpoint itself: evaluation (on checkpoint steps by
-                    # default) would add its forward passes, seconds at 500 MB.
-                    "eval.batches": 0,
-                }
-                runs += [
-                    {
-                        "tag": f"stall-{label.replace(' ', '')}-{mode}-{rep}",
-                        "steps": self.plan["stall_steps"],
-                        "overrides": extra,
-                        "label": label,
-                        "mode": mode,
-                        "scenario": "stall",
-                    }
-                    for rep in range(self.plan["reps"])
-                ]
-        return runs
-
-    def stall(self, runs, watches, launched) -> None:
+    def stall(self, runs: list[Run]) -> None:
         """One row per state size and upload mode: each figure is the median over the runs of
         that run's own median (its checkpoints), as median [min-max] (n = runs)."""
         per_run: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for r, w in zip(runs, watches, strict=True):
-            evs = analyze.events(w.run_dir) if w.begin else []
-            attempt = (analyze.attempts(evs) or [None])[0]
-            saved = analyze.saves_ended(w.run_dir) if attempt else {}
+        for run in runs:
+            attempt = (analyze.attempts(run.events()) or [None])[0]
+            saved = analyze.saves_ended(run.watch.run_dir) if attempt else {}
             ckpts = analyze.checkpoint_stalls(attempt, saved) if attempt else []
             if not ckpts:
-                self.failures.append(f"stall {r['tag']}: no checkpoint measured")
-            per_run.setdefault((r["label"], r["mode"]), []).append(
+                self.failures.append(f"stall {run.watch.name}: no checkpoint measured")
+            per_run.setdefault(run.key, []).append(
                 {
-                    "settings": analyze.describe(analyze.settings(w.run_dir)),
+                    "settings": run.settings(),
                     "checkpoints": len(ckpts),
                     # the last checkpoint has no step after it: its pause cannot be seen
                     "paused_s": stats([c["paused_s"] for c in ckpts[:-1]])["median"],
@@ -595,7 +391,6 @@ class Bench:
                     "save_dip": analyze.save_dip(attempt, saved) if attempt else None,
                 }
             )
-            self.cleanup(w)
         self.results["stall"] = [
             {
                 "size": size,
@@ -607,104 +402,39 @@ class Bench:
             for (size, mode), measured in per_run.items()
         ]
 
-    def recovery_runs(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "tag": f"recovery-{key}",
-                "steps": self.plan["recovery_steps"],
-                "overrides": {"failure.max_failures": -1, **RECOVERY[key][2]},
-                "env": RECOVERY[key][1],
-                "kill": KillPlan(self.plan["kill_after_s"]),
-                "key": key,
-                "scenario": "recovery",
-            }
-            for _ in range(self.plan["reps"])
-            for key in self.plan["recovery"]
-        ]
-
-    def recovery(self, runs, watches, launched) -> None:
-        per: dict[str, list[dict[str, Any]]] = {k: [] for k in self.plan["recovery"]}
-        per["torchrun"] = []
-        group_starts = analyze.ray_group_starts(session_dir(launched))
-        for r, w in zip(runs, watches, strict=True):
-            if w.begin is None:
+    def recovery(self, runs: list[Run]) -> None:
+        per: dict[str, list[dict[str, Any]]] = {r.key: [] for r in runs}
+        settings: dict[str, str] = {}
+        for run in runs:
+            if run.watch.begin is None:
                 continue
-            lines = launched.lines_after(w.begin)
-            recs = analyze.recoveries(analyze.events(w.run_dir), w.kills, lines, "ray")
-            for rec, group in zip(recs, group_starts.get(w.name, [])[1:], strict=False):
-                rec.update(group)  # Ray's own split of the group restart
-            per[r["key"]] += recs
-            self.cleanup(w)
-        for _ in range(self.plan["reps"]):
-            w, tl = self.torchrun(
-                self.plan["recovery_steps"],
-                {},
-                "recovery-torchrun",
-                kill=KillPlan(self.plan["kill_after_s"]),
-            )
-            per["torchrun"] += analyze.recoveries(
-                analyze.events(w.run_dir), w.kills, tl.lines, "torchrun"
-            )
-            self.cleanup(w)
-        labels = {
-            **{k: v[0] for k, v in RECOVERY.items()},
-            "torchrun": "torchrun --max-restarts (monitor 0.1 s)",
-        }
-        phases = [
-            "detect_s",
-            "restart_s",
-            *analyze.RAY_GROUP_PHASES,
-            "init_load_s",
-            "first_step_s",
-            "redo_s",
-            "total_s",
-            "back_to_kill_point_s",
-            "steps_redone",
-            "restore_s",
-            "warm_spare",
+            # torchrun's agent says when it saw the failure only in its output (analyze.py)
+            agent = run.launched.lines if run.kind == "torchrun" else None
+            per[run.key] += analyze.recoveries(run.events(), run.watch.kills, agent)
+            settings[run.key] = run.settings()
+        self.failures += [
+            f"recovery {k}: no recovery could be measured" for k, v in per.items() if not v
         ]
-        rows = []
-        for key, recs in per.items():
-            if not recs:
-                self.failures.append(f"recovery {key}: no recovery could be measured")
-            rows.append(
-                {
-                    "key": key,
-                    "label": labels[key],
-                    "n": len(recs),
-                    **{p: stats([x.get(p) for x in recs]) for p in phases},
-                    "runs": recs,
-                }
-            )
-        self.results["recovery"] = rows
-
-    def exact_runs(self) -> list[dict[str, Any]]:
-        """An uninterrupted run and the same run with rank 0 SIGKILLed before ``kill_step``
-        (the project's chaos fault: it lands on that step whatever the device's speed)."""
-        spec = self.plan.get("exact")
-        if not spec:
-            return []
-        same = {
-            "training.deterministic": True,
-            "checkpoint.every_n_steps": spec["every"],
-            "failure.max_failures": -1,
-        }
-        fault = [{"kind": "kill", "rank": 0, "step": spec["kill_step"]}]
-        killed = {**same, "chaos.faults": fault}
-        return [
-            {"tag": f"exact-{key}", "steps": spec["steps"], "overrides": extra, "task": "lm"}
-            for key, extra in (("uninterrupted", same), ("rank0-killed", killed))
+        self.results["recovery"] = [
+            {
+                "key": key,
+                "label": RECOVERY[key][0],
+                "settings": settings.get(key, "not measured"),
+                "n": len(recs),
+                **{p: stats([x.get(p) for x in recs]) for p in RECOVERY_PHASES},
+                "runs": recs,
+            }
+            for key, recs in per.items()
         ]
 
-    def exact(self, runs, watches, launched) -> None:
-        killed = watches[1]  # watches[0]: the uninterrupted reference
-        kills = analyze.chaos_kills(killed.run_dir)
-        lines = launched.lines_after(killed.begin or 0)
-        recs = analyze.recoveries(analyze.events(killed.run_dir), kills, lines, "ray")
-        ends = [analyze.final_weights(w.run_dir) for w in watches]
+    def exact(self, runs: list[Run]) -> None:
+        killed = runs[1]  # runs[0]: the uninterrupted reference
+        kills = analyze.chaos_kills(killed.watch.run_dir)
+        recs = analyze.recoveries(killed.events(), kills)
+        ends = [analyze.final_weights(r.watch.run_dir) for r in runs]
         steps = [end[0] if end else None for end in ends]
         equal = None not in ends and analyze.bitwise_equal(ends[0][1], ends[1][1])
-        cmd = [sys.executable, "-m", "training", "verify", "--name", killed.name]
+        cmd = [sys.executable, "-m", "training", "verify", "--name", killed.watch.name]
         verify = subprocess.run(
             [*cmd, "--storage", str(self.runs_dir)],
             cwd=REPO,
@@ -714,7 +444,7 @@ class Bench:
             check=False,
         )
         self.results["exact"] = {
-            "settings": analyze.describe(analyze.settings(killed.run_dir)),
+            "settings": killed.settings(),
             "kills": len(kills),
             "total_s": stats([r["total_s"] for r in recs]),
             "steps_redone": stats([r["steps_redone"] for r in recs]),
@@ -729,28 +459,6 @@ class Bench:
             "`training verify` failed": verify.returncode != 0,
         }
         self.failures += [f"exact: {what}" for what, bad in problems.items() if bad]
-        for w in watches:
-            self.cleanup(w)
-
-    def ray_scenarios(self) -> None:
-        groups = {
-            "cadence": self.cadence_runs(),
-            "stall": self.stall_runs(),
-            "recovery": self.recovery_runs(),
-            "exact": self.exact_runs(),
-        }
-        runs = [r for g in groups.values() for r in g]
-        watches, launched = self.session(runs, "ray-session")
-        by_run = {id(r): w for r, w in zip(runs, watches, strict=True)}
-        for scenario, group in groups.items():
-            if not group:
-                continue
-            print(f"== analyse {scenario} ({time.strftime('%H:%M:%S')})", flush=True)
-            try:
-                getattr(self, scenario)(group, [by_run[id(r)] for r in group], launched)
-            except Exception:
-                traceback.print_exc()
-                self.failures.append(f"scenario {scenario} raised (see traceback)")
 
     def goodput(self) -> None:
         self.results["goodput"] = [
@@ -764,12 +472,11 @@ class Bench:
         measured = self.results.get("overhead", {}).get("mlp", {}).get(kind, {})
         return (measured.get("steps_per_s") or {}).get("median")
 
-    def goodput_launch(self, kind: str, steps: int, tag: str, kill: KillPlan | None) -> Watch:
-        extra = {"failure.max_failures": -1}
-        if kind == "ray":
-            run = {"tag": tag, "steps": steps, "overrides": extra, "kill": kill}
-            return self.session([run], tag)[0][0]
-        return self.torchrun(steps, extra, tag, kill=kill)[0]
+    def goodput_run(self, kind: str, steps: int, key: str, kill: KillPlan | None) -> Run:
+        launcher = "session" if kind == "ray" else "torchrun"
+        run = Run("goodput", (kind, key), launcher, steps, {"failure.max_failures": -1}, kill=kill)
+        self.start([run])
+        return run
 
     def goodput_row(self, kind: str, every: float, target: float) -> dict[str, Any]:
         row: dict[str, Any] = {"launcher": kind, "every_s": every}
@@ -781,34 +488,35 @@ class Bench:
         # The period is taken from a no-failure run of the same length, launcher and config,
         # over the same span (first step -> last step): shorter reference runs are slower per
         # step (warm-up, the spares' one-time import) and gave goodput above 1.
-        ref = self.goodput_launch(kind, steps, f"goodput-{kind}-ref", None)
-        period = analyze.span_period(analyze.events(ref.run_dir))
+        ref = self.goodput_run(kind, steps, "ref", None)
+        period = analyze.span_period(ref.events())
         self.cleanup(ref)
         if period is None:
             self.failures.append(f"goodput {kind} T={every}: the no-failure run has no steps")
             return {**row, "missing": "the no-failure run of the same length did not train"}
         kill = KillPlan(every, every)  # at T, 2T, 3T, ... after the first step
-        w = self.goodput_launch(kind, steps, f"goodput-{kind}-T{every}", kill)
-        g = analyze.goodput(analyze.events(w.run_dir), w.kills, period)
+        run = self.goodput_run(kind, steps, f"T{every}", kill)
+        evs, kills = run.events(), run.watch.kills
+        g = analyze.goodput(evs, kills, period)
         if g.get("goodput") is None:
             self.failures.append(f"goodput {kind} T={every}: not measurable")
-        history = analyze.attempts(analyze.events(w.run_dir))
+        history = analyze.attempts(evs)
         first_step = history[0]["steps"][0]["time"] if history and history[0]["steps"] else None
         last = max((s["time"] for a in history for s in a["steps"]), default=None)
         expected = kill.expected(first_step, last)
-        if expected and not w.kills:  # the harness is broken; fewer kills than due is a figure
+        if expected and not kills:  # the harness is broken; fewer kills than due is a figure
             self.failures.append(f"goodput {kind} T={every}: none of {expected} kills fired")
-        self.cleanup(w)
+        self.cleanup(run)
         return {
             **row,
             "steps": steps,
-            "settings": analyze.describe(analyze.settings(w.run_dir), kind),
+            "settings": run.settings(),
             "sizing_steps_per_s": rate,
             "no_failure_steps_per_s": 1 / period,
-            "kills_fired": len(w.kills),
+            "kills_fired": len(kills),
             "kills_expected": expected,
-            "kill_delays_s": [k["time"] - k["due"] for k in w.kills],
-            "kill_slots": [k["slot"] for k in w.kills],
+            "kill_delays_s": [k["time"] - k["due"] for k in kills],
+            "kill_slots": [k["slot"] for k in kills],
             **g,
         }
 
@@ -886,14 +594,6 @@ class Bench:
         (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
         (self.out / "results.md").write_text(report.markdown(self.results))
         report.plot(self.results, self.out / "results.png")
-
-
-def session_dir(launched) -> Path:
-    """The Ray session directory that ``benchmarks.ray_session`` printed."""
-    for _, line in launched.lines:
-        if line.startswith("BENCH-SESSION "):
-            return Path(line.split(" ", 1)[1].strip())
-    return Path("/nonexistent")
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

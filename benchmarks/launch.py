@@ -1,8 +1,8 @@
 """Start a measured process, timestamp every line it prints, and SIGKILL its workers on a schedule.
 
-Kills are aimed at world rank 1 of the run in progress: for Ray the PID comes from the
-controller's "pid=N) world_rank=1" line, for torchrun from ``<run dir>/pids/rank1``. Only
-descendants of the process started here are ever signalled.
+Kills are aimed at world rank 1 of the run in progress: for Ray the PID comes from the run
+log's newest ``group_started`` event (Ray Train's controller writes it), for torchrun from
+``<run dir>/pids/rank1``. Only descendants of the process started here are ever signalled.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RAY_RANK1 = re.compile(r"pid=(\d+)\) world_rank=1\b")
 BEGIN = re.compile(r"^BENCH-RUN begin (\S+) ([\d.]+)")
 END = re.compile(r"^BENCH-RUN end (\S+) ([\d.]+) (\S+)")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+RAY_FILES = "ray-"  # the run log's files from Ray Train's controller (ray_internals/group_events)
 
 
 @dataclass
@@ -105,15 +105,6 @@ class Launched:
     def lines_after(self, since: float) -> list[tuple[float, str]]:
         return [(t, s) for t, s in list(self.lines) if t >= since]
 
-    def first_match(self, pattern: str, since: float, until: float | None = None):
-        regex = re.compile(pattern)
-        for t, text in self.lines_after(since):
-            if until is not None and t > until:
-                return None
-            if regex.search(text):
-                return t
-        return None
-
     def stop(self) -> None:
         """End what was started here: the process group, then any descendant left over."""
         pids = descendants(self.proc.pid)
@@ -149,10 +140,12 @@ def descendants(root: int) -> set[int]:
     return found
 
 
-def run(launched: Launched, watches: list[Watch], timeout_s: float) -> int:
-    """Supervise until the process exits; returns its exit code (124 on timeout)."""
+def run(launched: Launched, watches: list[Watch], timeout_s: float, markers: bool = False) -> int:
+    """Supervise until the process exits; returns its exit code (124 on timeout). With
+    ``markers`` the process runs several watches one after another and prints when each
+    begins and ends (``benchmarks.ray_session``); without, its one watch spans the process."""
     deadline = time.time() + timeout_s
-    single = len(watches) == 1 and watches[0].kind == "torchrun"
+    single = not markers
     if single:
         watches[0].begin = launched.launched_at
     while launched.proc.poll() is None:
@@ -189,7 +182,7 @@ def _newest_attempt(run_dir: Path) -> tuple[str | None, dict | None]:
     """(attempt id, its last step event) of the attempt log written last. By modification
     time: Ray attempt ids are random, so the newest log is not the last by name (sorting by
     name made the harness wait, for minutes, for a "new" attempt after a kill)."""
-    logs = list((run_dir / "runlog").glob("*.jsonl")) if (run_dir / "runlog").is_dir() else []
+    logs = [p for p in (run_dir / "runlog").glob("*.jsonl") if not p.name.startswith(RAY_FILES)]
     try:
         newest = max(logs, key=lambda p: p.stat().st_mtime_ns) if logs else None
         if newest is None:
@@ -224,7 +217,7 @@ def _progress(launched: Launched, watch: Watch) -> None:
     slot = watch.kill.next_slot(watch.first_step, watch._training_since, after)
     if slot is None or now < watch.kill.slot_time(watch.first_step, slot):
         return
-    pid = _rank1_pid(launched, watch)
+    pid = _rank1_pid(watch)
     if pid is None or pid not in descendants(launched.proc.pid):
         return
     try:
@@ -244,14 +237,15 @@ def _progress(launched: Launched, watch: Watch) -> None:
     watch._killed_attempt = attempt
 
 
-def _rank1_pid(launched: Launched, watch: Watch) -> int | None:
+def _rank1_pid(watch: Watch) -> int | None:
     if watch.kind == "torchrun":
         try:
             return int((watch.run_dir / "pids" / "rank1").read_text())
         except (OSError, ValueError):
             return None
-    pid = None
-    for _, text in launched.lines_after(watch.begin or 0):
-        if match := RAY_RANK1.search(text):
-            pid = int(match.group(1))
-    return pid
+    groups = []
+    for path in (watch.run_dir / "runlog").glob(f"{RAY_FILES}*-group_started.jsonl"):
+        with contextlib.suppress(OSError, ValueError):
+            groups.append(json.loads(path.read_text()))
+    newest = max(groups, key=lambda g: g["time"], default=None)
+    return newest["pids"][1] if newest and len(newest["pids"]) > 1 else None

@@ -28,8 +28,6 @@ def main(spec_path: str) -> int:
     # None: the dashboard starts where its packages are installed (always, with this project's
     # dependencies; a machine with Ray's minimal install can still run the benchmark).
     ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=None)
-    session_dir = ray._private.worker._global_node.get_session_dir_path()
-    print(f"BENCH-SESSION {session_dir}", flush=True)
     failed = 0
     for spec in specs:
         saved = {key: os.environ.get(key) for key in spec.get("env", {})}
@@ -38,9 +36,7 @@ def main(spec_path: str) -> int:
         status = "ok"
         try:
             cfg = load_config(spec["config"], spec["overrides"])
-            # verbose: the recovery rows read Ray Train's console lines (a failure detected,
-            # a worker group started), which a run prints only with train --verbose.
-            launch.train(cfg, verbose=True)
+            launch.train(cfg)
         except Exception:
             traceback.print_exc()
             status = "failed"

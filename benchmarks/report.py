@@ -194,8 +194,8 @@ def markdown(r: dict[str, Any]) -> str:
             "",
             "| launcher | detect (s) | restart group (s) | init + checkpoint load (s) | "
             "first step (s) | kill -> first step (s) | steps redone | kill -> back at the "
-            "killed step (s) | new rank 0 in a warm spare |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "killed step (s) | new rank 0 in a warm spare | settings |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in r["recovery"]:
             warm = [x.get("warm_spare") for x in row.get("runs", [])]
@@ -204,17 +204,20 @@ def markdown(r: dict[str, Any]) -> str:
                 f"| {row['label']} | {_s(row['detect_s'])} | {_s(row['restart_s'])} | "
                 f"{_s(row['init_load_s'])} | {_s(row['first_step_s'], 3)} | "
                 f"**{_s(row['total_s'])}** | {_s(row['steps_redone'], 0)} | "
-                f"{_s(row['back_to_kill_point_s'])} | {warm_cell} |"
+                f"{_s(row['back_to_kill_point_s'])} | {warm_cell} | "
+                f"{row.get('settings', 'n/a')} |"
             )
         out += [
             "",
-            "- detect: kill -> Ray's `[FailurePolicy] RETRY` line (torchrun: the agent's "
-            "restart line when printed, otherwise folded into restart). restart: -> "
-            "`Started training worker group` (torchrun: the new worker process began). "
-            "init + load: -> the attempt's `start` event (data, model, DDP, newest valid "
-            "checkpoint). Driver-output times can trail the event by up to ~0.5 s.",
+            "- From the run log: detect: kill -> `failure_detected` (Ray Train's controller "
+            "decided to retry; torchrun: the agent's restart line in its output, the one "
+            "figure read from console text, otherwise folded into restart). restart: -> "
+            "`group_started` (the new group's training function launched; torchrun: the new "
+            "worker process began). init + load: -> the attempt's `start` event (data, model, "
+            "DDP, newest valid checkpoint).",
             "",
-            "Ray Train's own split of the restart (its controller log), median [min-max] s:",
+            "Ray Train's split of the restart (the `group_started` event; the placement group "
+            "as Ray's GCS timed it), median [min-max] s:",
             "",
             "| launcher | placement group | actor processes | train context (imports) | "
             "launch | group start total |",

@@ -109,6 +109,7 @@ def main() -> None:
             process_started=PROCESS_STARTED,
             restore_s=restore_s,
             nice=os.getpriority(os.PRIO_PROCESS, 0),
+            threads=torch.get_num_threads(),
         )
 
     for global_step in range(start_step + 1, total + 1):

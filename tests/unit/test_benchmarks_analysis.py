@@ -97,3 +97,63 @@ def test_a_checkpoint_pause_is_measured_against_steps_with_no_save_in_flight():
     [stall] = analyze.checkpoint_stalls(attempt, saved_at)
     assert stall["paused_s"] == pytest.approx(0.25)
     assert analyze.save_dip(attempt, saved_at) == pytest.approx(0.5)
+
+
+def group_started(at: float, pids=(11, 12)) -> dict:
+    """A ``group_started`` event as Ray Train's controller writes it: asked for 1.0 s before,
+    placement group 0.2 s, actors 0.3 s, train context 0.4 s, launch 0.1 s."""
+    return {"event": "group_started", "attempt": "ray-b", "time": at, "pids": list(pids),
+            "requested_at": at - 1.0, "actors_at": at - 0.5, "context_at": at - 0.1,
+            "placement_group_s": 0.2, "world_size": 2}  # fmt: skip
+
+
+def test_a_ray_recovery_is_timed_from_the_run_logs_own_events():
+    """Rank 1 killed at t=8.2 after step 8 of a; Ray Train decides at 8.5, the new group is
+    training at 10.0, b starts (resumed from 8) at 10.5 and steps at 11.0."""
+    first = [("a", g, float(g)) for g in range(1, 9)]
+    second = [("b", g, 11.0 + (g - 9)) for g in range(9, 12)]
+    events = run_log(first + second, {"b": (8, "a")})
+    events += [{"event": "failure_detected", "attempt": "ray-a", "time": 8.5}, group_started(10.0)]
+    events.sort(key=lambda e: e["time"])
+    [rec] = analyze.recoveries(events, [{"time": 8.2}])
+    expected = {"detect_s": 0.3, "restart_s": 1.5, "init_load_s": 0.5, "first_step_s": 0.5,
+                "total_s": 2.8, "steps_redone": 0, "placement_group_s": 0.2, "actors_s": 0.3,
+                "train_context_s": 0.4, "launch_s": 0.1, "group_total_s": 1.0}  # fmt: skip
+    assert rec == {**rec, **{k: pytest.approx(v) for k, v in expected.items()}}
+
+
+def test_a_torchrun_recovery_reads_the_agents_line_and_the_new_process_start():
+    first = [("a", g, float(g)) for g in range(1, 9)]
+    second = [("b", g, 11.0 + (g - 6)) for g in range(6, 12)]
+    events = run_log(first + second, {"b": (5, "a")})
+    events[[e["event"] for e in events].index("start", 1)]["process_started"] = 9.0
+    lines = [(8.0, "step"), (8.4, "[WARNING] worker group FAILED; will restart worker group")]
+    [rec] = analyze.recoveries(events, [{"time": 8.2}], lines)
+    assert rec["detect_s"] == pytest.approx(0.2) and rec["restart_s"] == pytest.approx(0.6)
+    assert rec["steps_redone"] == 3 and "group_total_s" not in rec
+
+
+def test_the_harness_kills_rank_1_of_the_newest_ray_group(tmp_path):
+    """The pid comes from the run log's ``group_started``, never from Ray's console; the
+    controller's files are no attempt's log."""
+    logs = tmp_path / "runlog"
+    logs.mkdir()
+    for name, at, pids in (
+        ("ray-a-group_started", 1.0, [1, 2]),
+        ("ray-b-group_started", 9.0, [3, 4]),
+    ):
+        (logs / f"{name}.jsonl").write_text(json.dumps(group_started(at, pids)) + "\n")
+    watch = launch.Watch("run", tmp_path, "ray")
+    assert launch._rank1_pid(watch) == 4
+    (logs / "0000ffff.jsonl").write_text(json.dumps({"event": "step", "global_step": 3}) + "\n")
+    os.utime(logs / "0000ffff.jsonl", (1_000, 1_000))  # older than the controller's files
+    assert launch._newest_attempt(tmp_path)[0] == "0000ffff"
+
+
+def test_every_settings_line_says_threads_and_who_shares_the_cores():
+    st = {"task": "tabular", "workers": 2, "steps": 10, "checkpoint_every": 5, "threads": 1,
+          "cores": 2, "nice": 0, "global_batch": 64, "upload": "async", "report_every": None,
+          "health_check_s": 0.2}  # fmt: skip
+    ray, torchrun = analyze.describe(st, "ray"), analyze.describe(st, "torchrun")
+    assert "1 torch thread per worker, 2 cores shared with Ray's daemons and driver" in ray
+    assert "1 torch thread per worker, 2 cores shared with torchrun's agent" in torchrun

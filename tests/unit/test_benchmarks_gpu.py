@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import analyze, floor, harness, report
+from benchmarks import analyze, floor, harness, plans, report
 from training.driver.settings import load_config
 from training.tasks.tabular import DEMO_CLASSES, DEMO_FEATURES, MLP, MLPOptions
 
@@ -21,10 +21,9 @@ def planned_configs(mode: str, tmp_path):
     bench = harness.Bench(mode, tmp_path, tmp_path)
     plan = bench.plan
     runs = [(task, steps, {}) for task, steps in plan["overhead"].items()]
-    runs += [(r.get("task", "mlp"), r["steps"], r["overrides"]) for r in bench.exact_runs()]
-    runs += [("mlp", r["steps"], r["overrides"]) for r in bench.stall_runs()]
+    runs += [(r.task, r.steps, r.overrides) for r in bench.exact_runs() + bench.stall_runs()]
     return [
-        (task, load_config(harness.TASKS[task][1], bench.overrides("x", steps, extra, task)))
+        (task, load_config(plans.TASKS[task][1], bench.overrides("x", steps, extra, task)))
         for task, steps, extra in runs
     ]
 
@@ -40,7 +39,7 @@ def test_every_gpu_run_is_one_bf16_gpu_worker(tmp_path):
 
 
 def test_the_dry_run_is_the_same_plan_on_the_cpu(tmp_path):
-    gpu, dry = harness.PLANS["gpu"], harness.PLANS["gpu-dry"]
+    gpu, dry = plans.PLANS["gpu"], plans.PLANS["gpu-dry"]
     assert gpu.keys() == dry.keys() and gpu["scenarios"] == dry["scenarios"]
     for (_, on_gpu), (_, on_cpu) in zip(
         planned_configs("gpu", tmp_path), planned_configs("gpu-dry", tmp_path), strict=False
@@ -53,29 +52,29 @@ def test_the_dry_run_is_the_same_plan_on_the_cpu(tmp_path):
 
 @pytest.mark.parametrize("mode", ["gpu", "gpu-dry"])
 def test_rank0_dies_after_a_checkpoint_and_before_the_end(mode, tmp_path):
-    exact = harness.PLANS[mode]["exact"]
+    exact = plans.PLANS[mode]["exact"]
     assert exact["every"] < exact["kill_step"] <= exact["steps"]
-    killed = harness.Bench(mode, tmp_path, tmp_path).exact_runs()[1]["overrides"]
+    killed = harness.Bench(mode, tmp_path, tmp_path).exact_runs()[1].overrides
     assert killed["chaos.faults"] == [{"kind": "kill", "rank": 0, "step": exact["kill_step"]}]
     assert killed["training.deterministic"] is True
 
 
 def test_the_pause_is_measured_on_at_least_2_gb_of_state():
     with torch.device("meta"):
-        model = MLP(DEMO_FEATURES, DEMO_CLASSES, MLPOptions(hidden_sizes=harness.SIZES["2 GB"]))
+        model = MLP(DEMO_FEATURES, DEMO_CLASSES, MLPOptions(hidden_sizes=plans.SIZES["2 GB"]))
     params = sum(p.numel() for p in model.parameters())
     assert 12 * params >= 2e9  # fp32 weights + AdamW's two moments
-    assert harness.PLANS["gpu"]["stall_sizes"] == harness.PLANS["gpu"]["device_floor_sizes"]
+    assert plans.PLANS["gpu"]["stall_sizes"] == plans.PLANS["gpu"]["device_floor_sizes"]
 
 
 def test_the_gpu_plan_ends_within_eight_minutes_with_the_install():
     # + ~30 s to install Ray from the wheelhouse (unpack, zip, pip), counted as a minute; the
     # deadline is enforced by the harness, not estimated
-    assert harness.PLANS["gpu"]["deadline_s"] + 60 <= 8 * 60
+    assert plans.PLANS["gpu"]["deadline_s"] + 60 <= 8 * 60
 
 
 def test_a_plan_past_its_deadline_leaves_the_rest_out_and_fails(tmp_path, monkeypatch):
-    monkeypatch.setitem(harness.PLANS, "late", {**harness.PLANS["gpu-dry"], "deadline_s": 10})
+    monkeypatch.setitem(plans.PLANS, "late", {**plans.PLANS["gpu-dry"], "deadline_s": 10})
     bench = harness.Bench("late", tmp_path / "work", tmp_path / "out")
     bench.results["started"] = started = 1000.0
     monkeypatch.setattr(harness.time, "time", lambda: started + 4)
@@ -89,7 +88,7 @@ def test_a_plan_past_its_deadline_leaves_the_rest_out_and_fails(tmp_path, monkey
 
 
 def test_the_device_to_host_floor_runs_without_a_gpu():
-    row = floor.device_to_host(harness.SIZES["tiny"], reps=2)
+    row = floor.device_to_host(plans.SIZES["tiny"], reps=2)
     assert row["device"] == "cpu" and row["d2h_s"]["n"] == 2 and row["state_mb"] > 0
 
 

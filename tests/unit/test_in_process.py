@@ -86,8 +86,13 @@ def test_resume_from_a_periodic_checkpoint_is_bitwise_equal(points, tmp_path, un
     assert (
         raised == 1 and peer != 0
     )  # rank 0 raised; rank 1's collective broke (1, or gloo's abort)
+    # What Ray Train's controller adds to the run log (ray_internals/group_events): verify
+    # and the summary read past it.
+    for event in ("failure_detected", "group_started"):
+        runlog.write_event(FS, str(tmp_path / "split"), f"ray-r1-{event}", event, attempt="r1")
     assert run_ranks(cfg) == [0, 0]
     assert attempts(tmp_path, "split").resumed_from_steps == [None, 14]
+    assert runlog.summarize(runlog.read_events(FS, str(tmp_path / "split")))["state"] == "finished"
     assert_bitwise_equal(final_state(tmp_path, "split"), uninterrupted)
 
 

@@ -76,3 +76,17 @@ def test_the_summary_says_how_the_run_ended_and_which_steps_its_metrics_cover(en
 def test_a_run_resumed_after_it_ended_is_unfinished():
     later = {"event": "start", "attempt": "a2", "time": 30.0, "world_size": 2, "total_steps": 20}
     assert runlog.summarize([*_events("end"), later])["state"] == "unfinished"
+
+
+def test_an_event_from_outside_the_attempts_is_a_file_of_its_own(object_store, tmp_path):
+    """Ray Train's controller writes ``group_started`` and ``failure_detected`` beside rank 0's
+    log; the ledger and the summary read past them."""
+    write_run(object_store, str(tmp_path), steps=12)
+    runlog.write_event(object_store, str(tmp_path), "ray-r1-group_started", "group_started",
+                       attempt="r1", world_size=2)  # fmt: skip
+    names = sorted(p.name for p in (tmp_path / runlog.RUNLOG_DIR).iterdir())
+    assert names[-1] == "ray-r1-group_started.jsonl"
+    events = runlog.read_events(object_store, str(tmp_path))
+    assert [e["event"] for e in events][-1] == "group_started"
+    assert runlog.summarize(events)["attempts"] == 1
+    assert runlog.summarize(events)["state"] == "finished"

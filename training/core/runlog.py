@@ -12,6 +12,11 @@ Rank 0 writes ``<run dir>/runlog/<attempt>.jsonl`` (on object stores: segments
 - ``stopped``: a non-finite loss stopped the run for good;
 - ``end``: the attempt finished the run.
 
+Ray Train's controller adds ``group_started`` (a worker group is training: world size, each
+rank's pid, when the group was asked for) and ``failure_detected`` (Ray Train decided what a
+failure means: retry or raise), each in a file of its own (``write_event``), named after Ray
+Train's attempt; readers that look for the events above pass them by.
+
 Rank 0 also mirrors every event into TensorBoard event files (training/core/tensorboard.py), flushed
 with the run log.
 
@@ -84,6 +89,15 @@ class RunLog:
         self.flush()
         if self._file is not None:
             self._file.close()
+
+
+def write_event(fs: pafs.FileSystem, run_dir: str, name: str, event: str, **fields: Any) -> None:
+    """One event in a file of its own, ``<run dir>/runlog/<name>.jsonl``, written whole: for a
+    writer outside the attempts (Ray Train's controller), which then never shares a file with
+    rank 0 and needs no append on an object store. ``fields`` must hold ``attempt``."""
+    record = {"event": event, "time": round(time.time(), 4), **fields}
+    path = posixpath.join(run_dir, RUNLOG_DIR, f"{name}.jsonl")
+    storage.write_bytes(fs, path, (json.dumps(record) + "\n").encode())
 
 
 def read_events(fs: pafs.FileSystem, run_dir: str) -> list[dict[str, Any]]:

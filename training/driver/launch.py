@@ -239,6 +239,7 @@ def build_trainer(cfg: Config, run: RunState, verbose: bool = False):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from training.observability import failures
+    from training.ray_internals.group_events import GroupEvents
     from training.ray_internals.shutdown_grace import WaitForFailureSave
     from training.worker.attempt import train_func
 
@@ -276,10 +277,12 @@ def build_trainer(cfg: Config, run: RunState, verbose: bool = False):
             # deletes what Ray does not know about (lost from its registry, partial uploads).
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             # Rank 0's save on failure finishes before Ray kills the group (up to 4.5 s); a
-            # failed attempt is one line on the console.
+            # failed attempt is one line on the console; each group's start and each failure
+            # decision go into the run log (what the recovery timeline is measured from).
             callbacks=[
                 *([WaitForFailureSave()] if cfg.checkpoint.on_failure else []),
                 failures.FailureLines(),
+                GroupEvents(run.fs, run.run_dir),
             ],
             # Ray Train logs each worker group's start and each failure as several tracebacks:
             # on the console only with --verbose, always in its log files.

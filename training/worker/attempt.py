@@ -234,6 +234,7 @@ def announce_start(
         layout=data.layout_record(worker.task.shard_layout(worker.train)),
         task=worker.cfg.task.name,
         pid=os.getpid(),  # rank 0's process: tells a failure of rank 0 from one of a peer
+        threads=torch.get_num_threads(),  # torch's pool in each worker (match_threads_to_cpus)
         nice=os.getpriority(
             os.PRIO_PROCESS, 0
         ),  # the training thread's (training/ray_internals/priority.py)
