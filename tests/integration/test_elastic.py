@@ -36,7 +36,9 @@ def test_node_lost_and_regained(tmp_path, cluster):
         data={"path": str(tmp_path / "digits"), "create_demo_if_missing": True},
         training={"epochs": 4, "global_batch_size": 64, "log_every_n_steps": 50},  # 100 steps
         checkpoint={"every_n_steps": 20, "num_to_keep": 2},
-        failure={"max_failures": 5},
+        # After the node is lost Ray Train first asks for 2 workers again (its view of the
+        # reserved resources is up to ~20 s old) and waits this long before it tries 1.
+        failure={"max_failures": 5, "group_start_timeout_s": 20},
         chaos={"faults": stalls},
     )
     log = tmp_path / "elastic.log"

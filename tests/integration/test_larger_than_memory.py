@@ -92,7 +92,9 @@ def streamed_config(root: Path, name: str, data_path: str, **sections) -> Path:
         "training": {"epochs": 1, "global_batch_size": BATCH, "log_every_n_steps": 50},
         "eval": {"batches": 2},
         "checkpoint": {"every_n_steps": 30, "num_to_keep": 2},
-        "failure": {"max_failures": 5},
+        # A lost node: Ray Train first asks for the old size again (its view of the reserved
+        # resources is up to ~20 s old) and waits this long before it tries the smaller one.
+        "failure": {"max_failures": 5, "group_start_timeout_s": 20},
     }
     for section, values in sections.items():
         defaults.setdefault(section, {}).update(values)

@@ -196,6 +196,16 @@ class FailureSection(Section):
         "checkpoints Ray registers: one per poll, so checkpoints that come faster make training "
         "wait. An exported RAY_TRAIN_HEALTH_CHECK_INTERVAL_S takes precedence.",
     )
+    group_start_timeout_s: PositiveFloat = Field(
+        60,
+        description="How long Ray Train waits for a new worker group to start before it counts "
+        "the start as a failure and tries again (Ray's default: 60). After a node is lost, an "
+        "elastic run may first ask for the old size (Ray's view of the reserved resources "
+        "refreshes every ~20 s) and then waits out this timeout before it retries at the "
+        "smaller size; lower it to recover sooner, keep it above how long a node or pod takes "
+        "to start when the run must wait for one. An exported "
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S takes precedence.",
+    )
     spare_workers: bool = Field(
         True,
         description="Keep one idle worker process per train worker on each node, with torch and "

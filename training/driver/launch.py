@@ -254,6 +254,9 @@ def build_trainer(cfg: Config, run: RunState, verbose: bool = False):
     os.environ.setdefault(
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(cfg.failure.health_check_interval_s)
     )
+    os.environ.setdefault(
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(cfg.failure.group_start_timeout_s)
+    )
     # How soon Ray Train notices a node being drained (Ray's default: 5 s of a ~30 s window).
     os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
     return TorchTrainer(
