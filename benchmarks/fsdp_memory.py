@@ -9,8 +9,9 @@ size (d_model 512, 8 layers: ~25 M parameters vs ~0.44 M; 64-byte blocks, global
     .venv/bin/python -m benchmarks.fsdp_memory            # prints a Markdown table
     .venv/bin/python -m benchmarks.fsdp_memory --steps 4 --world-sizes 2
 
-Figures are per rank (rank 0; the ranks are alike); steps/s is measured after a warm-up step,
-with the thread count of each rank printed beside it.
+Figures are per rank: rank 0's, and the largest of its peers' process memory (under fsdp rank 0
+alone builds the initial model); steps/s is measured after a warm-up step, with the thread count
+of each rank printed beside it.
 """
 
 from __future__ import annotations
@@ -82,8 +83,7 @@ def measure(config_dict: dict, steps: int, out: str) -> None:
         "threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in params) if cfg.training.parallelism == "ddp" else None,
     }
-    if worker.rank == 0:
-        torch.save(row, out)
+    torch.save(row, f"{out}.{worker.rank}")
     sys.stdout.flush()
     os._exit(0)
 
@@ -115,7 +115,13 @@ def run(parallelism: str, world: int, steps: int, threads: int, corpus: Path, tm
         raise RuntimeError(
             f"{parallelism} at {world} ranks: exit codes {[p.exitcode for p in ranks]}"
         )
-    return torch.load(out, weights_only=True)
+    rows = [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
+    # Rank 0 may differ from its peers (it builds the initial model alone under fsdp).
+    return {
+        **rows[0],
+        "peers_built_mb": max(r["rss_built_mb"] for r in rows[1:]),
+        "peers_peak_mb": max(r["peak_rss_mb"] for r in rows[1:]),
+    }
 
 
 def main() -> None:
@@ -148,14 +154,16 @@ def print_table(rows: dict) -> None:
         f"model: {parameters / 1e6:.2f} M parameters (~{parameters / base:.0f}x the default LM)\n"
     )
     print("| mode | ranks | params MB | grads MB | optimizer MB | sum MB | peak RSS MB | "
-          "RSS before model MB | peak RSS built MB | steps/s | threads/rank |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "RSS before model MB | peak RSS built MB | peers: built / peak MB | steps/s | "
+          "threads/rank |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (mode, world), r in rows.items():
         total = r["params_mb"] + r["grads_mb"] + r["optimizer_mb"]
         print(
             f"| {mode} | {world} | {r['params_mb']:.1f} | {r['grads_mb']:.1f} | "
             f"{r['optimizer_mb']:.1f} | {total:.1f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['rss_before_mb']:.0f} | {r['rss_built_mb']:.0f} | {r['steps_per_s']:.2f} | "
+            f"{r['rss_before_mb']:.0f} | {r['rss_built_mb']:.0f} | "
+            f"{r['peers_built_mb']:.0f} / {r['peers_peak_mb']:.0f} | {r['steps_per_s']:.2f} | "
             f"{r['threads']} |"
         )
     for world in sorted({w for _, w in rows}):

@@ -4,18 +4,21 @@ the built-in language model sharded with FSDP2, checkpointed through DCP by ever
 - killed half way and resumed at the same world size: bitwise equal to an uninterrupted run;
 - a checkpoint written by 2 ranks resumed by 3 and by 1: the ledger shows every sample once and
   the loss continues where it was;
-- a torn shard: that checkpoint is skipped for the one before it.
+- a torn shard: that checkpoint is skipped for the one before it;
+- the model is built without any peer of rank 0 building all of it, with the values a seeded
+  build on every rank gives, and a resume does not build it at all.
 
 Each run is a few seconds (spawned ranks import torch)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pyarrow.fs as pafs
 import pytest
 import torch
-from in_process import run_ranks, tensors
+from in_process import run_function, run_ranks, tensors
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from training import tasks
@@ -196,3 +199,64 @@ def test_a_run_cannot_switch_parallelism_its_checkpoints_would_be_unreadable():
     del ddp["training"]["parallelism"]  # a run saved before the field existed was ddp
     assert identity_diff(ddp, fsdp) == ["training.parallelism: 'ddp' -> 'fsdp'"]
     assert identity_diff(ddp, validate_sections(read_raw(None, [])).model_dump()) == []
+
+
+def _build_save_resume(config: dict, out: str) -> None:
+    """One spawned rank: build the worker (peers of rank 0 may not build the whole model),
+    checkpoint it, then resume it (no rank may build the whole model); rank 0 dumps what each
+    held and what a plain seeded build gives."""
+    from training.core.checkpoint import Progress, dir_name
+    from training.core.config import Config
+    from training.worker import sharded, sharded_checkpointer
+    from training.worker.attempt import build_worker
+    from training.worker.context import initial_model
+    from training.worker.runtime import LocalRuntime
+
+    def refused(*_):
+        raise AssertionError("the whole model was built")
+
+    cfg, rank = Config.model_validate(config), int(os.environ["RANK"])
+    runtime = LocalRuntime(cfg, timeout_s=30, init_method=os.environ["INIT_METHOD"])
+    if rank != 0:
+        sharded_checkpointer.initial_model = refused
+    worker = build_worker(cfg, config, runtime)
+    built = sharded.full_model_state(worker.model)
+    causal = worker.model.causal.clone()  # a non-persistent buffer: in no state dict
+    progress = Progress(1, 0, 1, "a1")
+    path = f"{runtime.run_dir}/{dir_name(1, 'a1')}"
+    sharded.save(
+        path, worker.model, worker.optimizer, sharded_checkpointer.loop_state(worker, progress)
+    )
+    sharded_checkpointer.initial_model = refused
+    again = build_worker(cfg, config, runtime, initialise=False, attempt="b2")
+    resumed_progress, _ = sharded_checkpointer.resume(again)
+    resumed = sharded.full_model_state(again.model)  # a collective: every rank
+    if rank == 0:
+        reference = initial_model(cfg, worker.task, worker.info)
+        torch.save(
+            {
+                "built": built,
+                "resumed": resumed,
+                "reference": reference.state_dict(),
+                "causal": [causal, again.model.causal, reference.causal],
+                "step": resumed_progress.global_step,
+            },
+            out,
+        )
+
+
+def test_initial_values_are_a_seeded_builds_and_a_resume_builds_nothing(corpus, tmp_path):
+    """The model is built on the meta device and sharded; rank 0 alone builds it whole."""
+    out = tmp_path / "states.pt"
+    cfg = config(corpus, tmp_path, "init")
+    assert run_function(_build_save_resume, 2, 30, cfg, str(out)) == [0, 0]
+    states = torch.load(out, weights_only=True)
+    assert states["step"] == 1
+    reference = dict(tensors(states["reference"]))
+    for which in ("built", "resumed"):
+        got = dict(tensors(states[which]))
+        assert got.keys() == reference.keys()
+        for key, tensor in reference.items():
+            assert torch.equal(tensor, got[key]), (which, key)
+    causal, resumed_causal, reference_causal = states["causal"]
+    assert torch.equal(causal, reference_causal) and torch.equal(resumed_causal, reference_causal)

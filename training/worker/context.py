@@ -88,6 +88,13 @@ def inject_faults(worker: Worker, global_step: int, during: str) -> None:
     )
 
 
+def initial_model(cfg: Config, task: tasks.Task, info: Any) -> nn.Module:
+    """The task's model as a fresh run starts it: built under the run's seed, so every rank
+    (and every attempt) gets the same initial values."""
+    torch.manual_seed(data.derive_seed(cfg.training.seed, "init"))
+    return task.build_model(info)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside DDP (checkpoints never store the ``module.`` prefix)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -24,10 +24,11 @@ uses this under ``training.parallelism: fsdp`` (``training/worker/sharded_checkp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
@@ -76,15 +78,63 @@ def prepare(
 ) -> nn.Module:
     """The task's model on ``device``, sharded over every rank: ``units`` (the task's, else
     ``default_units``) and the root. bf16: FSDP2's own policy (parameters gathered and computed
-    in bf16, gradients reduced and kept in fp32) in place of autocast."""
-    model = model.to(device)
+    in bf16, gradients reduced and kept in fp32) in place of autocast. A model built under
+    ``parameters_on_meta`` gets storage for this rank's shards only, values not yet set
+    (``load_full`` or a checkpoint sets them)."""
+    on_meta = any(p.is_meta for p in model.parameters())
+    if not on_meta:
+        model = model.to(device)
     policy = MixedPrecisionPolicy()
     if precision == "bf16":
         policy = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32
         )
     chosen = default_units(model) if units is None else units
-    return shard(model, chosen, device.type, policy)
+    model = shard(model, chosen, device.type, policy)
+    if on_meta:
+        allocate(model, device)
+    return model
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside register their parameters on the meta device (shapes, no storage):
+    a model larger than one worker can be built, then sharded. Each parameter exists for real
+    only while its own module is built (``nn.Linear`` fills its weight before registering it),
+    so the peak is one parameter, not the model. Buffers stay real: a non-persistent one (a
+    causal mask) is in no state dict, so no checkpoint or broadcast could restore it."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:  # a meta one is shared (tied weights)
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def allocate(model: nn.Module, device: torch.device) -> None:
+    """Storage on ``device`` for this rank's shards of a meta model; the buffers keep their
+    values (``to_empty`` would leave them undefined too)."""
+    buffers = dict(model.named_buffers())
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+
+
+def load_full(model: nn.Module, build_full: Callable[[], nn.Module]) -> None:
+    """Every rank calls this: rank 0 alone builds the whole model (``build_full``), and each
+    rank receives its shards of its parameters and buffers, one tensor at a time (torch's
+    broadcast from rank 0), so peers never hold the whole model. The values are rank 0's
+    bit for bit, the same as if every rank had built it."""
+    state = build_full().state_dict() if dist.get_rank() == 0 else {}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, state, options=options)
 
 
 def default_units(model: nn.Module) -> list[nn.Module]:
@@ -196,7 +246,8 @@ def load(
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's tensors, gathered to CPU on every rank (for tests and small models)."""
+    """The whole model's tensors, gathered to CPU on rank 0 (empty on the others; for tests
+    and small models)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
     return get_model_state_dict(model, options=options)
 

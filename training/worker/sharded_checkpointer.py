@@ -16,16 +16,39 @@ import posixpath
 import time
 from typing import TYPE_CHECKING, Any
 
+from torch import nn
+
+from training import tasks
 from training.core import checkpoint
 from training.core.checkpoint import InvalidCheckpoint, Progress
+from training.core.config import Config
 from training.worker import sharded
 from training.worker.checkpointer import prune_leftovers, restore_extra
-from training.worker.context import inject_faults
+from training.worker.context import initial_model, inject_faults
 
 if TYPE_CHECKING:
+    import torch
+
     from training.worker.context import Worker
 
 log = logging.getLogger(__name__)
+
+
+def build_model(cfg: Config, task: tasks.Task, info: Any, device: torch.device) -> nn.Module:
+    """The task's model sharded over the ranks without any rank building all of it: built with
+    its parameters on the meta device, sharded, then given storage for this rank's shards.
+    Its values are unset: ``initialise`` or a checkpoint sets them."""
+    with sharded.parameters_on_meta():
+        skeleton = task.build_model(info)
+    units = task.shard_units(skeleton)
+    return sharded.prepare(skeleton, units, cfg.training.precision, device)
+
+
+def initialise(model: nn.Module, cfg: Config, task: tasks.Task, info: Any) -> None:
+    """A fresh run's initial values: rank 0 builds the model as ddp does (the run's seed), every
+    rank takes its shards of it. Bit for bit the values of a build on every rank; rank 0 holds
+    the whole model for the moment it takes (host memory, released after)."""
+    sharded.load_full(model, lambda: initial_model(cfg, task, info))
 
 
 def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, Any]) -> None:
@@ -102,6 +125,8 @@ def resume(worker: Worker) -> tuple[Progress, str | None]:
         restore_extra(worker, state)
         progress, chosen = Progress(**state["progress"]), path
         break
+    if chosen is None:  # a fresh start: only now is the whole model built (on rank 0)
+        initialise(worker.model, worker.cfg, worker.task, worker.info)
     worker.comm.barrier()  # everyone has loaded before rank 0 deletes anything
     if worker.rank == 0:
         checkpoint.prune(
