@@ -8,6 +8,7 @@ size (d_model 512, 8 layers: ~25 M parameters vs ~0.44 M; 64-byte blocks, global
 
     .venv/bin/python -m benchmarks.fsdp_memory            # prints a Markdown table
     .venv/bin/python -m benchmarks.fsdp_memory --steps 4 --world-sizes 2
+    .venv/bin/python -m benchmarks.fsdp_memory --world-sizes 2 --save   # + checkpoint pauses
 
 Figures are per rank: rank 0's, and the largest of its peers' process memory (under fsdp rank 0
 alone builds the initial model); steps/s is measured after a warm-up step, with the thread count
@@ -55,6 +56,29 @@ def local_bytes(tensors) -> int:
     return total
 
 
+def save_pauses(worker, directory: Path) -> dict:
+    """fsdp: how long a checkpoint holds the training thread, synchronous (DCP's save and the
+    seal: hashes, manifest) vs asynchronous (the staging copy; the rest in the background)."""
+    from training.worker import sharded
+    from training.worker.collectives import Collectives
+
+    side = Collectives.side_group()
+    started = time.perf_counter()
+    sharded.start_save(directory / "sync", worker.model, worker.optimizer, {})
+    sharded.seal(directory / "sync", worker.comm, {})
+    sync_s = time.perf_counter() - started
+    worker.comm.barrier()
+    started = time.perf_counter()
+    written = sharded.start_save(
+        directory / "async", worker.model, worker.optimizer, {}, side.group
+    )
+    async_s = time.perf_counter() - started
+    written.result()
+    sharded.seal(directory / "async", side, {})
+    return {"sync_pause_s": sync_s, "async_pause_s": async_s,
+            "async_total_s": time.perf_counter() - started}  # fmt: skip
+
+
 def measure(config_dict: dict, steps: int, out: str) -> None:
     from training.core.config import Config
     from training.worker.attempt import build_worker
@@ -83,6 +107,8 @@ def measure(config_dict: dict, steps: int, out: str) -> None:
         "threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in params) if cfg.training.parallelism == "ddp" else None,
     }
+    if cfg.training.parallelism == "fsdp" and os.environ.get("SAVE_DIR"):
+        row.update(save_pauses(worker, Path(os.environ["SAVE_DIR"])))
     torch.save(row, f"{out}.{worker.rank}")
     sys.stdout.flush()
     os._exit(0)
@@ -129,6 +155,9 @@ def main() -> None:
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument(
+        "--save", action="store_true", help="fsdp: also time a sync and an async checkpoint"
+    )
     args = parser.parse_args()
     from training import tasks
 
@@ -142,6 +171,8 @@ def main() -> None:
         rows = {}
         for world in args.world_sizes:
             for mode in ("ddp", "fsdp"):  # side by side, one after the other
+                if args.save:  # the ranks save here (sharded.start_save), then it is deleted
+                    os.environ["SAVE_DIR"] = str(tmp / f"saves-{mode}-{world}")
                 rows[mode, world] = run(mode, world, args.steps, args.threads, corpus, tmp)
     print_table(rows)
 
@@ -166,6 +197,13 @@ def print_table(rows: dict) -> None:
             f"{r['peers_built_mb']:.0f} / {r['peers_peak_mb']:.0f} | {r['steps_per_s']:.2f} | "
             f"{r['threads']} |"
         )
+    for (mode, world), r in rows.items():
+        if "sync_pause_s" in r:
+            print(
+                f"\n{mode} at {world} ranks, checkpoint pause of the training thread (rank 0): "
+                f"sync {r['sync_pause_s']:.3f} s, async {r['async_pause_s']:.3f} s "
+                f"(written and sealed {r['async_total_s']:.3f} s after it began)"
+            )
     for world in sorted({w for _, w in rows}):
         if ("ddp", world) in rows and ("fsdp", world) in rows:
             ratio = rows["fsdp", world]["steps_per_s"] / rows["ddp", world]["steps_per_s"]

@@ -5,6 +5,8 @@ the built-in language model sharded with FSDP2, checkpointed through DCP by ever
 - a checkpoint written by 2 ranks resumed by 3 and by 1: the ledger shows every sample once and
   the loss continues where it was;
 - a torn shard: that checkpoint is skipped for the one before it;
+- a rank killed inside forward or backward (a user's task with a BatchNorm): resumed from the
+  periodic checkpoint, bitwise equal;
 - the model is built without any peer of rank 0 building all of it, with the values a seeded
   build on every rank gives, and a resume does not build it at all.
 
@@ -20,6 +22,7 @@ import pytest
 import torch
 from in_process import run_function, run_ranks, tensors
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from two_head_task import write_csv
 
 from training import tasks
 from training.core import checkpoint, runlog
@@ -63,10 +66,10 @@ def config(corpus, storage, name: str, faults=()) -> dict:
     ).model_dump()
 
 
-def full_state(storage, name: str, tmp_path) -> dict:
+def full_state(storage, name: str, tmp_path, steps: int = STEPS) -> dict:
     """The newest checkpoint's whole model and optimizer, read without a process group."""
     newest = checkpoint.newest_valid(FS, str(storage / name))
-    assert newest is not None and newest.step == STEPS
+    assert newest is not None and newest.step == steps
     out = tmp_path / f"{name}.pt"
     dcp_to_torch_save(newest.path, out)
     return torch.load(out, weights_only=False)
@@ -141,6 +144,29 @@ def test_a_checkpoint_of_two_ranks_resumes_at_another_world_size_exactly_once(
     for step in (9, 12):
         assert resumed[step] == pytest.approx(whole[step], rel=1e-3), step
     assert resumed[9] < whole[3]  # and it had learnt something by step 6
+
+
+def test_a_rank_killed_during_an_async_save_leaves_the_previous_checkpoint_newest(
+    corpus, uninterrupted, tmp_path
+):
+    """Rank 1 dies after its shards of step 12 are written, before rank 0 has its digests: no
+    manifest, so step 6 stays the newest valid checkpoint, and the run resumes from it to the
+    uninterrupted run's bits (``checkpoint.upload: async``, the default, saves in the
+    background)."""
+    fault = {"kind": "kill", "rank": 1, "step": STEPS, "during": "checkpoint"}
+    cfg = config(corpus, tmp_path, "killed", [fault])
+    assert cfg["checkpoint"]["upload"] == "async"
+    assert run_ranks(cfg) == [1, -9]
+    run_dir = tmp_path / "killed"
+    assert checkpoint.newest_valid(FS, str(run_dir)).step == 6
+    unsealed = [i for i in checkpoint.scan(FS, str(run_dir)) if i.step == STEPS]
+    assert [i.valid for i in unsealed] == [False]  # its shards, no manifest
+    assert run_ranks(cfg) == [0, 0]
+    assert ledger(tmp_path, "killed").resumed_from_steps == [None, 6]
+    expected = dict(tensors(uninterrupted[1]))
+    got = dict(tensors(full_state(tmp_path, "killed", tmp_path)))
+    for key, tensor in expected.items():
+        assert torch.equal(tensor, got[key]), key
 
 
 def test_a_torn_shard_is_skipped_for_the_previous_checkpoint(
@@ -260,3 +286,51 @@ def test_initial_values_are_a_seeded_builds_and_a_resume_builds_nothing(corpus, 
             assert torch.equal(tensor, got[key]), (which, key)
     causal, resumed_causal, reference_causal = states["causal"]
     assert torch.equal(causal, reference_causal) and torch.equal(resumed_causal, reference_causal)
+
+
+TWO_HEAD_STEPS = 14  # one epoch: 461 training rows // 32
+
+
+def two_heads(points, storage, name: str, faults=()) -> dict:
+    """A user's task whose forward moves buffers (BatchNorm), sharded per child module."""
+    return parse_config(
+        {
+            "run": {"name": name},
+            "storage": {"path": str(storage)},
+            "task": {"name": "two_head_task:TwoHeadRegression", "options": {"hidden": 16}},
+            "data": {"path": str(points), "val_fraction": 0.1},
+            "training": {"parallelism": "fsdp", "global_batch_size": 32, "log_every_n_steps": 7},
+            "eval": {"batches": 1, "every_n_steps": 7},
+            # sync: step 7's checkpoint is sealed before step 8 begins. Async, a kill at step 9
+            # on a loaded machine came before its seal, and the run resumed from step 0.
+            "checkpoint": {"every_n_steps": 7, "upload": "sync"},
+            "chaos": {"faults": list(faults)},
+        }
+    ).model_dump()
+
+
+@pytest.fixture(scope="module")
+def two_heads_whole(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("two_heads")
+    write_csv(storage / "points.csv")
+    assert run_ranks(two_heads(storage / "points.csv", storage, "whole")) == [0, 0]
+    state = full_state(storage, "whole", storage, TWO_HEAD_STEPS)
+    assert "body.1.num_batches_tracked" in state["model"]  # the buffers this is about
+    return storage, state
+
+
+@pytest.mark.parametrize("during", ["forward", "backward"])
+def test_a_rank_killed_inside_a_step_resumes_bitwise_equal(two_heads_whole, tmp_path, during):
+    """Rank 1 is SIGKILLed inside step 9's forward or backward (its hooks on sharded
+    parameters fire); the run resumes from step 7's checkpoint to the uninterrupted bits."""
+    storage, expected = two_heads_whole
+    fault = {"kind": "kill", "rank": 1, "step": 9, "during": during}
+    cfg = two_heads(storage / "points.csv", tmp_path, "killed", [fault])
+    assert run_ranks(cfg) == [1, -9]
+    assert checkpoint.newest_valid(FS, str(tmp_path / "killed")).step == 7
+    assert run_ranks(cfg) == [0, 0]
+    report = runlog.check_ledger(runlog.read_events(FS, str(tmp_path / "killed")))
+    assert report.ok and report.resumed_from_steps == [None, 7], report.errors
+    got = dict(tensors(full_state(tmp_path, "killed", tmp_path, TWO_HEAD_STEPS)))
+    for key, tensor in dict(tensors(expected)).items():
+        assert torch.equal(tensor, got[key]), key

@@ -98,6 +98,8 @@ def run_attempt(worker: Worker, progress: Progress) -> None:
     except Exception:
         if worker.cfg.checkpoint.on_failure:
             save_on_failure(worker)
+        elif worker.cfg.training.parallelism == "fsdp":  # no save on failure: finish the last
+            sharded_checkpointer.await_seal(worker)
         raise
     finally:
         worker.reporter.stop()

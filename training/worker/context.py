@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,9 @@ class Worker:
     # The non-parameter state as the last completed step left it (``StepBoundary``).
     boundary: StepBoundary | None = None
     tampering: bool = False  # a test-only chaos fault changes the ids of one step
+    # fsdp's asynchronous checkpoints: the ranks' second group, for the report thread's seal.
+    side_comm: Collectives | None = None
+    pending_seal: Future | None = None  # ends with the newest checkpoint's manifest (fsdp)
 
     def __post_init__(self) -> None:
         self.tampering = chaos.tampers(self.cfg.chaos.faults, self.rank)

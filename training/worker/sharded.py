@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -171,24 +172,56 @@ def save(
 ) -> None:
     """Every rank calls this: each writes its shards (rank 0 also ``loop_state``, the part of
     the state that is not sharded), then rank 0 the manifest, last."""
+    start_save(directory, model, optimizer, loop_state)
+    seal(directory, Collectives(torch.device("cpu")), loop_state, before_manifest)
+
+
+def start_save(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loop_state: dict[str, Any] | None,
+    group: dist.ProcessGroup | None = None,
+) -> Future | None:
+    """Every rank calls this: rank 0 writes ``loop_state`` (small), every rank its shards. No
+    ``group``: written when this returns (DCP's synchronous save, None). With one: staged (a
+    copy of this rank's shards in host memory: the caller's pause) and written by a background
+    thread whose collectives use ``group``, not the training thread's; the Future ends once
+    every rank's shards and ``.metadata`` are written. ``seal`` must follow either way."""
     directory = Path(directory)
-    comm = Collectives(torch.device("cpu"))
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    # DCP's save ends once the coordinator has written .metadata after every rank's writes.
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
-    mine = _describe_own_files(directory, dist.get_rank())
     if dist.get_rank() == 0 and loop_state is not None:
+        directory.mkdir(parents=True, exist_ok=True)
         torch.save(loop_state, directory / LOOP_STATE_FILE)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if group is None:
+        # DCP's save ends once the coordinator has written .metadata after every rank's writes.
+        dcp.save(state, checkpoint_id=str(directory))
+        return None
+    return dcp.async_save(state, checkpoint_id=str(directory), process_group=group)
+
+
+def seal(
+    directory: str | Path,
+    comm: Collectives,
+    loop_state: dict[str, Any] | None,
+    before_manifest: Callable[[], None] = lambda: None,
+) -> None:
+    """Every rank calls this once its shards are written: each hashes its own files, rank 0
+    writes the manifest (last) once it has every rank's digests, and nobody returns before."""
+    directory = Path(directory)
+    mine = _describe_own_files(directory, comm.rank)
+    if comm.rank == 0 and (directory / LOOP_STATE_FILE).is_file():
         mine[LOOP_STATE_FILE] = _describe(directory / LOOP_STATE_FILE)
     before_manifest()
     every = comm.gather_objects(mine)
-    if dist.get_rank() == 0:
+    if comm.rank == 0:
         files = {name: meta for rank_files in every for name, meta in rank_files.items()}
         files[".metadata"] = _describe(directory / ".metadata")
         manifest = {
             "format": FORMAT_VERSION,
             "layout": LAYOUT,
-            "world_size": dist.get_world_size(),
+            "world_size": comm.world_size,
             "progress": (loop_state or {}).get("progress"),
             "files": files,
         }
