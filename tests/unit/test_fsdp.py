@@ -195,6 +195,15 @@ def test_a_corrupted_shard_of_the_right_size_is_skipped(corpus, uninterrupted, t
     assert ledger(tmp_path, "whole").resumed_from_steps == [None, 6]
 
 
+def test_bf16_trains_under_fsdp(corpus, tmp_path):
+    """FSDP2's policy computes in bf16 and casts the model's output, not each block's, to fp32
+    (a block's fp32 output met the final LayerNorm's bf16 weights: the run failed at step 1)."""
+    cfg = config(corpus, tmp_path, "bf16")
+    cfg["training"].update(precision="bf16", max_steps=3)
+    assert run_ranks(cfg) == [0, 0]
+    assert 0 < losses(tmp_path, "bf16")[3] < 6  # ln 256 = 5.5 at the start
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [

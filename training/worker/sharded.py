@@ -25,6 +25,7 @@ uses this under ``training.parallelism: fsdp`` (``training/worker/sharded_checkp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -68,8 +69,11 @@ def shard(
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = mp_policy or MixedPrecisionPolicy()
+    # Only the model's output is cast to output_dtype: a unit's output cast to fp32 would meet
+    # the root's own bf16 parameters (the language model's final LayerNorm: "mixed dtype").
+    inner = dataclasses.replace(policy, output_dtype=None)
     for unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=policy)
+        fully_shard(unit, mesh=mesh, mp_policy=inner)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
