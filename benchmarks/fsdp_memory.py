@@ -8,9 +8,11 @@ size (d_model 512, 8 layers: ~25 M parameters vs ~0.44 M; 64-byte blocks, global
 
     .venv/bin/python -m benchmarks.fsdp_memory            # prints a Markdown table
     .venv/bin/python -m benchmarks.fsdp_memory --steps 4 --world-sizes 2
+    .venv/bin/python -m benchmarks.fsdp_memory --world-sizes 2 --save   # + checkpoint pauses
 
-Figures are per rank (rank 0; the ranks are alike); steps/s is measured after a warm-up step,
-with the thread count of each rank printed beside it.
+Figures are per rank: rank 0's, and the largest of its peers' process memory (under fsdp rank 0
+alone builds the initial model); steps/s is measured after a warm-up step, with the thread count
+of each rank printed beside it.
 """
 
 from __future__ import annotations
@@ -54,6 +56,29 @@ def local_bytes(tensors) -> int:
     return total
 
 
+def save_pauses(worker, directory: Path) -> dict:
+    """fsdp: how long a checkpoint holds the training thread, synchronous (DCP's save and the
+    seal: hashes, manifest) vs asynchronous (the staging copy; the rest in the background)."""
+    from training.worker import sharded
+    from training.worker.collectives import Collectives
+
+    side = Collectives.side_group()
+    started = time.perf_counter()
+    sharded.start_save(directory / "sync", worker.model, worker.optimizer, {})
+    sharded.seal(directory / "sync", worker.comm, {})
+    sync_s = time.perf_counter() - started
+    worker.comm.barrier()
+    started = time.perf_counter()
+    written = sharded.start_save(
+        directory / "async", worker.model, worker.optimizer, {}, side.group
+    )
+    async_s = time.perf_counter() - started
+    written.result()
+    sharded.seal(directory / "async", side, {})
+    return {"sync_pause_s": sync_s, "async_pause_s": async_s,
+            "async_total_s": time.perf_counter() - started}  # fmt: skip
+
+
 def measure(config_dict: dict, steps: int, out: str) -> None:
     from training.core.config import Config
     from training.worker.attempt import build_worker
@@ -82,8 +107,9 @@ def measure(config_dict: dict, steps: int, out: str) -> None:
         "threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in params) if cfg.training.parallelism == "ddp" else None,
     }
-    if worker.rank == 0:
-        torch.save(row, out)
+    if cfg.training.parallelism == "fsdp" and os.environ.get("SAVE_DIR"):
+        row.update(save_pauses(worker, Path(os.environ["SAVE_DIR"])))
+    torch.save(row, f"{out}.{worker.rank}")
     sys.stdout.flush()
     os._exit(0)
 
@@ -115,7 +141,13 @@ def run(parallelism: str, world: int, steps: int, threads: int, corpus: Path, tm
         raise RuntimeError(
             f"{parallelism} at {world} ranks: exit codes {[p.exitcode for p in ranks]}"
         )
-    return torch.load(out, weights_only=True)
+    rows = [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
+    # Rank 0 may differ from its peers (it builds the initial model alone under fsdp).
+    return {
+        **rows[0],
+        "peers_built_mb": max(r["rss_built_mb"] for r in rows[1:]),
+        "peers_peak_mb": max(r["peak_rss_mb"] for r in rows[1:]),
+    }
 
 
 def main() -> None:
@@ -123,6 +155,9 @@ def main() -> None:
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument(
+        "--save", action="store_true", help="fsdp: also time a sync and an async checkpoint"
+    )
     args = parser.parse_args()
     from training import tasks
 
@@ -136,6 +171,8 @@ def main() -> None:
         rows = {}
         for world in args.world_sizes:
             for mode in ("ddp", "fsdp"):  # side by side, one after the other
+                if args.save:  # the ranks save here (sharded.start_save), then it is deleted
+                    os.environ["SAVE_DIR"] = str(tmp / f"saves-{mode}-{world}")
                 rows[mode, world] = run(mode, world, args.steps, args.threads, corpus, tmp)
     print_table(rows)
 
@@ -148,16 +185,25 @@ def print_table(rows: dict) -> None:
         f"model: {parameters / 1e6:.2f} M parameters (~{parameters / base:.0f}x the default LM)\n"
     )
     print("| mode | ranks | params MB | grads MB | optimizer MB | sum MB | peak RSS MB | "
-          "RSS before model MB | peak RSS built MB | steps/s | threads/rank |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "RSS before model MB | peak RSS built MB | peers: built / peak MB | steps/s | "
+          "threads/rank |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (mode, world), r in rows.items():
         total = r["params_mb"] + r["grads_mb"] + r["optimizer_mb"]
         print(
             f"| {mode} | {world} | {r['params_mb']:.1f} | {r['grads_mb']:.1f} | "
             f"{r['optimizer_mb']:.1f} | {total:.1f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['rss_before_mb']:.0f} | {r['rss_built_mb']:.0f} | {r['steps_per_s']:.2f} | "
+            f"{r['rss_before_mb']:.0f} | {r['rss_built_mb']:.0f} | "
+            f"{r['peers_built_mb']:.0f} / {r['peers_peak_mb']:.0f} | {r['steps_per_s']:.2f} | "
             f"{r['threads']} |"
         )
+    for (mode, world), r in rows.items():
+        if "sync_pause_s" in r:
+            print(
+                f"\n{mode} at {world} ranks, checkpoint pause of the training thread (rank 0): "
+                f"sync {r['sync_pause_s']:.3f} s, async {r['async_pause_s']:.3f} s "
+                f"(written and sealed {r['async_total_s']:.3f} s after it began)"
+            )
     for world in sorted({w for _, w in rows}):
         if ("ddp", world) in rows and ("fsdp", world) in rows:
             ratio = rows["fsdp", world]["steps_per_s"] / rows["ddp", world]["steps_per_s"]

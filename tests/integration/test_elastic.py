@@ -1,7 +1,8 @@
 """Elastic training on a real multi-node Ray cluster (``ray.cluster_utils.Cluster``): a node is
 removed mid-run and the run carries on with fewer workers; a node is added back and the run
-grows again. The exactly-once ledger must hold over the whole run. The workload is the image
-task (scikit-learn's digits, a small CNN with seeded augmentation)."""
+grows again. The exactly-once ledger must hold over the whole run. Under ddp the workload is the
+image task (scikit-learn's digits, a small CNN with seeded augmentation); under fsdp a small
+language model, sharded, its checkpoints resharded at each new world size."""
 
 from __future__ import annotations
 
@@ -20,41 +21,74 @@ def cluster():
         yield cluster, workers
 
 
-def test_node_lost_and_regained(tmp_path, cluster):
+# Per parallelism: the workload, its stalls (a node is removed at the first, added at the
+# second) and its checkpoint cadence. ddp: the image task (its seeded augmentation must not care
+# how the batch is split). fsdp: a small language model, sharded; its checkpoints are DCP's,
+# written by every rank and resharded at each new world size.
+WORKLOADS = {
+    "ddp": {
+        "task": {"name": "image", "options": {"width": 64}},
+        "data": {"path": "digits", "create_demo_if_missing": True},
+        "training": {"epochs": 4, "global_batch_size": 64, "log_every_n_steps": 50},  # 100 steps
+        "checkpoint": {"every_n_steps": 20, "num_to_keep": 2},
+        "stalls": (30, 70),
+    },
+    "fsdp": {
+        "task": {
+            "name": "language_model",
+            "options": {"block_size": 32, "d_model": 32, "n_heads": 2, "demo_max_bytes": 60_000},
+        },
+        "data": {"path": "corpus.txt", "create_demo_if_missing": True},
+        "training": {
+            "parallelism": "fsdp",
+            "max_steps": 40,
+            "global_batch_size": 12,
+            "log_every_n_steps": 10,
+        },
+        "checkpoint": {"every_n_steps": 5, "num_to_keep": 2},
+        "stalls": (10, 25),
+    },
+}
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_node_lost_and_regained(tmp_path, cluster, parallelism):
     ray_cluster, workers = cluster
-    # Rank 0 stalls (once each) before step 30, where a node is removed, and before step 70 on
-    # the one worker left, where a node is added back: each resize restarts the group and ends
+    workload = dict(WORKLOADS[parallelism])
+    lose_at, regain_at = workload.pop("stalls")
+    workload["data"] = {**workload["data"], "path": str(tmp_path / workload["data"]["path"])}
+    # Rank 0 stalls (once each) before the step where a node is removed, and before the step
+    # where one is added back on the one worker left: each resize restarts the group and ends
     # the stall, so the run needs no slack for either.
-    stalls = [{"kind": "stall", "rank": 0, "step": s, "seconds": 300} for s in (30, 70)]
+    stalls = [{"kind": "stall", "rank": 0, "step": s, "seconds": 300} for s in (lose_at, regain_at)]
     config = write_config(
         tmp_path / "elastic.yaml",
         tmp_path,
         run={"name": "elastic"},
         scaling={"min_workers": 1, "max_workers": 2, "resize_check_interval_s": 2},
-        # The image task: its seeded augmentation must not care how the batch is split.
-        task={"name": "image", "options": {"width": 64}},
-        data={"path": str(tmp_path / "digits"), "create_demo_if_missing": True},
-        training={"epochs": 4, "global_batch_size": 64, "log_every_n_steps": 50},  # 100 steps
-        checkpoint={"every_n_steps": 20, "num_to_keep": 2},
         # After the node is lost Ray Train first asks for 2 workers again (its view of the
         # reserved resources is up to ~20 s old) and waits this long before it tries 1.
         failure={"max_failures": 5, "group_start_timeout_s": 20},
         chaos={"faults": stalls},
+        **workload,
     )
     log = tmp_path / "elastic.log"
     proc = start_cli(config, log, address=ray_cluster.address)
     try:
         wait_for(
-            lambda: running_on(tmp_path, "elastic", 2, 29) and fault_fired(tmp_path, "elastic", 0),
+            lambda: (
+                running_on(tmp_path, "elastic", 2, lose_at - 1)
+                and fault_fired(tmp_path, "elastic", 0)
+            ),
             240,
-            "the stall before step 30 on 2 workers",
+            f"the stall before step {lose_at} on 2 workers",
             proc,
         )
         ray_cluster.remove_node(workers[1])
         wait_for(
             lambda: running_on(tmp_path, "elastic", 1, 1) and fault_fired(tmp_path, "elastic", 1),
             240,
-            "the stall before step 70 on the 1 worker left",
+            f"the stall before step {regain_at} on the 1 worker left",
             proc,
         )
         shrunk_at = attempt_state(tmp_path, "elastic")[0]
@@ -76,4 +110,4 @@ def test_node_lost_and_regained(tmp_path, cluster):
     sizes = report.world_sizes
     assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes
     assert sizes.index(1) < len(sizes) - 1  # grew back after shrinking
-    print(f"elastic: world sizes {sizes}, resumed from {report.resumed_from_steps}")
+    print(f"elastic ({parallelism}): world sizes {sizes}, resumed from {report.resumed_from_steps}")

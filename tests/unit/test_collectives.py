@@ -51,8 +51,9 @@ class StandInNccl:
         self.device, self.calls = device, []
         dist = collectives.dist
         monkeypatch.setattr(dist, "is_initialized", lambda: True)
-        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-        monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+        monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
         monkeypatch.setattr(dist, "all_gather", self.all_gather)
         monkeypatch.setattr(dist, "broadcast_object_list", self.broadcast_object_list)
         monkeypatch.setattr(dist, "barrier", self.barrier)
@@ -63,13 +64,13 @@ class StandInNccl:
                 raise RuntimeError(f"NCCL {name}: tensor on {tensor.device}, not {self.device}")
         self.calls.append(name)
 
-    def all_gather(self, outputs, tensor):
+    def all_gather(self, outputs, tensor, group=None):
         self.check("all_gather", *outputs, tensor)
 
-    def broadcast_object_list(self, objects, src, device=None):
+    def broadcast_object_list(self, objects, src, group=None, device=None):
         self.check("broadcast_object_list", torch.empty(0, device=device))
 
-    def barrier(self, device_ids=None):
+    def barrier(self, group=None, device_ids=None):
         self.calls.append("barrier")
 
 

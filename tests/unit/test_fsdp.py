@@ -4,19 +4,25 @@ the built-in language model sharded with FSDP2, checkpointed through DCP by ever
 - killed half way and resumed at the same world size: bitwise equal to an uninterrupted run;
 - a checkpoint written by 2 ranks resumed by 3 and by 1: the ledger shows every sample once and
   the loss continues where it was;
-- a torn shard: that checkpoint is skipped for the one before it.
+- a torn shard: that checkpoint is skipped for the one before it;
+- a rank killed inside forward or backward (a user's task with a BatchNorm): resumed from the
+  periodic checkpoint, bitwise equal;
+- the model is built without any peer of rank 0 building all of it, with the values a seeded
+  build on every rank gives, and a resume does not build it at all.
 
 Each run is a few seconds (spawned ranks import torch)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pyarrow.fs as pafs
 import pytest
 import torch
-from in_process import run_ranks, tensors
+from in_process import run_function, run_ranks, tensors
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from two_head_task import write_csv
 
 from training import tasks
 from training.core import checkpoint, runlog
@@ -60,10 +66,10 @@ def config(corpus, storage, name: str, faults=()) -> dict:
     ).model_dump()
 
 
-def full_state(storage, name: str, tmp_path) -> dict:
+def full_state(storage, name: str, tmp_path, steps: int = STEPS) -> dict:
     """The newest checkpoint's whole model and optimizer, read without a process group."""
     newest = checkpoint.newest_valid(FS, str(storage / name))
-    assert newest is not None and newest.step == STEPS
+    assert newest is not None and newest.step == steps
     out = tmp_path / f"{name}.pt"
     dcp_to_torch_save(newest.path, out)
     return torch.load(out, weights_only=False)
@@ -140,6 +146,29 @@ def test_a_checkpoint_of_two_ranks_resumes_at_another_world_size_exactly_once(
     assert resumed[9] < whole[3]  # and it had learnt something by step 6
 
 
+def test_a_rank_killed_during_an_async_save_leaves_the_previous_checkpoint_newest(
+    corpus, uninterrupted, tmp_path
+):
+    """Rank 1 dies after its shards of step 12 are written, before rank 0 has its digests: no
+    manifest, so step 6 stays the newest valid checkpoint, and the run resumes from it to the
+    uninterrupted run's bits (``checkpoint.upload: async``, the default, saves in the
+    background)."""
+    fault = {"kind": "kill", "rank": 1, "step": STEPS, "during": "checkpoint"}
+    cfg = config(corpus, tmp_path, "killed", [fault])
+    assert cfg["checkpoint"]["upload"] == "async"
+    assert run_ranks(cfg) == [1, -9]
+    run_dir = tmp_path / "killed"
+    assert checkpoint.newest_valid(FS, str(run_dir)).step == 6
+    unsealed = [i for i in checkpoint.scan(FS, str(run_dir)) if i.step == STEPS]
+    assert [i.valid for i in unsealed] == [False]  # its shards, no manifest
+    assert run_ranks(cfg) == [0, 0]
+    assert ledger(tmp_path, "killed").resumed_from_steps == [None, 6]
+    expected = dict(tensors(uninterrupted[1]))
+    got = dict(tensors(full_state(tmp_path, "killed", tmp_path)))
+    for key, tensor in expected.items():
+        assert torch.equal(tensor, got[key]), key
+
+
 def test_a_torn_shard_is_skipped_for_the_previous_checkpoint(
     corpus, uninterrupted, tmp_path, monkeypatch
 ):
@@ -164,6 +193,15 @@ def test_a_corrupted_shard_of_the_right_size_is_skipped(corpus, uninterrupted, t
         shard.write(bytes([byte[0] ^ 0xFF]))
     assert run_ranks(config(corpus, tmp_path, "whole")) == [0, 0]
     assert ledger(tmp_path, "whole").resumed_from_steps == [None, 6]
+
+
+def test_bf16_trains_under_fsdp(corpus, tmp_path):
+    """FSDP2's policy computes in bf16 and casts the model's output, not each block's, to fp32
+    (a block's fp32 output met the final LayerNorm's bf16 weights: the run failed at step 1)."""
+    cfg = config(corpus, tmp_path, "bf16")
+    cfg["training"].update(precision="bf16", max_steps=3)
+    assert run_ranks(cfg) == [0, 0]
+    assert 0 < losses(tmp_path, "bf16")[3] < 6  # ln 256 = 5.5 at the start
 
 
 @pytest.mark.parametrize(
@@ -196,3 +234,112 @@ def test_a_run_cannot_switch_parallelism_its_checkpoints_would_be_unreadable():
     del ddp["training"]["parallelism"]  # a run saved before the field existed was ddp
     assert identity_diff(ddp, fsdp) == ["training.parallelism: 'ddp' -> 'fsdp'"]
     assert identity_diff(ddp, validate_sections(read_raw(None, [])).model_dump()) == []
+
+
+def _build_save_resume(config: dict, out: str) -> None:
+    """One spawned rank: build the worker (peers of rank 0 may not build the whole model),
+    checkpoint it, then resume it (no rank may build the whole model); rank 0 dumps what each
+    held and what a plain seeded build gives."""
+    from training.core.checkpoint import Progress, dir_name
+    from training.core.config import Config
+    from training.worker import sharded, sharded_checkpointer
+    from training.worker.attempt import build_worker
+    from training.worker.context import initial_model
+    from training.worker.runtime import LocalRuntime
+
+    def refused(*_):
+        raise AssertionError("the whole model was built")
+
+    cfg, rank = Config.model_validate(config), int(os.environ["RANK"])
+    runtime = LocalRuntime(cfg, timeout_s=30, init_method=os.environ["INIT_METHOD"])
+    if rank != 0:
+        sharded_checkpointer.initial_model = refused
+    worker = build_worker(cfg, config, runtime)
+    built = sharded.full_model_state(worker.model)
+    causal = worker.model.causal.clone()  # a non-persistent buffer: in no state dict
+    progress = Progress(1, 0, 1, "a1")
+    path = f"{runtime.run_dir}/{dir_name(1, 'a1')}"
+    sharded.save(
+        path, worker.model, worker.optimizer, sharded_checkpointer.loop_state(worker, progress)
+    )
+    sharded_checkpointer.initial_model = refused
+    again = build_worker(cfg, config, runtime, initialise=False, attempt="b2")
+    resumed_progress, _ = sharded_checkpointer.resume(again)
+    resumed = sharded.full_model_state(again.model)  # a collective: every rank
+    if rank == 0:
+        reference = initial_model(cfg, worker.task, worker.info)
+        torch.save(
+            {
+                "built": built,
+                "resumed": resumed,
+                "reference": reference.state_dict(),
+                "causal": [causal, again.model.causal, reference.causal],
+                "step": resumed_progress.global_step,
+            },
+            out,
+        )
+
+
+def test_initial_values_are_a_seeded_builds_and_a_resume_builds_nothing(corpus, tmp_path):
+    """The model is built on the meta device and sharded; rank 0 alone builds it whole."""
+    out = tmp_path / "states.pt"
+    cfg = config(corpus, tmp_path, "init")
+    assert run_function(_build_save_resume, 2, 30, cfg, str(out)) == [0, 0]
+    states = torch.load(out, weights_only=True)
+    assert states["step"] == 1
+    reference = dict(tensors(states["reference"]))
+    for which in ("built", "resumed"):
+        got = dict(tensors(states[which]))
+        assert got.keys() == reference.keys()
+        for key, tensor in reference.items():
+            assert torch.equal(tensor, got[key]), (which, key)
+    causal, resumed_causal, reference_causal = states["causal"]
+    assert torch.equal(causal, reference_causal) and torch.equal(resumed_causal, reference_causal)
+
+
+TWO_HEAD_STEPS = 14  # one epoch: 461 training rows // 32
+
+
+def two_heads(points, storage, name: str, faults=()) -> dict:
+    """A user's task whose forward moves buffers (BatchNorm), sharded per child module."""
+    return parse_config(
+        {
+            "run": {"name": name},
+            "storage": {"path": str(storage)},
+            "task": {"name": "two_head_task:TwoHeadRegression", "options": {"hidden": 16}},
+            "data": {"path": str(points), "val_fraction": 0.1},
+            "training": {"parallelism": "fsdp", "global_batch_size": 32, "log_every_n_steps": 7},
+            "eval": {"batches": 1, "every_n_steps": 7},
+            # sync: step 7's checkpoint is sealed before step 8 begins. Async, a kill at step 9
+            # on a loaded machine came before its seal, and the run resumed from step 0.
+            "checkpoint": {"every_n_steps": 7, "upload": "sync"},
+            "chaos": {"faults": list(faults)},
+        }
+    ).model_dump()
+
+
+@pytest.fixture(scope="module")
+def two_heads_whole(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("two_heads")
+    write_csv(storage / "points.csv")
+    assert run_ranks(two_heads(storage / "points.csv", storage, "whole")) == [0, 0]
+    state = full_state(storage, "whole", storage, TWO_HEAD_STEPS)
+    assert "body.1.num_batches_tracked" in state["model"]  # the buffers this is about
+    return storage, state
+
+
+@pytest.mark.parametrize("during", ["forward", "backward"])
+def test_a_rank_killed_inside_a_step_resumes_bitwise_equal(two_heads_whole, tmp_path, during):
+    """Rank 1 is SIGKILLed inside step 9's forward or backward (its hooks on sharded
+    parameters fire); the run resumes from step 7's checkpoint to the uninterrupted bits."""
+    storage, expected = two_heads_whole
+    fault = {"kind": "kill", "rank": 1, "step": 9, "during": during}
+    cfg = two_heads(storage / "points.csv", tmp_path, "killed", [fault])
+    assert run_ranks(cfg) == [1, -9]
+    assert checkpoint.newest_valid(FS, str(tmp_path / "killed")).step == 7
+    assert run_ranks(cfg) == [0, 0]
+    report = runlog.check_ledger(runlog.read_events(FS, str(tmp_path / "killed")))
+    assert report.ok and report.resumed_from_steps == [None, 7], report.errors
+    got = dict(tensors(full_state(tmp_path, "killed", tmp_path, TWO_HEAD_STEPS)))
+    for key, tensor in dict(tensors(expected)).items():
+        assert torch.equal(tensor, got[key]), key

@@ -40,12 +40,12 @@ from training.core.runlog import RunLog
 from training.core.save_protocol import SaveProtocol
 from training.ray_internals import drain, spares
 from training.tasks import contract
-from training.worker import sharded, sharded_checkpointer
+from training.worker import sharded_checkpointer
 from training.worker.boundary import StepBoundary
 from training.worker.cadence import Due, Interval, close_interval, record_step
 from training.worker.checkpointer import restore_extra, save_and_report, save_on_failure
 from training.worker.collectives import Collectives
-from training.worker.context import Plan, Worker, inject_faults, unwrap
+from training.worker.context import Plan, Worker, initial_model, inject_faults, unwrap
 from training.worker.evaluation import evaluate
 from training.worker.runtime import LocalRuntime, RayRuntime, Runtime
 from training.worker.step import install_fault_hooks, step_completed, train_step, upcoming_ids
@@ -98,6 +98,8 @@ def run_attempt(worker: Worker, progress: Progress) -> None:
     except Exception:
         if worker.cfg.checkpoint.on_failure:
             save_on_failure(worker)
+        elif worker.cfg.training.parallelism == "fsdp":  # no save on failure: finish the last
+            sharded_checkpointer.await_seal(worker)
         raise
     finally:
         worker.reporter.stop()
@@ -129,7 +131,8 @@ def start_attempt(
     match_threads_to_cpus()
     if cfg.training.deterministic:
         make_deterministic(runtime.device)
-    worker = build_worker(cfg, config_dict, runtime, saves=saves)
+    # fsdp: the initial values only if no checkpoint loads (sharded_checkpointer.resume).
+    worker = build_worker(cfg, config_dict, runtime, initialise=False, saves=saves)
 
     restore_started = time.perf_counter()
     rank, fs, run_dir = worker.rank, worker.fs, worker.run_dir
@@ -148,21 +151,25 @@ def start_attempt(
 
 
 def build_worker(
-    cfg: Config, config_dict: dict[str, Any], runtime: Runtime, **fields: Any
+    cfg: Config,
+    config_dict: dict[str, Any],
+    runtime: Runtime,
+    initialise: bool = True,
+    **fields: Any,
 ) -> Worker:
     """The task and its data, the model as the runtime prepares it (on the device, in DDP when
     the world is larger than one), optimizer, LR schedule and grad scaler: what every step
-    needs. The attempt, the torchrun baseline and the unit tests build theirs here."""
+    needs. The attempt, the torchrun baseline and the unit tests build theirs here.
+    ``initialise=False`` leaves a sharded (fsdp) model's values unset, for a checkpoint to set."""
     task = tasks.build(cfg.task.name, cfg.task.options, tasks.data_source(cfg))
     loaded = tasks.load(task)
     plan = Plan.for_run(cfg, len(loaded.train))
-    torch.manual_seed(data.derive_seed(cfg.training.seed, "init"))  # same init on every rank
     if cfg.training.parallelism == "fsdp":  # sharded over the ranks, FSDP2 (worker/sharded.py)
-        model = task.build_model(loaded.info)
-        units = task.shard_units(model)
-        model = sharded.prepare(model, units, cfg.training.precision, runtime.device)
+        model = sharded_checkpointer.build_model(cfg, task, loaded.info, runtime.device)
+        if initialise:
+            sharded_checkpointer.initialise(model, cfg, task, loaded.info)
     else:
-        model = runtime.prepare_model(task.build_model(loaded.info))
+        model = runtime.prepare_model(initial_model(cfg, task, loaded.info))
     optimizer = build_optimizer(cfg.training.optimizer, model, task.param_groups(unwrap(model)))
     device = runtime.device
     return Worker(

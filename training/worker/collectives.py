@@ -22,11 +22,23 @@ import torch.distributed as dist
 class Collectives:
     """The process group as the training loop sees it: its size and the device its tensors go on."""
 
-    def __init__(self, training_device: torch.device) -> None:
+    def __init__(
+        self, training_device: torch.device, group: dist.ProcessGroup | None = None
+    ) -> None:
         self.active = dist.is_available() and dist.is_initialized()
-        self.world_size = dist.get_world_size() if self.active else 1
-        self.backend = str(dist.get_backend()) if self.active else "none"
+        self.group = group  # None: the default group
+        self.world_size = dist.get_world_size(group) if self.active else 1
+        self.rank = dist.get_rank(group) if self.active else 0
+        self.backend = str(dist.get_backend(group)) if self.active else "none"
         self.device = device_for(self.backend, training_device)
+
+    @classmethod
+    def side_group(cls) -> Collectives:
+        """A second group of the same ranks, on gloo (CPU tensors), for a background thread
+        (an asynchronous checkpoint's): collectives of two threads on one group could be
+        issued in different orders on different ranks and pair up wrongly. Every rank must
+        call this at the same point, as for any collective."""
+        return cls(torch.device("cpu"), dist.new_group(backend="gloo"))
 
     @property
     def talks(self) -> bool:
@@ -40,7 +52,7 @@ class Collectives:
         if not self.talks:
             return row.unsqueeze(0)
         gathered = [torch.empty_like(row) for _ in range(self.world_size)]
-        dist.all_gather(gathered, row)
+        dist.all_gather(gathered, row, group=self.group)
         return torch.stack(gathered)
 
     def broadcast_object(self, value: Any) -> Any:
@@ -50,7 +62,7 @@ class Collectives:
         box = [value]
         # The pickled bytes travel as a tensor: on NCCL it must be on this rank's GPU, which
         # torch would otherwise guess from the current CUDA device.
-        dist.broadcast_object_list(box, src=0, device=self.device)
+        dist.broadcast_object_list(box, src=0, group=self.group, device=self.device)
         return box[0]
 
     def gather_objects(self, value: Any) -> list[Any]:
@@ -58,16 +70,17 @@ class Collectives:
         if not self.talks:
             return [value]
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, value)  # on NCCL: the current CUDA device, ours
+        # On NCCL: the current CUDA device, ours.
+        dist.all_gather_object(gathered, value, group=self.group)
         return gathered
 
     def barrier(self) -> None:
         if not self.talks:
             return
         if self.device.type == "cuda":  # NCCL's barrier runs on a device: name ours, not 0
-            dist.barrier(device_ids=[self.device.index])
+            dist.barrier(group=self.group, device_ids=[self.device.index])
         else:
-            dist.barrier()
+            dist.barrier(group=self.group)
 
 
 def device_for(backend: str, training_device: torch.device) -> torch.device:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,9 @@ class Worker:
     # The non-parameter state as the last completed step left it (``StepBoundary``).
     boundary: StepBoundary | None = None
     tampering: bool = False  # a test-only chaos fault changes the ids of one step
+    # fsdp's asynchronous checkpoints: the ranks' second group, for the report thread's seal.
+    side_comm: Collectives | None = None
+    pending_seal: Future | None = None  # ends with the newest checkpoint's manifest (fsdp)
 
     def __post_init__(self) -> None:
         self.tampering = chaos.tampers(self.cfg.chaos.faults, self.rank)
@@ -86,6 +90,13 @@ def inject_faults(worker: Worker, global_step: int, during: str) -> None:
     chaos.maybe_inject(
         worker.cfg.chaos.faults, worker.fs, worker.run_dir, worker.rank, global_step, during
     )
+
+
+def initial_model(cfg: Config, task: tasks.Task, info: Any) -> nn.Module:
+    """The task's model as a fresh run starts it: built under the run's seed, so every rank
+    (and every attempt) gets the same initial values."""
+    torch.manual_seed(data.derive_seed(cfg.training.seed, "init"))
+    return task.build_model(info)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -24,10 +24,13 @@ uses this under ``training.parallelism: fsdp`` (``training/worker/sharded_checkp
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
@@ -65,8 +69,11 @@ def shard(
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = mp_policy or MixedPrecisionPolicy()
+    # Only the model's output is cast to output_dtype: a unit's output cast to fp32 would meet
+    # the root's own bf16 parameters (the language model's final LayerNorm: "mixed dtype").
+    inner = dataclasses.replace(policy, output_dtype=None)
     for unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=policy)
+        fully_shard(unit, mesh=mesh, mp_policy=inner)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
@@ -76,15 +83,63 @@ def prepare(
 ) -> nn.Module:
     """The task's model on ``device``, sharded over every rank: ``units`` (the task's, else
     ``default_units``) and the root. bf16: FSDP2's own policy (parameters gathered and computed
-    in bf16, gradients reduced and kept in fp32) in place of autocast."""
-    model = model.to(device)
+    in bf16, gradients reduced and kept in fp32) in place of autocast. A model built under
+    ``parameters_on_meta`` gets storage for this rank's shards only, values not yet set
+    (``load_full`` or a checkpoint sets them)."""
+    on_meta = any(p.is_meta for p in model.parameters())
+    if not on_meta:
+        model = model.to(device)
     policy = MixedPrecisionPolicy()
     if precision == "bf16":
         policy = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32
         )
     chosen = default_units(model) if units is None else units
-    return shard(model, chosen, device.type, policy)
+    model = shard(model, chosen, device.type, policy)
+    if on_meta:
+        allocate(model, device)
+    return model
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside register their parameters on the meta device (shapes, no storage):
+    a model larger than one worker can be built, then sharded. Each parameter exists for real
+    only while its own module is built (``nn.Linear`` fills its weight before registering it),
+    so the peak is one parameter, not the model. Buffers stay real: a non-persistent one (a
+    causal mask) is in no state dict, so no checkpoint or broadcast could restore it."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:  # a meta one is shared (tied weights)
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def allocate(model: nn.Module, device: torch.device) -> None:
+    """Storage on ``device`` for this rank's shards of a meta model; the buffers keep their
+    values (``to_empty`` would leave them undefined too)."""
+    buffers = dict(model.named_buffers())
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+
+
+def load_full(model: nn.Module, build_full: Callable[[], nn.Module]) -> None:
+    """Every rank calls this: rank 0 alone builds the whole model (``build_full``), and each
+    rank receives its shards of its parameters and buffers, one tensor at a time (torch's
+    broadcast from rank 0), so peers never hold the whole model. The values are rank 0's
+    bit for bit, the same as if every rank had built it."""
+    state = build_full().state_dict() if dist.get_rank() == 0 else {}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, state, options=options)
 
 
 def default_units(model: nn.Module) -> list[nn.Module]:
@@ -121,24 +176,56 @@ def save(
 ) -> None:
     """Every rank calls this: each writes its shards (rank 0 also ``loop_state``, the part of
     the state that is not sharded), then rank 0 the manifest, last."""
+    start_save(directory, model, optimizer, loop_state)
+    seal(directory, Collectives(torch.device("cpu")), loop_state, before_manifest)
+
+
+def start_save(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loop_state: dict[str, Any] | None,
+    group: dist.ProcessGroup | None = None,
+) -> Future | None:
+    """Every rank calls this: rank 0 writes ``loop_state`` (small), every rank its shards. No
+    ``group``: written when this returns (DCP's synchronous save, None). With one: staged (a
+    copy of this rank's shards in host memory: the caller's pause) and written by a background
+    thread whose collectives use ``group``, not the training thread's; the Future ends once
+    every rank's shards and ``.metadata`` are written. ``seal`` must follow either way."""
     directory = Path(directory)
-    comm = Collectives(torch.device("cpu"))
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    # DCP's save ends once the coordinator has written .metadata after every rank's writes.
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
-    mine = _describe_own_files(directory, dist.get_rank())
     if dist.get_rank() == 0 and loop_state is not None:
+        directory.mkdir(parents=True, exist_ok=True)
         torch.save(loop_state, directory / LOOP_STATE_FILE)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if group is None:
+        # DCP's save ends once the coordinator has written .metadata after every rank's writes.
+        dcp.save(state, checkpoint_id=str(directory))
+        return None
+    return dcp.async_save(state, checkpoint_id=str(directory), process_group=group)
+
+
+def seal(
+    directory: str | Path,
+    comm: Collectives,
+    loop_state: dict[str, Any] | None,
+    before_manifest: Callable[[], None] = lambda: None,
+) -> None:
+    """Every rank calls this once its shards are written: each hashes its own files, rank 0
+    writes the manifest (last) once it has every rank's digests, and nobody returns before."""
+    directory = Path(directory)
+    mine = _describe_own_files(directory, comm.rank)
+    if comm.rank == 0 and (directory / LOOP_STATE_FILE).is_file():
         mine[LOOP_STATE_FILE] = _describe(directory / LOOP_STATE_FILE)
     before_manifest()
     every = comm.gather_objects(mine)
-    if dist.get_rank() == 0:
+    if comm.rank == 0:
         files = {name: meta for rank_files in every for name, meta in rank_files.items()}
         files[".metadata"] = _describe(directory / ".metadata")
         manifest = {
             "format": FORMAT_VERSION,
             "layout": LAYOUT,
-            "world_size": dist.get_world_size(),
+            "world_size": comm.world_size,
             "progress": (loop_state or {}).get("progress"),
             "files": files,
         }
@@ -196,7 +283,8 @@ def load(
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's tensors, gathered to CPU on every rank (for tests and small models)."""
+    """The whole model's tensors, gathered to CPU on rank 0 (empty on the others; for tests
+    and small models)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
     return get_model_state_dict(model, options=options)
 

@@ -14,59 +14,120 @@ import functools
 import logging
 import posixpath
 import time
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from torch import nn
+
+from training import tasks
 from training.core import checkpoint
 from training.core.checkpoint import InvalidCheckpoint, Progress
+from training.core.config import Config
 from training.worker import sharded
 from training.worker.checkpointer import prune_leftovers, restore_extra
-from training.worker.context import inject_faults
+from training.worker.collectives import Collectives
+from training.worker.context import initial_model, inject_faults
 
 if TYPE_CHECKING:
+    import torch
+
     from training.worker.context import Worker
 
 log = logging.getLogger(__name__)
+# How long a failed attempt waits for a checkpoint being sealed in the background (await_seal).
+SEAL_GRACE_S = 60.0
+
+
+def build_model(cfg: Config, task: tasks.Task, info: Any, device: torch.device) -> nn.Module:
+    """The task's model sharded over the ranks without any rank building all of it: built with
+    its parameters on the meta device, sharded, then given storage for this rank's shards.
+    Its values are unset: ``initialise`` or a checkpoint sets them."""
+    with sharded.parameters_on_meta():
+        skeleton = task.build_model(info)
+    units = task.shard_units(skeleton)
+    return sharded.prepare(skeleton, units, cfg.training.precision, device)
+
+
+def initialise(model: nn.Module, cfg: Config, task: tasks.Task, info: Any) -> None:
+    """A fresh run's initial values: rank 0 builds the model as ddp does (the run's seed), every
+    rank takes its shards of it. Bit for bit the values of a build on every rank; rank 0 holds
+    the whole model for the moment it takes (host memory, released after)."""
+    sharded.load_full(model, lambda: initial_model(cfg, task, info))
 
 
 def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, Any]) -> None:
-    """Every rank writes its shards of step ``global_step`` (the training thread's pause), rank
-    0 the loop state and the manifest; then every rank reports (off the training thread when
-    ``checkpoint.upload: async``) and Ray registers the finished directory."""
+    """Every rank writes its shards of step ``global_step``, rank 0 the loop state and the
+    manifest, last; then every rank reports and Ray registers the finished directory.
+
+    ``checkpoint.upload: async``: the training thread pauses for the staging copy of its shards
+    only; DCP's background thread writes them and this rank's report thread seals the
+    checkpoint (hashes, manifest) and reports it. One save is in flight at a time: the next
+    one, a drain and the end of the attempt wait for it (``reporter.wait``), and prune never
+    touches this attempt's directories. ``sync``: all of it on the training thread."""
+    asynchronous = worker.cfg.checkpoint.upload == "async"
+    worker.reporter.wait()  # the previous save is sealed and reported: one in flight
     epoch, done_in_epoch = divmod(global_step, worker.plan.steps_per_epoch)
     progress = Progress(global_step, epoch, done_in_epoch, worker.attempt)
-    started = time.perf_counter()
     dir_name = checkpoint.dir_name(global_step, worker.attempt)
     target = posixpath.join(worker.run_dir, dir_name)
     if worker.rank == 0:
         worker.runlog.flush()  # the ledger reaches storage before the checkpoint that needs it
-    sharded.save(
-        target,
-        worker.model,
-        worker.optimizer,
-        loop_state(worker, progress) if worker.rank == 0 else None,
-        before_manifest=lambda: inject_faults(worker, global_step, "checkpoint"),
+    started = time.perf_counter()
+    state = loop_state(worker, progress) if worker.rank == 0 else None
+    if asynchronous and worker.side_comm is None:  # every rank's first save: the same step
+        worker.side_comm = Collectives.side_group()
+    comm = worker.side_comm if asynchronous else worker.comm
+    written = sharded.start_save(
+        target, worker.model, worker.optimizer, state, comm.group if asynchronous else None
     )
-    worker.saves.saved(global_step)
     blocked_s = time.perf_counter() - started
+    worker.pending_seal = sealed = Future()
 
-    def registered() -> str:  # Ray's upload thread on rank 0: the files are already there
-        prune_leftovers(worker)
-        return target
+    def seal_and_report() -> None:  # the report thread (async) or the training thread (sync)
+        try:
+            if written is not None:
+                written.result()  # every rank's shards and .metadata are on storage
+            chaos = functools.partial(inject_faults, worker, global_step, "checkpoint")
+            sharded.seal(target, comm, state, before_manifest=chaos)
+        except BaseException as exc:
+            sealed.set_exception(exc)
+            raise
+        sealed.set_result(global_step)
+        worker.saves.saved(global_step)
+        worker.runtime.report_checkpoint(
+            dict(step_metrics),
+            dir_name,
+            functools.partial(registered, worker, target) if worker.rank == 0 else None,
+            asynchronous=asynchronous,
+        )
 
-    report = functools.partial(
-        worker.runtime.report_checkpoint,
-        dict(step_metrics),
-        dir_name,
-        registered if worker.rank == 0 else None,
-        asynchronous=worker.cfg.checkpoint.upload == "async",
-    )
-    if worker.cfg.checkpoint.upload == "async":
-        worker.reporter.submit(report)
+    if asynchronous:
+        worker.reporter.submit(seal_and_report)
     else:
-        worker.reporter.wait()
-        report()
+        seal_and_report()
+        blocked_s = time.perf_counter() - started
     if worker.rank == 0:
         worker.runlog.write("checkpoint", global_step=global_step, blocked_s=blocked_s, path=target)
+
+
+def await_seal(worker: Worker, timeout_s: float = SEAL_GRACE_S) -> None:
+    """The attempt failed with a checkpoint still being sealed in the background: its peers'
+    report threads go on sealing (a peer's training thread may be stuck in a collective, its
+    report thread is not), so wait a while for it rather than lose it. A dead peer fails the
+    seal at once (its connections close); the manifest is then never written."""
+    if worker.pending_seal is None or worker.pending_seal.done():
+        return
+    try:
+        step = worker.pending_seal.result(timeout=timeout_s)
+        log.warning("The attempt failed; its checkpoint of step %d was sealed first", step)
+    except Exception as exc:  # the seal's own error, or still unsealed after timeout_s
+        log.warning("The attempt failed; its checkpoint in flight was not sealed: %r", exc)
+
+
+def registered(worker: Worker, target: str) -> str:
+    """Ray's upload thread on rank 0: the files are already there."""
+    prune_leftovers(worker)
+    return target
 
 
 def loop_state(worker: Worker, progress: Progress) -> dict[str, Any]:
@@ -102,6 +163,8 @@ def resume(worker: Worker) -> tuple[Progress, str | None]:
         restore_extra(worker, state)
         progress, chosen = Progress(**state["progress"]), path
         break
+    if chosen is None:  # a fresh start: only now is the whole model built (on rank 0)
+        initialise(worker.model, worker.cfg, worker.task, worker.info)
     worker.comm.barrier()  # everyone has loaded before rank 0 deletes anything
     if worker.rank == 0:
         checkpoint.prune(

@@ -126,7 +126,8 @@ def install_fault_hooks(worker: Worker) -> None:
     rank's model, only when such a fault is configured for it (nothing per step otherwise).
     ``forward`` fires after the model's forward ran (its buffers moved); ``backward`` once the
     first parameter's gradient is accumulated, which autograd reaches last, so DDP has
-    all-reduced the other buckets by then."""
+    all-reduced the other buckets by then (FSDP2 runs the hook on a sharded parameter itself,
+    after reduce-scattering its gradient)."""
     points = {f.during for f in worker.cfg.chaos.faults if f.rank == worker.rank}
     model = unwrap(worker.model)
 
