@@ -1,7 +1,7 @@
-"""Storage briefly unavailable: the S3 server (a real SeaweedFS) is stopped for a few seconds in
-the middle of a run and started again on the same data. The run either survives (Ray Train
-restarts its workers from the newest valid checkpoint) or fails and is resumed by running the
-same command again; either way the final ledger is exact and nothing is lost.
+"""Storage briefly unavailable: the S3 server (a real SeaweedFS) crashes (SIGKILL) in the middle
+of a run and is started again on the same data a few seconds later. The run either survives
+(Ray Train restarts its workers from the newest valid checkpoint) or fails and is resumed by
+running the same command again; either way the final ledger is exact and nothing is lost.
 
     .venv/bin/python -m pytest tests/integration/test_storage_outage.py -s
 """
