@@ -164,3 +164,16 @@ def test_ray_starts_inside_the_lease_settle_window_not_after_it(tmp_path, monkey
         launch.train(cfg)
     assert sleeps_before_connect[0] == []  # Ray was started before any settle sleep...
     assert slept and slept[0] < lease.SETTLE_S  # ...and the sleep that followed was shortened
+
+
+def test_ray_train_settings_go_by_variables_ray_train_passes_to_its_controller():
+    """failure.* settings Ray Train reads only from the environment: each variable set must be
+    one Ray propagates from the driver to its controller, or the setting would silently not
+    apply (the group start timeout is read in the controller's worker group)."""
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+
+    cfg = parse_config({"failure": {"group_start_timeout_s": 20, "health_check_interval_s": 0.5}})
+    env = launch.ray_train_environment(cfg)
+    assert env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "20.0"
+    assert env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    assert set(env) <= ENV_VARS_TO_PROPAGATE, set(env) - ENV_VARS_TO_PROPAGATE

@@ -234,6 +234,17 @@ def connect_ray(cfg: Config) -> None:
     )
 
 
+def ray_train_environment(cfg: Config) -> dict[str, str]:
+    """Ray Train's settings that only environment variables reach: it reads them when the
+    trainer is built and passes them on to its controller and workers."""
+    return {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(cfg.failure.health_check_interval_s),
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(cfg.failure.group_start_timeout_s),
+        # How soon Ray Train notices a node being drained (Ray's default: 5 s of a ~30 s window).
+        "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1",
+    }
+
+
 def build_trainer(cfg: Config, run: RunState, verbose: bool = False):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -249,16 +260,8 @@ def build_trainer(cfg: Config, run: RunState, verbose: bool = False):
         if scaling.min_workers == scaling.max_workers
         else (scaling.min_workers, scaling.max_workers)
     )
-    # Ray Train reads this when the trainer is built and passes it to its controller and workers.
-    # A value the user exported wins, as it would with plain Ray Train.
-    os.environ.setdefault(
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(cfg.failure.health_check_interval_s)
-    )
-    os.environ.setdefault(
-        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(cfg.failure.group_start_timeout_s)
-    )
-    # How soon Ray Train notices a node being drained (Ray's default: 5 s of a ~30 s window).
-    os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
+    for name, value in ray_train_environment(cfg).items():
+        os.environ.setdefault(name, value)  # a value the user exported wins
     return TorchTrainer(
         train_loop_per_worker=train_func,
         train_loop_config=cfg.model_dump(),

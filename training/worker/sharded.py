@@ -104,9 +104,10 @@ def prepare(
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Modules built inside register their parameters on the meta device (shapes, no storage):
-    a model larger than one worker can be built, then sharded. Each parameter exists for real
-    only while its own module is built (``nn.Linear`` fills its weight before registering it),
-    so the peak is one parameter, not the model. Buffers stay real: a non-persistent one (a
+    a model larger than one worker can be built, then sharded. A parameter's storage exists
+    only until it is registered (``nn.Linear`` allocates its weight, registering swaps in a
+    meta copy, and its initialisation then runs on meta), so the peak is one parameter, not
+    the model. Buffers stay real: a non-persistent one (a
     causal mask) is in no state dict, so no checkpoint or broadcast could restore it."""
     register = nn.Module.register_parameter
 
