@@ -1,6 +1,8 @@
 """CLI behaviour that needs no Ray: bad input is refused before any cluster resource is taken."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import ray
@@ -86,6 +88,20 @@ def test_status_and_verify_on_an_empty_storage(tmp_path):
     result = run("verify", "--storage", str(tmp_path), "--name", "ghost", "--json")
     assert result.exit_code == 1
     assert json.loads(result.output)["errors"] == ["the run log has no attempts"]
+
+
+def test_status_reads_storage_without_importing_torch(tmp_path):
+    """`status` is polled by people and scripts while a run trains (the e2e tests every 2 s, in
+    the head container): loading torch and the task registry for it cost 2-3 s of CPU a call."""
+    script = (
+        "import sys; from training.driver.cli import main\n"
+        f"main(['status', '--storage', {str(tmp_path)!r}], standalone_mode=False)\n"
+        "assert 'torch' not in sys.modules, 'status imported torch'\n"
+        "assert 'training.tasks' not in sys.modules, 'status imported the task registry'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert f"No runs under {tmp_path}" in proc.stdout
 
 
 def test_verify_deep_reads_checksums_that_status_does_not(tmp_path, monkeypatch):

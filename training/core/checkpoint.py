@@ -31,13 +31,15 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-import torch
 
 from training.core import storage
+
+if TYPE_CHECKING:  # torch is imported where a state is written or read, not at load time:
+    import torch  # `status` and a checkpoint scan need none of it (a 2-3 s import)
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,8 @@ def write_state(
     """Serialise a (staged) state straight into ``directory`` on ``fs`` (local by default),
     checksumming the bytes as they stream out (no local copy, no second read); the manifest,
     which makes the checkpoint valid, goes last."""
+    import torch
+
     fs = fs or pafs.LocalFileSystem()
     directory = str(directory)
     fs.create_dir(directory, recursive=True)
@@ -177,6 +181,8 @@ class Stager:
         """A copy of ``tree`` whose tensors live in this stager's CPU buffers. GPU tensors are
         copied into pinned buffers without a sync per tensor; one sync per device at the end,
         since the buffers must hold this step's values before training goes on."""
+        import torch
+
         staged = self._stage(tree, ())
         for device in self._copying_from:
             torch.cuda.current_stream(device).synchronize()
@@ -184,6 +190,8 @@ class Stager:
         return staged
 
     def _stage(self, tree: Any, path: tuple[Any, ...]) -> Any:
+        import torch
+
         if isinstance(tree, torch.Tensor):
             return self._copy(tree, path)
         if isinstance(tree, dict):
@@ -193,6 +201,8 @@ class Stager:
         return copy.deepcopy(tree)
 
     def _copy(self, tensor: torch.Tensor, path: tuple[Any, ...]) -> torch.Tensor:
+        import torch
+
         buffer = self._buffers.get(path)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
             buffer = torch.empty_like(tensor, device="cpu", pin_memory=tensor.is_cuda)
@@ -212,6 +222,8 @@ def load(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
         raise InvalidCheckpoint(f"manifest does not list {STATE_FILE}")
     _check_sizes(fs, path, manifest)
     blobs = {name: _read_checked(fs, path, name, meta) for name, meta in manifest["files"].items()}
+    import torch
+
     try:
         return torch.load(pa.BufferReader(blobs[STATE_FILE]), map_location="cpu", weights_only=True)
     except Exception as exc:  # a checksum collision is unlikely; a pickle error is not impossible

@@ -34,15 +34,19 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
-import torch
 
-from training.core import data, storage, tensorboard
+from training.core import storage, tensorboard
 from training.core.events import NOT_TASK_METRICS
 
+if TYPE_CHECKING:  # torch (through data) only where a step's ids are recomputed (`verify`):
+    import torch  # `status` reads the log without it, 2-3 s sooner
+
 RUNLOG_DIR = "runlog"
+# The run's resolved config, written when it first starts: what makes a directory a run.
+RUN_CONFIG_FILE = "run_config.json"
 
 
 class RunLog:
@@ -229,6 +233,10 @@ def _check_witness(
     summed over the ranks) against the ids the schedule says it consumed; (errors, steps
     witnessed). This is what catches a loop that slices, drops or repeats ids wrongly: the
     schedule alone is a permutation by construction."""
+    import torch
+
+    from training.core import data
+
     witness = {
         (e["attempt"], step): (count, digest)
         for e in events
@@ -277,6 +285,8 @@ def consumed_ids(event: dict[str, Any], start: dict[str, Any]) -> list[int]:
     functions the loop slices each rank's share from. Old run logs carry the ids themselves."""
     if "samples" in event:
         return event["samples"]
+    from training.core import data
+
     batch_size = start["global_batch_size"]
     order = _epoch_order(
         start["seed"],
@@ -294,6 +304,8 @@ def consumed_ids(event: dict[str, Any], start: dict[str, Any]) -> list[int]:
 def _epoch_order(
     seed: int, epoch: int, train_samples: int, layout: str, batch_size: int
 ) -> torch.Tensor:
+    from training.core import data
+
     shards = data.layout_from_record(json.loads(layout))
     if shards is not None and sum(shards.sizes) != train_samples:
         raise ValueError(f"the data layout holds {sum(shards.sizes)} samples, not {train_samples}")
@@ -359,3 +371,13 @@ def _metric_fields(event: dict[str, Any]) -> dict[str, float]:
         for k, v in event.items()
         if k not in NOT_TASK_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
     }
+
+
+def list_runs(fs: pafs.FileSystem, root: str) -> list[str]:
+    """Run directories under a storage path (those with a recorded config)."""
+    return sorted(
+        entry.path
+        for entry in storage.list_dir(fs, root)
+        if entry.type == pafs.FileType.Directory
+        and storage.exists(fs, posixpath.join(entry.path, RUN_CONFIG_FILE))
+    )

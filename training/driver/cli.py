@@ -17,11 +17,12 @@ from typing import Any
 
 import click
 
-from training import tasks
 from training.core import checkpoint, runlog, storage
-from training.core.config import ConfigError, StorageSection
-from training.driver import launch, lease
-from training.driver.settings import load_config
+from training.core.config import ConfigError, StorageSection, read_raw, validate_sections
+from training.driver import lease
+
+# The task registry (and with it torch, a 2-3 s import) is loaded by the commands that train or
+# build a task; `status`, `verify` and `plot` read storage and need neither.
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -74,6 +75,8 @@ def train(
 
     Example: python -m training train --config training/configs/local.yaml --set training.epochs=2
     """
+    from training.driver import launch
+
     extra = [f"run.name={name}"] * bool(name) + [f"storage.path={storage_path}"] * bool(
         storage_path
     )
@@ -117,7 +120,7 @@ def status(
     `verify --deep` reads their checksums), progress, attempts."""
     storage_cfg = _storage_section(config_path, storage_path)
     with _storage_used(storage_cfg) as (fs, root):
-        run_dirs = [posixpath.join(root, name)] if name else launch.list_runs(fs, root)
+        run_dirs = [posixpath.join(root, name)] if name else runlog.list_runs(fs, root)
         report = [_run_status(fs, run_dir) for run_dir in run_dirs]
     if as_json:
         click.echo(json.dumps(report, indent=1))
@@ -223,6 +226,8 @@ def plot(
 @click.option("--config", "config_path", type=click.Path(), help="Task options from here.")
 def demo_data(task_name: str, out: str, config_path: str | None) -> None:
     """Write a built-in task's demo dataset (the same bytes every time)."""
+    from training import tasks
+
     overrides = [f"task.name={task_name}", f"data.path={out}"]
     cfg = _load_or_exit(config_path, overrides)
     try:
@@ -238,6 +243,7 @@ def demo_data(task_name: str, out: str, config_path: str | None) -> None:
 def check_task(config_path: str | None, overrides: tuple[str, ...]) -> None:
     """Run the task contract checks on a task and its data (no Ray): pure batches, additive
     totals, a deterministic step, a stable fingerprint. Exit 1 if one fails."""
+    from training import tasks
     from training.tasks.contract import CHECKS, run_contract
 
     cfg = _load_or_exit(config_path, list(overrides))
@@ -269,6 +275,9 @@ def _failure_lines(exc: Exception, verbose: bool) -> list[str]:
 
 
 def _load_or_exit(config_path: str | None, overrides: list[str]):
+    """The whole config, the task's options validated by the task's own model."""
+    from training.driver.settings import load_config
+
     try:
         return load_config(config_path, overrides)
     except ConfigError as exc:
@@ -277,8 +286,12 @@ def _load_or_exit(config_path: str | None, overrides: list[str]):
 
 
 def _storage_section(config_path: str | None, storage_path: str | None) -> StorageSection:
+    """The storage settings alone: the task's options are not checked (no task is built)."""
     overrides = [f"storage.path={storage_path}"] if storage_path else []
-    return _load_or_exit(config_path, overrides).storage
+    try:
+        return validate_sections(read_raw(config_path, overrides)).storage
+    except ConfigError as exc:
+        _fail(EXIT_USAGE, "\n".join(f"config error: {line}" for line in str(exc).splitlines()))
 
 
 @contextlib.contextmanager

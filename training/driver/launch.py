@@ -24,7 +24,7 @@ from training.core import checkpoint, runlog, stops, storage
 from training.core.config import Config, ConfigError, identity_diff
 from training.driver import lease
 
-RUN_CONFIG_FILE = "run_config.json"
+RUN_CONFIG_FILE = runlog.RUN_CONFIG_FILE
 # The data fingerprint the run started with (task.check()): part of the run's identity.
 FINGERPRINT_FILE = "data_fingerprint.json"
 
@@ -445,13 +445,3 @@ def run_summary(fs: pafs.FileSystem, run_dir: str) -> dict[str, Any]:
     summary["checkpoints"] = [{"step": c.step, "valid": c.valid, "path": c.path} for c in kept]
     summary["run_dir"] = storage.display(fs, run_dir)
     return summary
-
-
-def list_runs(fs: pafs.FileSystem, root: str) -> list[str]:
-    """Run directories under a storage path (those with a recorded config)."""
-    return sorted(
-        entry.path
-        for entry in storage.list_dir(fs, root)
-        if entry.type == pafs.FileType.Directory
-        and storage.exists(fs, posixpath.join(entry.path, RUN_CONFIG_FILE))
-    )
