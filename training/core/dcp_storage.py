@@ -22,7 +22,8 @@ Where a store is not a disk:
   ranged read instead.
 - **Errors.** A failure of the store (unreachable, denied, outage, no bucket) is raised as the
   project's ``StorageError`` naming the endpoint and the file (``storage.named_errors``); DCP
-  wraps it, per rank, in its ``CheckpointException``.
+  gathers every rank's failure into a ``CheckpointException``, which ``storage_failures``
+  unwraps again.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow.fs as pafs
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystemBase
 
 from training.core import storage
@@ -124,3 +125,18 @@ class Reader(FileSystemReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return Files.validate_checkpoint_id(checkpoint_id)
+
+
+@contextlib.contextmanager
+def storage_failures() -> Iterator[None]:
+    """Around a DCP save or load (or the wait for an async one): a storage failure of any rank
+    is raised as its ``StorageError``. DCP raises a ``CheckpointException`` listing every rank's
+    failure, a ``BaseException`` that handlers of ``Exception`` miss and whose text is a page
+    of tracebacks; the attempt should fail naming the store, as other storage failures do."""
+    try:
+        yield
+    except CheckpointException as exc:
+        named = [e for e, _ in exc.failures.values() if isinstance(e, storage.StorageError)]
+        if named:
+            raise named[0] from exc
+        raise

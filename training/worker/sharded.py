@@ -203,11 +203,12 @@ def start_save(
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     writer = dcp_storage.Writer(fs, directory)
-    if group is None:
-        # DCP's save ends once the coordinator has written .metadata after every rank's writes.
-        dcp.save(state, storage_writer=writer)
-        return None
-    return dcp.async_save(state, storage_writer=writer, process_group=group)
+    with dcp_storage.storage_failures():
+        if group is None:
+            # DCP's save ends once .metadata is written, after every rank's shards.
+            dcp.save(state, storage_writer=writer)
+            return None
+        return dcp.async_save(state, storage_writer=writer, process_group=group)
 
 
 def seal(
@@ -269,7 +270,8 @@ def load(
     manifest = validate(fs, directory)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, storage_reader=dcp_storage.Reader(fs, directory))
+    with dcp_storage.storage_failures():
+        dcp.load(state, storage_reader=dcp_storage.Reader(fs, directory))
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )

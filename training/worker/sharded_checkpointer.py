@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 from torch import nn
 
 from training import tasks
-from training.core import checkpoint
+from training.core import checkpoint, dcp_storage
 from training.core.checkpoint import InvalidCheckpoint, Progress
 from training.core.config import Config
 from training.worker import sharded
@@ -88,7 +88,8 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
     def seal_and_report() -> None:  # the report thread (async) or the training thread (sync)
         try:
             if written is not None:
-                written.result()  # every rank's shards and .metadata are on storage
+                with dcp_storage.storage_failures():
+                    written.result()  # every rank's shards and .metadata are on storage
             chaos = functools.partial(inject_faults, worker, global_step, "checkpoint")
             sharded.seal(worker.fs, target, comm, state, before_manifest=chaos)
         except BaseException as exc:
