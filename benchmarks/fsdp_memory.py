@@ -62,19 +62,19 @@ def save_pauses(worker, directory: Path) -> dict:
     from training.worker import sharded
     from training.worker.collectives import Collectives
 
-    side = Collectives.side_group()
+    side, fs = Collectives.side_group(), pafs.LocalFileSystem()  # directory is a local path
     started = time.perf_counter()
-    sharded.start_save(directory / "sync", worker.model, worker.optimizer, {})
-    sharded.seal(directory / "sync", worker.comm, {})
+    sharded.start_save(fs, str(directory / "sync"), worker.model, worker.optimizer, {})
+    sharded.seal(fs, str(directory / "sync"), worker.comm, {})
     sync_s = time.perf_counter() - started
     worker.comm.barrier()
     started = time.perf_counter()
     written = sharded.start_save(
-        directory / "async", worker.model, worker.optimizer, {}, side.group
+        fs, str(directory / "async"), worker.model, worker.optimizer, {}, side.group
     )
     async_s = time.perf_counter() - started
     written.result()
-    sharded.seal(directory / "async", side, {})
+    sharded.seal(fs, str(directory / "async"), side, {})
     return {"sync_pause_s": sync_s, "async_pause_s": async_s,
             "async_total_s": time.perf_counter() - started}  # fmt: skip
 

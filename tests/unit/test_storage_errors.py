@@ -15,10 +15,12 @@ import time
 import pyarrow.fs as pafs
 import pytest
 import ray
+import torch
+import torch.distributed.checkpoint as dcp
 from click.testing import CliRunner
 from support.checkpoints import save
 
-from training.core import storage
+from training.core import dcp_storage, storage
 from training.core.config import StorageSection
 from training.core.storage import StorageError
 from training.driver import launch
@@ -152,6 +154,22 @@ def test_tabular_data_on_an_unreachable_store_is_a_storage_error_not_bad_parquet
         task.check()  # on the driver: the pre-flight line
     with pytest.raises(StorageError, match=r"^transient storage error"):
         task.load()  # in a worker: Ray Train retries the attempt
+
+
+def test_a_sharded_checkpoint_on_an_unreachable_store_fails_naming_it():
+    """DCP's file operations go through pyarrow.fs (core/dcp_storage.py); DCP wraps a rank's
+    failure in its CheckpointException, and ``storage_failures`` raises the StorageError again.
+    A load's failure to read ``.metadata`` DCP turns into text of its own: it still names the
+    store and the file. ~0.1 s."""
+    fs, state = s3(), {"weight": torch.ones(2)}
+    named = r"cannot reach S3 endpoint http://127\.0\.0\.1:9 \(connection refused\) for "
+    expected = f"^transient storage error .*{named}s3://b/run/ckpt"
+    with pytest.raises(StorageError, match=expected), dcp_storage.storage_failures():
+        # one process, no group: DCP saves without collectives
+        dcp.save(state, storage_writer=dcp_storage.Writer(fs, "b/run/ckpt"))
+    expected = f"{named}s3://b/run/ckpt/.metadata"
+    with pytest.raises(BaseException, match=expected), dcp_storage.storage_failures():
+        dcp.load(state, storage_reader=dcp_storage.Reader(fs, "b/run/ckpt"))
 
 
 # ---- the pre-flight probe and the CLI --------------------------------------------------------

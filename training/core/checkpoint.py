@@ -244,14 +244,31 @@ def load_newest(fs: pafs.FileSystem, run_dir: str) -> tuple[CheckpointInfo, dict
     return None
 
 
-def validate(fs: pafs.FileSystem, path: str, full: bool = True) -> None:
-    """Raise InvalidCheckpoint unless every file listed in the manifest matches it: size and
-    checksum (reads every byte), or (``full=False``) size only, which reads no data."""
+def validate(fs: pafs.FileSystem, path: str, full: bool = True) -> dict[str, Any]:
+    """The manifest, if every file it lists matches it: size and checksum (reads every byte),
+    or (``full=False``) size only, which reads no data; else InvalidCheckpoint."""
     manifest = _read_manifest(fs, path)
     _check_sizes(fs, path, manifest)
     if full:
         for name, meta in manifest["files"].items():
-            _read_checked(fs, path, name, meta, keep=False)
+            check_file(fs, path, name, meta)
+    return manifest
+
+
+def check_file(fs: pafs.FileSystem, path: str, name: str, meta: dict[str, Any]) -> None:
+    """Raise InvalidCheckpoint unless file ``name`` of checkpoint ``path`` has the size and
+    SHA-256 its manifest entry ``meta`` lists (read once, one chunk of memory at a time)."""
+    _read_checked(fs, path, name, meta, keep=False)
+
+
+def describe(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
+    """A file's manifest entry: its size and SHA-256, read once, a chunk at a time."""
+    digest, size = hashlib.sha256(), 0
+    with fs.open_input_stream(path) as stream:
+        while chunk := stream.read(_READ_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
 
 
 def restore(

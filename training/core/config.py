@@ -114,7 +114,7 @@ class TrainingSection(Section):
         description="ddp: every worker holds the whole model (DDP), rank 0 writes one checkpoint "
         "file. fsdp: parameters, gradients and optimizer state sharded over the workers (FSDP2, "
         "the task's shard units), every worker writes its shards (Distributed Checkpoint), "
-        "loadable at any world size; local/shared storage only; docs/fsdp.md.",
+        "loadable at any world size, on any storage.path (local, shared or s3://); docs/fsdp.md.",
     )
     collective_timeout_s: PositiveFloat = Field(
         300, description="A peer silent this long in a collective fails the attempt (Ray: 30 min)."
@@ -271,11 +271,6 @@ class Config(Section):
             if self.checkpoint.on_failure is None:
                 self.checkpoint.on_failure = True
             return self
-        if self.storage.path.startswith("s3://"):
-            raise ValueError(
-                "training.parallelism: fsdp writes sharded checkpoints to a local or shared "
-                f"path only; storage.path is {self.storage.path!r}"
-            )
         if self.training.precision == "fp16":
             raise ValueError(
                 "training.precision: fp16 is not supported with training.parallelism: fsdp "

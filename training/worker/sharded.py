@@ -17,23 +17,24 @@ grad scaler and task state: small, the same on every rank). The manifest has the
 format plus ``"layout": "dcp"``, so ``status``, ``verify``, ``prune`` and resume's scan read it
 like any other checkpoint.
 
-Local and shared paths only (DCP's ``FileSystemWriter``); S3 needs a DCP storage writer over
-``pyarrow.fs``, not written yet (the config refuses ``fsdp`` with ``s3://`` storage). The loop
-uses this under ``training.parallelism: fsdp`` (``training/worker/sharded_checkpointer.py``).
+Every file goes through ``pyarrow.fs`` (``fs``, ``directory`` as the DDP checkpoints take them):
+DCP's own files through ``training/core/dcp_storage.py``, the rest through ``core/storage.py``,
+so a local or shared path and S3 take one code path. The loop uses this under
+``training.parallelism: fsdp`` (``training/worker/sharded_checkpointer.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
+import io
 import json
-import os
+import posixpath
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -49,10 +50,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from training.core.checkpoint import FORMAT_VERSION, MANIFEST_FILE, InvalidCheckpoint
+from training.core import checkpoint, dcp_storage, storage
+from training.core.checkpoint import InvalidCheckpoint
 from training.worker.collectives import Collectives
 
-_READ_CHUNK = 16 << 20
 LAYOUT = "dcp"
 LOOP_STATE_FILE = "loop_state.pt"
 
@@ -169,7 +170,8 @@ def full_norm(norm: torch.Tensor) -> torch.Tensor:
 
 
 def save(
-    directory: str | Path,
+    fs: pafs.FileSystem,
+    directory: str,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loop_state: dict[str, Any] | None = None,
@@ -177,12 +179,13 @@ def save(
 ) -> None:
     """Every rank calls this: each writes its shards (rank 0 also ``loop_state``, the part of
     the state that is not sharded), then rank 0 the manifest, last."""
-    start_save(directory, model, optimizer, loop_state)
-    seal(directory, Collectives(torch.device("cpu")), loop_state, before_manifest)
+    start_save(fs, directory, model, optimizer, loop_state)
+    seal(fs, directory, Collectives(torch.device("cpu")), loop_state, before_manifest)
 
 
 def start_save(
-    directory: str | Path,
+    fs: pafs.FileSystem,
+    directory: str,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loop_state: dict[str, Any] | None,
@@ -193,94 +196,89 @@ def start_save(
     copy of this rank's shards in host memory: the caller's pause) and written by a background
     thread whose collectives use ``group``, not the training thread's; the Future ends once
     every rank's shards and ``.metadata`` are written. ``seal`` must follow either way."""
-    directory = Path(directory)
     if dist.get_rank() == 0 and loop_state is not None:
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save(loop_state, directory / LOOP_STATE_FILE)
+        buffer = io.BytesIO()
+        torch.save(loop_state, buffer)
+        storage.write_bytes(fs, posixpath.join(directory, LOOP_STATE_FILE), buffer.getvalue())
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    if group is None:
-        # DCP's save ends once the coordinator has written .metadata after every rank's writes.
-        dcp.save(state, checkpoint_id=str(directory))
-        return None
-    return dcp.async_save(state, checkpoint_id=str(directory), process_group=group)
+    writer = dcp_storage.Writer(fs, directory)
+    with dcp_storage.storage_failures():
+        if group is None:
+            # DCP's save ends once .metadata is written, after every rank's shards.
+            dcp.save(state, storage_writer=writer)
+            return None
+        return dcp.async_save(state, storage_writer=writer, process_group=group)
 
 
 def seal(
-    directory: str | Path,
+    fs: pafs.FileSystem,
+    directory: str,
     comm: Collectives,
     loop_state: dict[str, Any] | None,
     before_manifest: Callable[[], None] = lambda: None,
 ) -> None:
     """Every rank calls this once its shards are written: each hashes its own files, rank 0
     writes the manifest (last) once it has every rank's digests, and nobody returns before."""
-    directory = Path(directory)
-    mine = _describe_own_files(directory, comm.rank)
-    if comm.rank == 0 and (directory / LOOP_STATE_FILE).is_file():
-        mine[LOOP_STATE_FILE] = _describe(directory / LOOP_STATE_FILE)
+    mine = _describe_own_files(fs, directory, comm.rank)
+    if comm.rank == 0 and loop_state is not None:  # start_save wrote it
+        mine[LOOP_STATE_FILE] = checkpoint.describe(fs, posixpath.join(directory, LOOP_STATE_FILE))
     before_manifest()
     every = comm.gather_objects(mine)
     if comm.rank == 0:
         files = {name: meta for rank_files in every for name, meta in rank_files.items()}
-        files[".metadata"] = _describe(directory / ".metadata")
+        files[".metadata"] = checkpoint.describe(fs, posixpath.join(directory, ".metadata"))
         manifest = {
-            "format": FORMAT_VERSION,
+            "format": checkpoint.FORMAT_VERSION,
             "layout": LAYOUT,
             "world_size": comm.world_size,
             "progress": (loop_state or {}).get("progress"),
             "files": files,
         }
-        (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        text = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        storage.write_bytes(fs, posixpath.join(directory, checkpoint.MANIFEST_FILE), text)
     comm.barrier()  # nobody treats the checkpoint as written before its manifest is
 
 
-def validate(directory: str | Path) -> dict[str, Any]:
+def validate(fs: pafs.FileSystem, directory: str) -> dict[str, Any]:
     """The manifest, if it is a sharded checkpoint's and every file it lists is there with its
     size; else InvalidCheckpoint. The checksums: ``corrupted_files``."""
-    directory = Path(directory)
-    path = directory / MANIFEST_FILE
-    if not path.is_file():
-        raise InvalidCheckpoint(f"{directory}: no manifest (a partial write)")
-    manifest = json.loads(path.read_text())
+    manifest = checkpoint.validate(fs, directory, full=False)
     if manifest.get("layout") != LAYOUT:
         raise InvalidCheckpoint(f"{directory}: not a sharded (DCP) checkpoint")
-    for name, meta in manifest["files"].items():
-        file = directory / name
-        if not file.is_file() or file.stat().st_size != meta["size"]:
-            size = file.stat().st_size if file.is_file() else None
-            raise InvalidCheckpoint(
-                f"{directory}: {name} has {size} bytes, the manifest says {meta['size']}"
-            )
     return manifest
 
 
-def corrupted_files(directory: str | Path, rank: int, world_size: int) -> list[str]:
+def corrupted_files(fs: pafs.FileSystem, directory: str, rank: int, world_size: int) -> list[str]:
     """This rank's share of the checksum check (every ``world_size``-th file of the manifest):
     the files whose SHA-256 differs from it. The ranks split the reading; the caller gathers."""
-    directory = Path(directory)
-    manifest = validate(directory)
-    names = sorted(manifest["files"])[rank::world_size]
-    return [
-        n for n in names if _describe(directory / n)["sha256"] != manifest["files"][n]["sha256"]
-    ]
+    manifest = validate(fs, directory)
+    bad = []
+    for name in sorted(manifest["files"])[rank::world_size]:
+        try:
+            checkpoint.check_file(fs, directory, name, manifest["files"][name])
+        except InvalidCheckpoint:
+            bad.append(name)
+    return bad
 
 
 def load(
-    directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
+    fs: pafs.FileSystem, directory: str, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
     """Every rank calls this, at any world size: each reads the slices its shards need.
     Returns ``loop_state`` (empty if the checkpoint has none)."""
-    validate(directory)
+    manifest = validate(fs, directory)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(directory))
+    with dcp_storage.storage_failures():
+        dcp.load(state, storage_reader=dcp_storage.Reader(fs, directory))
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
-    loop_state = Path(directory) / LOOP_STATE_FILE
-    if not loop_state.is_file():
+    if LOOP_STATE_FILE not in manifest["files"]:
         return {}
-    return torch.load(loop_state, map_location="cpu", weights_only=True)
+    data = storage.read_bytes(fs, posixpath.join(directory, LOOP_STATE_FILE))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -290,17 +288,10 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=options)
 
 
-def _describe_own_files(directory: Path, rank: int) -> dict[str, dict[str, Any]]:
+def _describe_own_files(fs: pafs.FileSystem, directory: str, rank: int) -> dict[str, Any]:
+    """The manifest entries of the shard files this rank wrote (``__<rank>_<n>.distcp``)."""
     return {
-        p.name: _describe(p)
-        for p in sorted(directory.iterdir())
-        if p.name.startswith(f"__{rank}_") and p.suffix == ".distcp"
+        info.base_name: checkpoint.describe(fs, info.path)
+        for info in sorted(storage.list_dir(fs, directory), key=lambda i: i.base_name)
+        if info.base_name.startswith(f"__{rank}_") and info.base_name.endswith(".distcp")
     }
-
-
-def _describe(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(_READ_CHUNK):
-            digest.update(chunk)
-    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}

@@ -6,6 +6,8 @@ so there is no rank-0 staging copy, no upload of it and no save on failure (the 
 ``checkpoint.on_failure: true``); the save is DCP's, on the training thread of every rank, and
 what Ray is handed afterwards is the finished directory. The validity rule is the same:
 ``manifest.json`` last (``sharded.save``), a directory without it or with a torn file skipped.
+Everything is on the run's storage (``worker.fs``, ``worker.run_dir``): a local or shared path,
+or S3, through ``pyarrow.fs``.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+import pyarrow.fs as pafs
 from torch import nn
 
 from training import tasks
-from training.core import checkpoint
+from training.core import checkpoint, dcp_storage
 from training.core.checkpoint import InvalidCheckpoint, Progress
 from training.core.config import Config
 from training.worker import sharded
@@ -77,18 +80,18 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
     if asynchronous and worker.side_comm is None:  # every rank's first save: the same step
         worker.side_comm = Collectives.side_group()
     comm = worker.side_comm if asynchronous else worker.comm
-    written = sharded.start_save(
-        target, worker.model, worker.optimizer, state, comm.group if asynchronous else None
-    )
+    group = comm.group if asynchronous else None
+    written = sharded.start_save(worker.fs, target, worker.model, worker.optimizer, state, group)
     blocked_s = time.perf_counter() - started
     worker.pending_seal = sealed = Future()
 
     def seal_and_report() -> None:  # the report thread (async) or the training thread (sync)
         try:
             if written is not None:
-                written.result()  # every rank's shards and .metadata are on storage
+                with dcp_storage.storage_failures():
+                    written.result()  # every rank's shards and .metadata are on storage
             chaos = functools.partial(inject_faults, worker, global_step, "checkpoint")
-            sharded.seal(target, comm, state, before_manifest=chaos)
+            sharded.seal(worker.fs, target, comm, state, before_manifest=chaos)
         except BaseException as exc:
             sealed.set_exception(exc)
             raise
@@ -153,12 +156,14 @@ def resume(worker: Worker) -> tuple[Progress, str | None]:
     progress = Progress(global_step=0, epoch=0, step_in_epoch=0, attempt="")
     chosen = None
     for path in worker.comm.broadcast_object(candidates):
-        problems = worker.comm.gather_objects(share_problems(path, worker.rank, worker.world_size))
+        problems = worker.comm.gather_objects(
+            share_problems(fs, path, worker.rank, worker.world_size)
+        )
         if any(problems):
             if worker.rank == 0:
                 log.warning("Skipping checkpoint %s: %s", path, "; ".join(p for p in problems if p))
             continue
-        state = sharded.load(path, worker.model, worker.optimizer)
+        state = sharded.load(fs, path, worker.model, worker.optimizer)
         worker.scheduler.load_state_dict(state["scheduler"])
         restore_extra(worker, state)
         progress, chosen = Progress(**state["progress"]), path
@@ -173,10 +178,10 @@ def resume(worker: Worker) -> tuple[Progress, str | None]:
     return progress, chosen
 
 
-def share_problems(path: str, rank: int, world_size: int) -> str:
+def share_problems(fs: pafs.FileSystem, path: str, rank: int, world_size: int) -> str:
     """Why this rank's share of ``path`` must not be loaded ('' if it may)."""
     try:
-        bad = sharded.corrupted_files(path, rank, world_size)
+        bad = sharded.corrupted_files(fs, path, rank, world_size)
     except InvalidCheckpoint as exc:
         return str(exc)
     return f"checksum of {', '.join(bad)} does not match the manifest" if bad else ""
