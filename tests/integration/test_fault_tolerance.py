@@ -347,9 +347,13 @@ PEER_DEATHS = {
 RANK_1_DIES_AROUND_CHECKPOINT_100 = {
     # Checkpoint 100's background upload is slow (stalled 2 s) and rank 1 dies at step 101:
     # rank 0 must hold Ray's shutdown until the upload ends (it used to go idle at once, and
-    # Ray's kill cut the upload: resume from 75).
+    # Ray's kill cut the upload: resume from 75). Rank 1 waits 1.5 s before it dies, so that
+    # Ray's controller (polling every 0.2 s: failure.health_check_interval_s) has begun the
+    # upload: without that wait the kill came first, rank 0 saved step 100 on failure and no
+    # upload was ever in flight.
     "upload_running": [
         {"kind": "stall", "rank": 0, "step": 100, "during": "serialize", "seconds": 2.0},
+        {"kind": "stall", "rank": 1, "step": 101, "seconds": 1.5},
         {"kind": "kill", "rank": 1, "step": 101},
     ],
     # Rank 1 dies as checkpoint 100 is reported: the report's barrier breaks, so rank 0 never
