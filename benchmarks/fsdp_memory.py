@@ -303,10 +303,17 @@ def print_steps_table(passes: list[dict]) -> None:
               f"{max(rates):.3f}] | {'/'.join(map(str, threads))} | {min(loads):.1f}-"
               f"{max(loads):.1f} | {median[key] / median['ddp', world]:.2f} |")  # fmt: skip
     for world in sorted({key[1] for key in median}):
-        plain = median.get((("torchrun plain", "fsdp"), world))
-        if plain and ("fsdp", world) in median:
-            ratio = median["fsdp", world] / plain
-            print(f"\nsteps/s project fsdp / torchrun plain fsdp at {world} ranks: {ratio:.2f}")
+        plain = (("torchrun plain", "fsdp"), world)
+        if plain not in median:
+            continue
+        # Within a pass the runs are minutes apart: on a shared machine its ratio is the figure.
+        within = [p["fsdp", world]["steps_per_s"] / p[plain]["steps_per_s"] for p in passes]
+        print(f"\nsteps/s project fsdp / torchrun plain fsdp at {world} ranks: "
+              f"{median['fsdp', world] / median[plain]:.2f} (medians); by pass "
+              f"{', '.join(f'{r:.2f}' for r in within)}")  # fmt: skip
+        for i, p in enumerate(passes):
+            rates = ", ".join(f"{p[k]['steps_per_s']:.3f}" for k in p if k[1] == world)
+            print(f"pass {i + 1} at {world} ranks, steps/s in the table's order: {rates}")
 
 
 if __name__ == "__main__":
