@@ -13,14 +13,24 @@ size (d_model 512, 8 layers: ~25 M parameters vs ~0.44 M; 64-byte blocks, global
 Figures are per rank: rank 0's, and the largest of its peers' process memory (under fsdp rank 0
 alone builds the initial model); steps/s is measured after a warm-up step, with the thread count
 of each rank printed beside it.
+
+``--torchrun`` also runs the same model, data and steps under ``torchrun`` with the same torch
+threads per rank (``OMP_NUM_THREADS``): the torchrun baseline (``torchrun_baseline.py``: the
+project's ``train_step`` in DDP) and a plain user's script (``torchrun_plain.py``: FSDP2 with
+``fully_shard`` per block and on the root, and plain DDP), and prints steps/s side by side:
+
+    .venv/bin/python -m benchmarks.fsdp_memory --world-sizes 2 --steps 4 --torchrun
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +38,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import torch
+import yaml
 
 MODEL = {"block_size": 64, "d_model": 512, "n_heads": 8, "n_layers": 8}
 DEFAULT_MODEL = {"d_model": 128, "n_layers": 2}  # the built-in LM's defaults, for the ratio
@@ -145,9 +156,45 @@ def run(parallelism: str, world: int, steps: int, threads: int, corpus: Path, tm
     # Rank 0 may differ from its peers (it builds the initial model alone under fsdp).
     return {
         **rows[0],
+        "load": os.getloadavg()[0],
         "peers_built_mb": max(r["rss_built_mb"] for r in rows[1:]),
         "peers_peak_mb": max(r["peak_rss_mb"] for r in rows[1:]),
     }
+
+
+BENCHMARKS = Path(__file__).resolve().parent
+# (label, script, parallelism): the torchrun side of --torchrun, run after the project's rows.
+TORCHRUN = [
+    ("torchrun baseline (project's train_step)", "torchrun_baseline.py", "ddp"),
+    ("torchrun plain", "torchrun_plain.py", "ddp"),
+    ("torchrun plain", "torchrun_plain.py", "fsdp"),
+]
+
+
+def run_torchrun(
+    script: str, parallelism: str, world: int, steps: int, threads: int, config_path: Path,
+    tmp: Path,
+) -> dict:  # fmt: skip
+    """One torchrun job of ``steps`` + 1 steps; steps/s over its steps after the first, from
+    each step's own timer (``step_s`` in rank 0's run log), as the project's rows time theirs."""
+    run_dir = tmp / f"torchrun-{Path(script).stem}-{parallelism}-{world}"
+    overrides = [f"training.parallelism={parallelism}", f"training.max_steps={steps + 1}",
+                 "eval.batches=0"]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(world), str(BENCHMARKS / script), "--config",
+               str(config_path), *(a for o in overrides for a in ("--set", o)),
+               "--run-dir", str(run_dir)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode:
+        raise RuntimeError(f"{script} {parallelism} at {world} ranks:\n{done.stdout[-3000:]}"
+                           f"{done.stderr[-3000:]}")  # fmt: skip
+    events = [json.loads(line) for log in (run_dir / "runlog").glob("*.jsonl")
+              for line in log.read_text().splitlines()]  # fmt: skip
+    timed = [e["step_s"] for e in events if e["event"] == "step"][1:]  # after one warm-up
+    start = next(e for e in events if e["event"] == "start")
+    return {"steps_per_s": len(timed) / sum(timed), "threads": start["threads"],
+            "load": os.getloadavg()[0]}  # fmt: skip
 
 
 def main() -> None:
@@ -158,23 +205,52 @@ def main() -> None:
     parser.add_argument(
         "--save", action="store_true", help="fsdp: also time a sync and an async checkpoint"
     )
+    parser.add_argument(
+        "--torchrun", action="store_true",
+        help="also time the same steps under torchrun (the baseline's DDP, a plain FSDP2 and "
+        "DDP script) with the same threads per rank; steps/s side by side",
+    )  # fmt: skip
+    parser.add_argument(
+        "--repeats", type=int, default=1,
+        help="passes over every configuration, in turn (--torchrun: median steps/s [min-max])",
+    )  # fmt: skip
     args = parser.parse_args()
     from training import tasks
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
+        for i in range(args.repeats):
+            (tmp / f"pass-{i}").mkdir()
         corpus = tmp / "corpus.txt"
         fs = pafs.LocalFileSystem()
         tasks.build(
             "language_model", {}, tasks.DataSource(fs, str(corpus), str(corpus), 0.1)
         ).write_demo()
-        rows = {}
-        for world in args.world_sizes:
-            for mode in ("ddp", "fsdp"):  # side by side, one after the other
-                if args.save:  # the ranks save here (sharded.start_save), then it is deleted
-                    os.environ["SAVE_DIR"] = str(tmp / f"saves-{mode}-{world}")
-                rows[mode, world] = run(mode, world, args.steps, args.threads, corpus, tmp)
-    print_table(rows)
+        passes = [one_pass(args, corpus, tmp / f"pass-{i}") for i in range(args.repeats)]
+    print_table({key: row for key, row in passes[0].items() if isinstance(key[0], str)})
+    if args.torchrun:
+        print_steps_table(passes)
+
+
+def one_pass(args: argparse.Namespace, corpus: Path, tmp: Path) -> dict:
+    """Every configuration once, one after the other: the project's ddp and fsdp, then (with
+    ``--torchrun``) the torchrun side, at each world size."""
+    rows = {}
+    for world in args.world_sizes:
+        for mode in ("ddp", "fsdp"):  # side by side, one after the other
+            if args.save:  # the ranks save here (sharded.start_save), then it is deleted
+                os.environ["SAVE_DIR"] = str(tmp / f"saves-{mode}-{world}")
+            rows[mode, world] = run(mode, world, args.steps, args.threads, corpus, tmp)
+        if args.torchrun:
+            config_path = tmp / f"torchrun-{world}.yaml"
+            raw = config(corpus, tmp / "runs", "ddp", world)
+            raw["checkpoint"]["on_failure"] = None  # unset: ddp's true is refused under fsdp
+            config_path.write_text(yaml.safe_dump(raw))
+            for label, script, mode in TORCHRUN:
+                rows[(label, mode), world] = run_torchrun(
+                    script, mode, world, args.steps, args.threads, config_path, tmp
+                )
+    return rows
 
 
 def print_table(rows: dict) -> None:
@@ -208,6 +284,36 @@ def print_table(rows: dict) -> None:
         if ("ddp", world) in rows and ("fsdp", world) in rows:
             ratio = rows["fsdp", world]["steps_per_s"] / rows["ddp", world]["steps_per_s"]
             print(f"\nsteps/s fsdp / ddp at {world} ranks: {ratio:.2f}")
+
+
+def print_steps_table(passes: list[dict]) -> None:
+    """steps/s of every side, median [min-max] over the passes, with its torch threads per rank
+    and the load average (1 min) at the end of its runs, as ratios of medians to the project's
+    ddp at the same world size."""
+    print(f"\nsteps/s, median [min-max] of {len(passes)} pass(es)\n")
+    print("| side | mode | ranks | steps/s | threads/rank | load (1 min) | / project ddp |")
+    print("|---|---|---|---|---|---|---|")
+    median = {key: statistics.median(p[key]["steps_per_s"] for p in passes) for key in passes[0]}
+    for key in passes[0]:
+        (side, mode), world = (("project", key[0]), key[1]) if isinstance(key[0], str) else key
+        rates = [p[key]["steps_per_s"] for p in passes]
+        loads = [p[key]["load"] for p in passes]
+        threads = sorted({p[key]["threads"] for p in passes})
+        print(f"| {side} | {mode} | {world} | {median[key]:.3f} [{min(rates):.3f}-"
+              f"{max(rates):.3f}] | {'/'.join(map(str, threads))} | {min(loads):.1f}-"
+              f"{max(loads):.1f} | {median[key] / median['ddp', world]:.2f} |")  # fmt: skip
+    for world in sorted({key[1] for key in median}):
+        plain = (("torchrun plain", "fsdp"), world)
+        if plain not in median:
+            continue
+        # Within a pass the runs are minutes apart: on a shared machine its ratio is the figure.
+        within = [p["fsdp", world]["steps_per_s"] / p[plain]["steps_per_s"] for p in passes]
+        print(f"\nsteps/s project fsdp / torchrun plain fsdp at {world} ranks: "
+              f"{median['fsdp', world] / median[plain]:.2f} (medians); by pass "
+              f"{', '.join(f'{r:.2f}' for r in within)}")  # fmt: skip
+        for i, p in enumerate(passes):
+            rates = ", ".join(f"{p[k]['steps_per_s']:.3f}" for k in p if k[1] == world)
+            print(f"pass {i + 1} at {world} ranks, steps/s in the table's order: {rates}")
 
 
 if __name__ == "__main__":

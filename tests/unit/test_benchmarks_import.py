@@ -15,6 +15,8 @@ MODULES = [
     "report",
     "ray_session",
     "torchrun_baseline",
+    "torchrun_plain",
+    "fsdp_memory",
     "wheelhouse",
 ]
 

@@ -65,6 +65,27 @@ class Collectives:
         dist.broadcast_object_list(box, src=0, group=self.group, device=self.device)
         return box[0]
 
+    def broadcast_in_place(self, tensors: list[torch.Tensor]) -> None:
+        """Rank 0's values copied into every other rank's ``tensors`` (any dtypes, shapes and
+        devices), in one broadcast of their bytes packed into one tensor on ``self.device``."""
+        if not self.talks or not tensors:
+            return
+        # Widest elements first: each tensor then starts at a multiple of its element size in
+        # the packed bytes, so its slice can be viewed as its own dtype again.
+        ordered = sorted(tensors, key=lambda t: t.element_size(), reverse=True)
+        sizes = [t.numel() * t.element_size() for t in ordered]
+        if self.rank == 0:
+            packed = torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in ordered])
+            packed = packed.to(self.device)
+        else:
+            packed = torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)
+        dist.broadcast(packed, src=0, group=self.group)
+        if self.rank == 0:
+            return
+        with torch.no_grad():
+            for tensor, piece in zip(ordered, packed.split(sizes), strict=True):
+                tensor.copy_(piece.view(tensor.dtype).view(tensor.shape))
+
     def gather_objects(self, value: Any) -> list[Any]:
         """Every rank's (picklable) ``value``, by rank, on every rank."""
         if not self.talks:

@@ -53,6 +53,8 @@ def train_step(worker: Worker, global_step: int) -> float:
         worker.scaler.scale(out.loss * (len(chunk) / len(ids))).backward()
         worker.interval.add(out.totals)
         worker.interval.watch(global_step, out.loss)
+    if sharded.is_sharded(worker.model):  # DDP broadcasts rank 0's buffers itself
+        worker.comm.broadcast_in_place(state_buffers(worker.model))
     if cfg.grad_clip_norm is not None:
         worker.scaler.unscale_(worker.optimizer)
         norm = nn.utils.clip_grad_norm_(worker.model.parameters(), cfg.grad_clip_norm)
@@ -73,6 +75,24 @@ def step_completed(worker: Worker, global_step: int) -> None:
     worker.saves.state_step = global_step
     if worker.boundary is not None:
         worker.boundary.capture(global_step)
+
+
+def state_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The model's persistent buffers: the ones in its state dict (BatchNorm's running statistics
+    and counter), which fsdp gives every rank from rank 0 after each step's forward passes, as
+    DDP's ``broadcast_buffers`` does before the next forward. Then every rank holds the state of
+    the step at its end: a checkpoint (DCP writes one rank's copy of a replicated tensor) and an
+    evaluation no longer depend on which rank's copy they read. A non-persistent buffer (the
+    language model's causal mask) is in no checkpoint, so no resume could restore it: a
+    constant, left out, and a model with nothing else issues no collective. Read every step, not
+    once: a module may assign a new tensor to a buffer."""
+    found = {
+        id(buffer): buffer
+        for module in model.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None and name not in module._non_persistent_buffers_set
+    }
+    return list(found.values())
 
 
 def no_sync_unless(model: nn.Module, sync: bool):
