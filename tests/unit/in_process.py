@@ -155,3 +155,27 @@ def tensors(tree, prefix=""):
     elif isinstance(tree, dict):
         for key in sorted(tree, key=str):
             yield from tensors(tree[key], f"{prefix}/{key}")
+
+
+TWO_HEAD_STEPS = 14  # one epoch of two_head_task's 512 rows: 461 training rows // 32
+
+
+def two_heads_under_fsdp(points, storage, name: str, faults=(), **training) -> dict:
+    """The config of a user's task whose forward moves buffers (two_head_task: BatchNorm),
+    sharded per child module, checkpointed at step 7 and 14 (synchronously: step 7's checkpoint
+    is sealed before step 8 begins; async, a kill at step 9 on a loaded machine came before its
+    seal and the run resumed from step 0)."""
+    from training.driver.settings import parse_config
+
+    return parse_config(
+        {
+            "run": {"name": name},
+            "storage": {"path": str(storage)},
+            "task": {"name": "two_head_task:TwoHeadRegression", "options": {"hidden": 16}},
+            "data": {"path": str(points), "val_fraction": 0.1},
+            "training": {"parallelism": "fsdp", "global_batch_size": 32, "log_every_n_steps": 7},
+            "eval": {"batches": 1, "every_n_steps": 7},
+            "checkpoint": {"every_n_steps": 7, "upload": "sync"},
+            "chaos": {"faults": list(faults)},
+        }
+    ).model_dump()

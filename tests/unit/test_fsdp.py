@@ -29,7 +29,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import torch
-from in_process import run_function, run_ranks, tensors
+from in_process import TWO_HEAD_STEPS, run_function, run_ranks, tensors, two_heads_under_fsdp
 from support.s3 import CREDENTIALS, s3
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from two_head_task import write_csv
@@ -345,32 +345,11 @@ def test_initial_values_are_a_seeded_builds_and_a_resume_builds_nothing(corpus, 
     assert torch.equal(causal, reference_causal) and torch.equal(resumed_causal, reference_causal)
 
 
-TWO_HEAD_STEPS = 14  # one epoch: 461 training rows // 32
-
-
-def two_heads(points, storage, name: str, faults=()) -> dict:
-    """A user's task whose forward moves buffers (BatchNorm), sharded per child module."""
-    return parse_config(
-        {
-            "run": {"name": name},
-            "storage": {"path": str(storage)},
-            "task": {"name": "two_head_task:TwoHeadRegression", "options": {"hidden": 16}},
-            "data": {"path": str(points), "val_fraction": 0.1},
-            "training": {"parallelism": "fsdp", "global_batch_size": 32, "log_every_n_steps": 7},
-            "eval": {"batches": 1, "every_n_steps": 7},
-            # sync: step 7's checkpoint is sealed before step 8 begins. Async, a kill at step 9
-            # on a loaded machine came before its seal, and the run resumed from step 0.
-            "checkpoint": {"every_n_steps": 7, "upload": "sync"},
-            "chaos": {"faults": list(faults)},
-        }
-    ).model_dump()
-
-
 @pytest.fixture(scope="module")
 def two_heads_whole(tmp_path_factory):
     storage = tmp_path_factory.mktemp("two_heads")
     write_csv(storage / "points.csv")
-    assert run_ranks(two_heads(storage / "points.csv", storage, "whole")) == [0, 0]
+    assert run_ranks(two_heads_under_fsdp(storage / "points.csv", storage, "whole")) == [0, 0]
     state = full_state(storage, "whole", storage, TWO_HEAD_STEPS)
     assert "body.1.num_batches_tracked" in state["model"]  # the buffers this is about
     return storage, state
@@ -382,7 +361,7 @@ def test_a_rank_killed_inside_a_step_resumes_bitwise_equal(two_heads_whole, tmp_
     parameters fire); the run resumes from step 7's checkpoint to the uninterrupted bits."""
     storage, expected = two_heads_whole
     fault = {"kind": "kill", "rank": 1, "step": 9, "during": during}
-    cfg = two_heads(storage / "points.csv", tmp_path, "killed", [fault])
+    cfg = two_heads_under_fsdp(storage / "points.csv", tmp_path, "killed", [fault])
     assert run_ranks(cfg) == [1, -9]
     assert checkpoint.newest_valid(FS, str(tmp_path / "killed")).step == 7
     assert run_ranks(cfg) == [0, 0]

@@ -17,34 +17,16 @@ import os
 import pyarrow.fs as pafs
 import pytest
 import torch
-from in_process import run_function
+from in_process import TWO_HEAD_STEPS, run_function, two_heads_under_fsdp
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from two_head_task import TwoHeads, write_csv
 
 from training.core import checkpoint
-from training.driver.settings import parse_config
 from training.tasks.language_model import BytesGPT, LanguageModelOptions
 from training.worker.step import state_buffers
 
 FS = pafs.LocalFileSystem()
-STEPS = 14  # one epoch: 461 training rows // 32
 BUFFERS = ("body.1.running_mean", "body.1.running_var", "body.1.num_batches_tracked")
-
-
-def config(points, storage, name: str, faults=()) -> dict:
-    return parse_config(
-        {
-            "run": {"name": name},
-            "storage": {"path": str(storage)},
-            "task": {"name": "two_head_task:TwoHeadRegression", "options": {"hidden": 16}},
-            "data": {"path": str(points), "val_fraction": 0.1},
-            "training": {"parallelism": "fsdp", "global_batch_size": 32, "log_every_n_steps": 7},
-            "eval": {"batches": 1, "every_n_steps": 7},
-            # sync: step 7's checkpoint is sealed before step 9's kill.
-            "checkpoint": {"every_n_steps": 7, "upload": "sync"},
-            "chaos": {"faults": list(faults)},
-        }
-    ).model_dump()
 
 
 def _train_and_dump_buffers(config: dict, out: str) -> None:
@@ -74,19 +56,21 @@ def buffers_by_rank(out) -> list[dict[str, torch.Tensor]]:
 def uninterrupted(tmp_path_factory):
     storage = tmp_path_factory.mktemp("buffers")
     write_csv(storage / "points.csv")
-    assert run(config(storage / "points.csv", storage, "whole"), storage / "dump") == [0, 0]
+    assert run(
+        two_heads_under_fsdp(storage / "points.csv", storage, "whole"), storage / "dump"
+    ) == [0, 0]
     return storage, buffers_by_rank(storage / "dump")
 
 
 def test_every_rank_holds_rank_0s_buffers_and_so_does_the_checkpoint(uninterrupted):
     storage, (rank0, rank1) = uninterrupted
-    assert rank0["body.1.num_batches_tracked"] == STEPS  # one forward per step
+    assert rank0["body.1.num_batches_tracked"] == TWO_HEAD_STEPS  # one forward per step
     assert rank0["body.1.running_mean"].abs().sum() > 0  # moved from its initial zeros
     assert rank0.keys() == rank1.keys() == set(BUFFERS)
     for name in BUFFERS:
         assert torch.equal(rank0[name], rank1[name]), name
     newest = checkpoint.newest_valid(FS, str(storage / "whole"))
-    assert newest is not None and newest.step == STEPS
+    assert newest is not None and newest.step == TWO_HEAD_STEPS
     dcp_to_torch_save(newest.path, storage / "whole.pt")
     saved = torch.load(storage / "whole.pt", weights_only=False)["model"]
     for name in BUFFERS:
@@ -100,7 +84,7 @@ def test_a_rank_killed_in_forward_resumes_with_every_ranks_buffers_bitwise_equal
     from step 7's checkpoint and every rank ends with the uninterrupted run's buffers."""
     storage, expected = uninterrupted
     fault = {"kind": "kill", "rank": 1, "step": 9, "during": "forward"}
-    cfg = config(storage / "points.csv", tmp_path, "killed", [fault])
+    cfg = two_heads_under_fsdp(storage / "points.csv", tmp_path, "killed", [fault])
     assert run(cfg, tmp_path / "dump") == [1, -9]
     assert checkpoint.newest_valid(FS, str(tmp_path / "killed")).step == 7
     assert run(cfg, tmp_path / "dump") == [0, 0]
