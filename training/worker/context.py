@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from training import tasks
-from training.core import checkpoint, data
+from training.core import data
 from training.core.config import Config
 from training.core.runlog import RunLog
 from training.core.save_protocol import SaveProtocol
@@ -22,6 +22,7 @@ from training.worker.boundary import StepBoundary
 from training.worker.cadence import Interval
 from training.worker.collectives import Collectives
 from training.worker.runtime import Runtime
+from training.worker.staging import Stager
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class Worker:
     runlog: RunLog | None  # rank 0 only
     spare_keeper: spares.Keeper | None = None  # the lowest local rank of each node only
     interval: Interval = field(default_factory=Interval)
-    stager: checkpoint.Stager = field(default_factory=checkpoint.Stager)
+    stager: Stager = field(default_factory=Stager)
     reporter: reporting.Reporter = field(default_factory=reporting.Reporter)
     # Who writes the state, among the training, report, upload and shutdown threads.
     saves: SaveProtocol = field(default_factory=SaveProtocol)
