@@ -4,6 +4,7 @@ state saved on failure is the last completed step (or nothing, when saving would
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -15,12 +16,19 @@ import torch
 
 from training.core import checkpoint, data, runlog, stops
 from training.core.runlog import RunLog
+from training.core.save_protocol import ShutdownBegun
 from training.driver.settings import parse_config
 from training.tasks import tabular
 from training.worker.attempt import build_worker
 from training.worker.boundary import StepBoundary
 from training.worker.cadence import close_interval, record_step
-from training.worker.checkpointer import make_uploader, save_on_failure, wait_for_previous_save
+from training.worker.checkpointer import (
+    make_uploader,
+    rescue_staged,
+    save_and_report,
+    save_on_failure,
+    wait_for_previous_save,
+)
 from training.worker.context import Worker
 from training.worker.evaluation import evaluate
 from training.worker.runtime import LocalRuntime
@@ -219,6 +227,45 @@ def test_save_on_failure_waits_for_the_periodic_upload_in_flight(table, tmp_path
                 refused.result()
     saved = [c.step for c in checkpoint.scan(FS, worker.run_dir)]
     assert saved == ([] if upload == "completes" else [1])
+
+
+def test_a_shutdown_while_waiting_for_the_previous_checkpoint_saves_the_newer_step(table, tmp_path):
+    """Checkpoints 1 and 2 came faster than Ray registers them: checkpoint 1 is still staged (its
+    report blocked, a peer dead) when the training thread, having completed step 2, waits to
+    stage checkpoint 2. Ray's shutdown callback then wakes the thread, whose save on failure
+    writes step 2; the rescue of the staged step 1 and a late upload of it are refused. (Before,
+    the callback rescued step 1 after its notice window: one checkpoint interval redone.)"""
+    worker = make_worker(table)
+    worker.run_dir = str(tmp_path / "run")
+    worker.runlog = RunLog(FS, worker.run_dir, worker.attempt)
+    worker.saves.begin_attempt()
+    for step in (1, 2):
+        train_step(worker, step)
+        record_step(worker, step, 0.01, {})
+        step_completed(worker, step)
+        worker.saves.recorded_step = step
+        if step == 1:
+            staged = worker.stager.stage({"model": worker.model.state_dict()})
+            worker.saves.staged()
+    worker.saves.offer_rescue(functools.partial(rescue_staged, worker, 1, staged))
+    ended = []
+
+    def training_thread():  # as attempt.run_attempt: a failure of the attempt saves on failure
+        try:
+            save_and_report(worker, 2, {})
+        except ShutdownBegun as exc:
+            ended.append(exc)
+            save_on_failure(worker)
+        finally:
+            worker.saves.end_attempt()
+
+    thread = threading.Thread(target=training_thread)
+    thread.start()
+    assert worker.saves.hold_shutdown(notice_within_s=5, hold_at_most_s=10) == "idle"
+    thread.join(timeout=10)
+    assert not thread.is_alive() and len(ended) == 1, ended
+    assert [c.step for c in checkpoint.scan(FS, worker.run_dir)] == [2]
+    assert not worker.saves.upload_begins()  # checkpoint 1's upload, were Ray to begin it
 
 
 def test_training_that_waits_for_a_checkpoint_still_in_flight_says_why_once(table, caplog):

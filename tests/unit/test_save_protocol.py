@@ -9,7 +9,13 @@ import threading
 
 import pytest
 
-from training.core.save_protocol import Attempt, Checkpoint, FailureSave, SaveProtocol
+from training.core.save_protocol import (
+    Attempt,
+    Checkpoint,
+    FailureSave,
+    SaveProtocol,
+    ShutdownBegun,
+)
 from training.ray_internals import shutdown_grace
 
 
@@ -117,6 +123,34 @@ def test_rank_0_blocked_in_a_broken_report_barrier_has_its_staged_copy_rescued_o
     rescue()
     assert not saves.upload_begins()
     assert written == [threading.current_thread().name]
+
+
+def test_a_training_thread_waiting_to_stage_is_woken_by_the_shutdown_and_saves_itself():
+    """Rank 0 completed step 9 and waits for checkpoint 8's staged copy (its report blocked on a
+    dead peer): the shutdown wakes it, its save on failure takes over, and the older staged copy
+    is neither rescued nor uploaded."""
+    saves = training_at(9)
+    saves.staged()
+    rescued = []
+    saves.offer_rescue(lambda: rescued.append(saves.claim_rescue()))
+    woken = []
+
+    def training_thread():
+        try:
+            saves.wait_to_stage(timeout=10)
+        except ShutdownBegun as exc:
+            woken.append(str(exc))
+            assert saves.failure_save_begins() is FailureSave.SAVE
+        saves.end_attempt()
+
+    thread = threading.Thread(target=training_thread)
+    thread.start()
+    assert saves.hold_shutdown(notice_within_s=5, hold_at_most_s=10) == "idle"
+    thread.join()
+    assert woken and "step 9" in woken[0] and rescued == []
+    assert not saves.upload_begins()
+    saves.begin_attempt()  # the next attempt in this process waits as before
+    assert not saves.shutdown_begun and saves.wait_to_stage(timeout=0)
 
 
 def test_no_rescue_once_the_upload_began():

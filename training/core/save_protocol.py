@@ -20,6 +20,11 @@ of the attempt, and the steps that say what is on storage. Transitions::
 
 Once the attempt has failed (a save on failure began, or a rescue was claimed) nothing else may
 write: a late upload is refused, a second rescue too, so two writers never race for one step.
+
+When Ray's shutdown begins while the training thread waits at a step boundary for the staging
+buffers (checkpoints came faster than Ray registers them, and a peer died), the thread is woken
+with ``ShutdownBegun``: the model holds a newer completed step than the staged copy, and the save
+on failure writes that step instead of the rescue writing the older one.
 """
 
 from __future__ import annotations
@@ -49,12 +54,17 @@ class FailureSave(Enum):
     WAIT_FOR_UPLOAD = "wait"  # an upload is running (often of this very step): let it end first
 
 
+class ShutdownBegun(RuntimeError):
+    """Ray began shutting the worker group down while the training thread waited to stage."""
+
+
 class SaveProtocol:
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self.checkpoint = Checkpoint.FREE
         self.attempt = Attempt.IDLE
         self.failed = False
+        self.shutdown_begun = False
         self.rescue: Callable[[], None] | None = None
         # The step the model holds, the last step in rank 0's ledger, the newest step complete
         # on storage (or resumed from).
@@ -69,6 +79,7 @@ class SaveProtocol:
                 False,
                 None,
             )
+            self.shutdown_begun = False
             self._changed.notify_all()
 
     def resumed_from(self, step: int) -> None:
@@ -86,6 +97,20 @@ class SaveProtocol:
         """Block until no checkpoint is in flight (the staging buffers are free again)."""
         with self._changed:
             return self._changed.wait_for(lambda: self.checkpoint is Checkpoint.FREE, timeout)
+
+    def wait_to_stage(self, timeout: float | None) -> bool:
+        """Like ``wait_until_free``, for a training thread that is at a step boundary and can save
+        the step it holds on failure: raises ``ShutdownBegun`` once Ray's shutdown begins."""
+        with self._changed:
+            free = self._changed.wait_for(
+                lambda: self.checkpoint is Checkpoint.FREE or self.shutdown_begun, timeout
+            )
+            if self.shutdown_begun:
+                raise ShutdownBegun(
+                    f"Ray shut the worker group down while step {self.state_step}'s checkpoint "
+                    f"waited for the previous one ({self.checkpoint.value})"
+                )
+            return bool(free)
 
     def staged(self) -> None:
         with self._changed:
@@ -156,6 +181,8 @@ class SaveProtocol:
         the rescue runs here, in the callback's thread."""
         started = time.monotonic()
         with self._changed:
+            self.shutdown_begun = True  # wakes a training thread parked in wait_to_stage
+            self._changed.notify_all()
             self._changed.wait_for(lambda: self.attempt is not Attempt.TRAINING, notice_within_s)
             rescue = self.rescue if self.attempt is Attempt.TRAINING else None
             if self.attempt is Attempt.SAVING:

@@ -74,7 +74,12 @@ def wait_for_previous_save(worker: Worker) -> None:
     busy it finishes only when training waits here. Either way: say so once, with the ways
     out."""
     waited = time.perf_counter()
-    while not worker.saves.wait_until_free(timeout=60):
+    # With a save on failure (a step boundary kept), a shutdown of the group while waiting here
+    # raises ShutdownBegun: the save on failure then writes this completed step, newer than the
+    # staged copy whose report a dead peer may be blocking.
+    saves = worker.saves
+    wait = saves.wait_to_stage if worker.boundary is not None else saves.wait_until_free
+    while not wait(timeout=60):
         log.warning(
             "still waiting for the previous checkpoint's upload (%.0f s)",
             time.perf_counter() - waited,
