@@ -19,6 +19,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from click.testing import CliRunner
 from support.checkpoints import save
+from torch.distributed.checkpoint import CheckpointException
 
 from training.core import dcp_storage, storage
 from training.core.config import StorageSection
@@ -167,9 +168,19 @@ def test_a_sharded_checkpoint_on_an_unreachable_store_fails_naming_it():
     with pytest.raises(StorageError, match=expected), dcp_storage.storage_failures():
         # one process, no group: DCP saves without collectives
         dcp.save(state, storage_writer=dcp_storage.Writer(fs, "b/run/ckpt"))
-    expected = f"{named}s3://b/run/ckpt/.metadata"
-    with pytest.raises(BaseException, match=expected), dcp_storage.storage_failures():
+    expected = f"^DCP failed on rank\\(s\\) \\[0\\]: .*{named}s3://b/run/ckpt/.metadata"
+    with pytest.raises(RuntimeError, match=expected), dcp_storage.storage_failures():
         dcp.load(state, storage_reader=dcp_storage.Reader(fs, "b/run/ckpt"))
+
+
+def test_any_other_dcp_failure_is_an_exception_the_attempt_catches():
+    """DCP's CheckpointException is a BaseException: raised as it is, it skipped the attempt's
+    ``except Exception`` (no wait for the seal in flight, no save on failure)."""
+    failures = {1: (ConnectionError("peer closed the connection"), None)}
+    expected = r"^DCP failed on rank\(s\) \[1\]: peer closed"
+    with pytest.raises(Exception, match=expected) as caught, dcp_storage.storage_failures():
+        raise CheckpointException("save", failures)
+    assert isinstance(caught.value.__cause__, CheckpointException)
 
 
 # ---- the pre-flight probe and the CLI --------------------------------------------------------

@@ -130,13 +130,18 @@ class Reader(FileSystemReader):
 @contextlib.contextmanager
 def storage_failures() -> Iterator[None]:
     """Around a DCP save or load (or the wait for an async one): a storage failure of any rank
-    is raised as its ``StorageError``. DCP raises a ``CheckpointException`` listing every rank's
-    failure, a ``BaseException`` that handlers of ``Exception`` miss and whose text is a page
-    of tracebacks; the attempt should fail naming the store, as other storage failures do."""
+    is raised as its ``StorageError``, any other as a ``RuntimeError`` naming the ranks and the
+    first failure. DCP raises a ``CheckpointException`` listing every rank's failure, a
+    ``BaseException`` that handlers of ``Exception`` miss and whose text is a page of
+    tracebacks; the attempt should fail naming the store, as other storage failures do."""
     try:
         yield
     except CheckpointException as exc:
-        named = [e for e, _ in exc.failures.values() if isinstance(e, storage.StorageError)]
+        failures = [error for error, _ in exc.failures.values()]
+        named = [e for e in failures if isinstance(e, storage.StorageError)]
         if named:
             raise named[0] from exc
-        raise
+        # Any other failure as an Exception too: the attempt's failure handling (the wait for
+        # a seal in flight, the save on failure) and Ray's retry catch Exception, not this.
+        first = str(failures[0]).splitlines()[0] if failures else exc
+        raise RuntimeError(f"DCP failed on rank(s) {sorted(exc.failures)}: {first}") from exc
