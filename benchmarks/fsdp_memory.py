@@ -75,17 +75,17 @@ def save_pauses(worker, directory: Path) -> dict:
 
     side, fs = Collectives.side_group(), pafs.LocalFileSystem()  # directory is a local path
     started = time.perf_counter()
-    sharded.start_save(fs, str(directory / "sync"), worker.model, worker.optimizer, {})
-    sharded.seal(fs, str(directory / "sync"), worker.comm, {})
+    save = sharded.start_save(fs, str(directory / "sync"), worker.model, worker.optimizer, {})
+    sharded.seal(fs, str(directory / "sync"), worker.comm, {}, save.entries())
     sync_s = time.perf_counter() - started
     worker.comm.barrier()
     started = time.perf_counter()
-    written = sharded.start_save(
+    save = sharded.start_save(
         fs, str(directory / "async"), worker.model, worker.optimizer, {}, side.group
     )
     async_s = time.perf_counter() - started
-    written.result()
-    sharded.seal(fs, str(directory / "async"), side, {})
+    save.wait()
+    sharded.seal(fs, str(directory / "async"), side, {}, save.entries())
     return {"sync_pause_s": sync_s, "async_pause_s": async_s,
             "async_total_s": time.perf_counter() - started}  # fmt: skip
 

@@ -5,6 +5,7 @@ S3 (the session's SeaweedFS server, ``tests/conftest.py``), through one code pat
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import uuid
@@ -14,6 +15,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 import torch.distributed as dist
+from counting_fs import recording_fs
 from in_process import run_function, tensors
 from support.s3 import s3
 from torch import nn
@@ -145,6 +147,28 @@ def test_each_rank_wrote_its_shards_and_the_manifest_lists_them(request, where):
     assert sorted(i.base_name for i in storage.list_dir(fs, directory)) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp", MANIFEST_FILE,
     ]  # fmt: skip
+
+
+def _save_and_count_reads(directory: str, out: str) -> None:
+    model, optimizer = _build(seed=0)
+    fs, handler = recording_fs()
+    sharded.save(fs, directory, model, optimizer, {"progress": {"global_step": 3}})
+    Path(f"{out}.{dist.get_rank()}").write_text(json.dumps(dict(handler.bytes_read)))
+    dist.destroy_process_group()
+
+
+def test_sealing_a_checkpoint_reads_nothing_back(tmp_path):
+    """Each file's SHA-256 is taken as it is written: the seal used to read every shard back
+    (on S3 a download of the whole checkpoint at every checkpoint). The hashes are those of
+    what is on storage (the test above checks every file against its manifest entry). ~5 s."""
+    directory, out = str(tmp_path / "checkpoint"), str(tmp_path / "reads")
+    assert run_function(_save_and_count_reads, 2, 60, directory, out) == [0, 0]
+    reads = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
+    assert reads == [{}, {}], reads
+    manifest = sharded.validate(FS, directory)
+    assert set(manifest["files"]) == {"__0_0.distcp", "__1_0.distcp", ".metadata",
+                                      sharded.LOOP_STATE_FILE}  # fmt: skip
+    assert sharded.corrupted_files(FS, directory, 0, 1) == []
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])  # < 0.3 s each: no ranks, copies and reads

@@ -17,6 +17,9 @@ Where a store is not a disk:
 - **No file descriptor.** DCP's ``sync_files`` calls ``os.fsync`` on the stream's descriptor and,
   without one (pyarrow's streams), ``os.sync()`` of the whole host; it is off here, as the DDP
   checkpoints never fsync either.
+- **No read-back.** A manifest lists each file's size and SHA-256: ``Files`` hashes what DCP
+  writes as it streams out (``Files.written``), so sealing a checkpoint reads nothing back (on
+  S3 that was a download of the whole checkpoint, at every checkpoint).
 - **Small reads are requests.** DCP hands ``torch.load`` a view of the shard file, and each of its
   many small reads would be an HTTP request on S3; ``Reader`` reads each item's bytes in one
   ranged read instead.
@@ -29,6 +32,7 @@ Where a store is not a disk:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import posixpath
@@ -45,23 +49,47 @@ from training.core import storage
 _WRITE_BUFFER = 1 << 20
 
 
+class _Hashing:
+    """An output stream that hashes what passes through it: a file's manifest entry without
+    reading the file back (a download of the whole checkpoint, on S3)."""
+
+    def __init__(self, stream: Any):
+        self.stream, self.digest, self.size = stream, hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        self.size += memoryview(data).nbytes
+        return self.stream.write(data)
+
+    def entry(self) -> dict[str, Any]:
+        return {"size": self.size, "sha256": self.digest.hexdigest()}
+
+    def __getattr__(self, name: str) -> Any:  # tell, flush, ...: the stream's own
+        return getattr(self.stream, name)
+
+
 class Files(FileSystemBase):
     """DCP's file operations on one ``pyarrow.fs`` filesystem; paths are that filesystem's
-    (``bucket/key`` on S3, absolute on a local one)."""
+    (``bucket/key`` on S3, absolute on a local one). ``written``: the size and SHA-256 of each
+    file written through it, by path, once the file is closed (a rename moves its entry)."""
 
     def __init__(self, fs: pafs.FileSystem):
         self.fs = fs
+        self.written: dict[str, dict[str, Any]] = {}
 
     @contextlib.contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
         path = os.fspath(path)
         with self._named(path):
             if "r" in mode:  # seekable: DCP reads slices of a shard file
-                stream = self.fs.open_input_file(path)
-            else:
-                stream = self.fs.open_output_stream(path, buffer_size=_WRITE_BUFFER)
-            with stream:  # errors while DCP writes or reads it are the store's too
-                yield stream
+                with self.fs.open_input_file(path) as stream:
+                    yield stream
+                return
+            # Errors while DCP writes or reads a stream are the store's too.
+            with self.fs.open_output_stream(path, buffer_size=_WRITE_BUFFER) as stream:
+                hashing = _Hashing(stream)
+                yield hashing
+            self.written[path] = hashing.entry()
 
     def concat_path(self, path: str | os.PathLike, suffix: str) -> str:
         return posixpath.join(os.fspath(path), suffix)
@@ -72,6 +100,8 @@ class Files(FileSystemBase):
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
         with self._named(os.fspath(new_path)):
             self.fs.move(os.fspath(path), os.fspath(new_path))
+        if os.fspath(path) in self.written:
+            self.written[os.fspath(new_path)] = self.written.pop(os.fspath(path))
 
     def mkdir(self, path: str | os.PathLike) -> None:
         with self._named(os.fspath(path)):

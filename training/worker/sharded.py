@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import posixpath
@@ -179,8 +180,27 @@ def save(
 ) -> None:
     """Every rank calls this: each writes its shards (rank 0 also ``loop_state``, the part of
     the state that is not sharded), then rank 0 the manifest, last."""
-    start_save(fs, directory, model, optimizer, loop_state)
-    seal(fs, directory, Collectives(torch.device("cpu")), loop_state, before_manifest)
+    started = start_save(fs, directory, model, optimizer, loop_state)
+    comm = Collectives(torch.device("cpu"))
+    seal(fs, directory, comm, loop_state, started.entries(), before_manifest)
+
+
+@dataclasses.dataclass
+class Started:
+    """A save under way. ``written``: the size and SHA-256 of each file this rank wrote, by path,
+    filled as the files close (``dcp_storage.Files``); ``future`` (an asynchronous save) ends
+    once every rank's shards and ``.metadata`` are written."""
+
+    written: dict[str, dict[str, Any]]
+    future: Future | None = None
+
+    def wait(self) -> None:
+        if self.future is not None:
+            self.future.result()
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """This rank's manifest entries, by file name (once ``wait`` returned)."""
+        return {posixpath.basename(path): meta for path, meta in self.written.items()}
 
 
 def start_save(
@@ -190,25 +210,30 @@ def start_save(
     optimizer: torch.optim.Optimizer,
     loop_state: dict[str, Any] | None,
     group: dist.ProcessGroup | None = None,
-) -> Future | None:
+) -> Started:
     """Every rank calls this: rank 0 writes ``loop_state`` (small), every rank its shards. No
-    ``group``: written when this returns (DCP's synchronous save, None). With one: staged (a
-    copy of this rank's shards in host memory: the caller's pause) and written by a background
-    thread whose collectives use ``group``, not the training thread's; the Future ends once
-    every rank's shards and ``.metadata`` are written. ``seal`` must follow either way."""
+    ``group``: written when this returns (DCP's synchronous save). With one: staged (a copy of
+    this rank's shards in host memory: the caller's pause) and written by a background thread
+    whose collectives use ``group``, not the training thread's. ``seal`` follows either way,
+    after ``Started.wait``, with ``Started.entries``."""
+    writer = dcp_storage.Writer(fs, directory)
+    written = writer.fs.written  # filled as DCP closes this rank's files
     if dist.get_rank() == 0 and loop_state is not None:
         buffer = io.BytesIO()
         torch.save(loop_state, buffer)
-        storage.write_bytes(fs, posixpath.join(directory, LOOP_STATE_FILE), buffer.getvalue())
+        blob = buffer.getvalue()
+        path = posixpath.join(directory, LOOP_STATE_FILE)
+        storage.write_bytes(fs, path, blob)
+        written[path] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    writer = dcp_storage.Writer(fs, directory)
     with dcp_storage.storage_failures():
         if group is None:
             # DCP's save ends once .metadata is written, after every rank's shards.
             dcp.save(state, storage_writer=writer)
-            return None
-        return dcp.async_save(state, storage_writer=writer, process_group=group)
+            return Started(written)
+        future = dcp.async_save(state, storage_writer=writer, process_group=group)
+        return Started(written, future)
 
 
 def seal(
@@ -216,18 +241,23 @@ def seal(
     directory: str,
     comm: Collectives,
     loop_state: dict[str, Any] | None,
+    mine: dict[str, dict[str, Any]],
     before_manifest: Callable[[], None] = lambda: None,
 ) -> None:
-    """Every rank calls this once its shards are written: each hashes its own files, rank 0
-    writes the manifest (last) once it has every rank's digests, and nobody returns before."""
-    mine = _describe_own_files(fs, directory, comm.rank)
-    if comm.rank == 0 and loop_state is not None:  # start_save wrote it
-        mine[LOOP_STATE_FILE] = checkpoint.describe(fs, posixpath.join(directory, LOOP_STATE_FILE))
+    """Every rank calls this once its shards are written, with the manifest entries of the
+    files it wrote (``Started.entries``: hashed as they were written, so nothing is read
+    back); rank 0 writes the manifest (last) once it has every rank's, and nobody returns
+    before."""
+    expected = {".metadata"} if comm.rank == 0 else set()
+    if comm.rank == 0 and loop_state is not None:
+        expected.add(LOOP_STATE_FILE)
+    shards = [name for name in mine if name.startswith(f"__{comm.rank}_")]
+    if not shards or not expected <= mine.keys():  # a manifest must list every file
+        raise RuntimeError(f"rank {comm.rank} recorded no entry of some file it wrote: {mine}")
     before_manifest()
     every = comm.gather_objects(mine)
     if comm.rank == 0:
         files = {name: meta for rank_files in every for name, meta in rank_files.items()}
-        files[".metadata"] = checkpoint.describe(fs, posixpath.join(directory, ".metadata"))
         manifest = {
             "format": checkpoint.FORMAT_VERSION,
             "layout": LAYOUT,
@@ -286,12 +316,3 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     and small models)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
     return get_model_state_dict(model, options=options)
-
-
-def _describe_own_files(fs: pafs.FileSystem, directory: str, rank: int) -> dict[str, Any]:
-    """The manifest entries of the shard files this rank wrote (``__<rank>_<n>.distcp``)."""
-    return {
-        info.base_name: checkpoint.describe(fs, info.path)
-        for info in sorted(storage.list_dir(fs, directory), key=lambda i: i.base_name)
-        if info.base_name.startswith(f"__{rank}_") and info.base_name.endswith(".distcp")
-    }

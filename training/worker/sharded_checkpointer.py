@@ -81,17 +81,16 @@ def save_and_report(worker: Worker, global_step: int, step_metrics: dict[str, An
         worker.side_comm = Collectives.side_group()
     comm = worker.side_comm if asynchronous else worker.comm
     group = comm.group if asynchronous else None
-    written = sharded.start_save(worker.fs, target, worker.model, worker.optimizer, state, group)
+    save = sharded.start_save(worker.fs, target, worker.model, worker.optimizer, state, group)
     blocked_s = time.perf_counter() - started
     worker.pending_seal = sealed = Future()
 
     def seal_and_report() -> None:  # the report thread (async) or the training thread (sync)
         try:
-            if written is not None:
-                with dcp_storage.storage_failures():
-                    written.result()  # every rank's shards and .metadata are on storage
+            with dcp_storage.storage_failures():
+                save.wait()  # every rank's shards and .metadata are on storage
             chaos = functools.partial(inject_faults, worker, global_step, "checkpoint")
-            sharded.seal(worker.fs, target, comm, state, before_manifest=chaos)
+            sharded.seal(worker.fs, target, comm, state, save.entries(), before_manifest=chaos)
         except BaseException as exc:
             sealed.set_exception(exc)
             raise
