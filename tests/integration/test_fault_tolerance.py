@@ -335,10 +335,11 @@ def test_checkpoint_reported_just_before_a_crash_is_not_lost(tmp_path, ray_addre
 
 # A peer's deaths each run on a run of their own, from the run's start: they need the previous
 # checkpoint's report to be registered by Ray (one report per controller poll) before the one
-# they die around. Chained after other deaths, a new attempt's checkpoints came too soon after
-# its start: a slow upload never began, a peer dying inside the report of checkpoint 150 found
-# rank 0's report of 125 still pending (the rescue wrote 125), and a kill 0.1 s after
-# checkpoint 75 resumed from 50 (25 steps redone; seen once in three runs).
+# they die around, or another path than the one named saves the state. Chained after other
+# deaths, a new attempt's checkpoints came too soon after its start: a slow upload never began,
+# and rank 0, waiting to stage a checkpoint behind a pending report, had the older staged copy
+# rescued (25 steps redone; since 2026-12-03 the shutdown wakes it and it saves the newer step:
+# tests/unit/test_loop.py).
 RANK_1_DIES_AROUND_CHECKPOINT_100 = {
     # Checkpoint 100's background upload is slow (stalled 2 s) and rank 1 dies at step 101:
     # rank 0 must hold Ray's shutdown until the upload ends (it used to go idle at once, and
