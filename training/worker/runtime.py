@@ -66,10 +66,9 @@ class RayRuntime:
         which Ray runs after the barrier (in its upload thread when ``asynchronous``)."""
         import ray.train
 
-        local_dir = tempfile.mkdtemp(prefix="elastic-trainer-ckpt-") if upload else None
+        local_dir = empty_checkpoint_dir() if upload else None
         ray.train.report(  # our upload writes the files, the manifest last; Ray registers them
             reported,
-            # Ray needs a local directory to report a checkpoint (and deletes it): it stays empty.
             checkpoint=ray.train.Checkpoint.from_directory(local_dir) if local_dir else None,
             checkpoint_dir_name=dir_name,
             checkpoint_upload_mode=(
@@ -82,7 +81,7 @@ class RayRuntime:
                 if upload
                 else None
             ),
-            delete_local_checkpoint_after_upload=bool(local_dir),
+            delete_local_checkpoint_after_upload=False,
         )
 
     def drain_requested(self) -> bool:
@@ -93,6 +92,17 @@ class RayRuntime:
         if self._cfg.failure.spare_workers and self.local_rank == 0:
             return spares.Keeper(self.local_world_size)
         return None
+
+
+def empty_checkpoint_dir() -> str:
+    """The local directory every report of a checkpoint names: Ray Train reports a checkpoint
+    only from a local directory, and the project's upload writes the files itself, so it stays
+    empty. One per user and machine, never deleted. (A new one per report, for Ray to delete
+    after the upload, was left behind each time the upload did not run to its end: refused
+    after a failure, failed, or its worker killed.)"""
+    path = os.path.join(tempfile.gettempdir(), f"elastic-trainer-empty-checkpoint-{os.getuid()}")
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 class NoMetrics:
