@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.fs as pafs
 import pytest
 import torch
+from two_head_task import write_csv
 
 from training.core import checkpoint, data, runlog, stops
 from training.core.runlog import RunLog
@@ -229,13 +230,24 @@ def test_save_on_failure_waits_for_the_periodic_upload_in_flight(table, tmp_path
     assert saved == ([] if upload == "completes" else [1])
 
 
-def test_a_shutdown_while_waiting_for_the_previous_checkpoint_saves_the_newer_step(table, tmp_path):
+def test_a_shutdown_while_waiting_for_the_previous_checkpoint_saves_the_newer_step(tmp_path):
     """Checkpoints 1 and 2 came faster than Ray registers them: checkpoint 1 is still staged (its
     report blocked, a peer dead) when the training thread, having completed step 2, waits to
     stage checkpoint 2. Ray's shutdown callback then wakes the thread, whose save on failure
     writes step 2; the rescue of the staged step 1 and a late upload of it are refused. (Before,
-    the callback rescued step 1 after its notice window: one checkpoint interval redone.)"""
-    worker = make_worker(table)
+    the callback rescued step 1 after its notice window: one checkpoint interval redone.) The
+    model is a user's task with BatchNorm: the checkpoint holds step 2's buffers exactly."""
+    write_csv(tmp_path / "points.csv")
+    cfg = parse_config(
+        {
+            "data": {"path": str(tmp_path / "points.csv"), "create_demo_if_missing": False},
+            "training": {"global_batch_size": 32},
+            "task": {"name": "two_head_task:TwoHeadRegression", "options": {"hidden": 16}},
+        }
+    )
+    worker = build_worker(cfg, cfg.model_dump(), LocalRuntime(cfg))
+    worker.fs, worker.attempt = FS, "a1"
+    worker.boundary = StepBoundary(worker.model, worker.task)
     worker.run_dir = str(tmp_path / "run")
     worker.runlog = RunLog(FS, worker.run_dir, worker.attempt)
     worker.saves.begin_attempt()
@@ -264,8 +276,13 @@ def test_a_shutdown_while_waiting_for_the_previous_checkpoint_saves_the_newer_st
     assert worker.saves.hold_shutdown(notice_within_s=5, hold_at_most_s=10) == "idle"
     thread.join(timeout=10)
     assert not thread.is_alive() and len(ended) == 1, ended
-    assert [c.step for c in checkpoint.scan(FS, worker.run_dir)] == [2]
+    saved = checkpoint.scan(FS, worker.run_dir)
+    assert [c.step for c in saved] == [2]
     assert not worker.saves.upload_begins()  # checkpoint 1's upload, were Ray to begin it
+    model = checkpoint.load(FS, saved[0].path)["model"]
+    live = worker.model.state_dict()
+    assert "body.1.running_mean" in model and model.keys() == live.keys()
+    assert all(torch.equal(model[k], live[k]) for k in live), "not step 2's state"
 
 
 def test_training_that_waits_for_a_checkpoint_still_in_flight_says_why_once(table, caplog):
