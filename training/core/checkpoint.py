@@ -129,11 +129,11 @@ def write_state(
     fs.create_dir(directory, recursive=True)
     # Buffered: torch.save writes each tensor's small record header as a write of its own.
     with fs.open_output_stream(posixpath.join(directory, STATE_FILE), buffer_size=1 << 20) as raw:
-        hashed = _HashingWriter(raw)
+        hashed = HashingWriter(raw)
         with _without_zip_crc32():
             torch.save(state, hashed)
     before_manifest()
-    files = {STATE_FILE: {"size": hashed.size, "sha256": hashed.digest.hexdigest()}}
+    files = {STATE_FILE: hashed.entry()}
     manifest = {"format": FORMAT_VERSION, "progress": state["progress"], "files": files}
     storage.write_bytes(
         fs, posixpath.join(directory, MANIFEST_FILE), json.dumps(manifest, indent=1).encode()
@@ -152,8 +152,9 @@ def _without_zip_crc32() -> contextlib.AbstractContextManager:
     return config.patch({"save.compute_crc32": False})
 
 
-class _HashingWriter(io.RawIOBase):
-    """A write-only file that hashes what passes through it."""
+class HashingWriter(io.RawIOBase):
+    """A write-only file that hashes what passes through it: the file's manifest entry without
+    reading it back (torch.save here; DCP's shard files in ``dcp_storage``)."""
 
     def __init__(self, sink: Any):
         self.sink, self.digest, self.size = sink, hashlib.sha256(), 0
@@ -163,8 +164,14 @@ class _HashingWriter(io.RawIOBase):
 
     def write(self, data) -> int:
         self.digest.update(data)
-        self.size += len(data)
+        self.size += memoryview(data).nbytes
         return self.sink.write(data)
+
+    def tell(self) -> int:  # DCP records each item's offset in its shard file
+        return self.sink.tell()
+
+    def entry(self) -> dict[str, Any]:
+        return {"size": self.size, "sha256": self.digest.hexdigest()}
 
 
 def load(fs: pafs.FileSystem, path: str) -> dict[str, Any]:

@@ -32,7 +32,6 @@ Where a store is not a disk:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import posixpath
@@ -43,29 +42,10 @@ import pyarrow.fs as pafs
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystemBase
 
-from training.core import storage
+from training.core import checkpoint, storage
 
 # torch.save writes a tensor's record headers as writes of their own: buffer them.
 _WRITE_BUFFER = 1 << 20
-
-
-class _Hashing:
-    """An output stream that hashes what passes through it: a file's manifest entry without
-    reading the file back (a download of the whole checkpoint, on S3)."""
-
-    def __init__(self, stream: Any):
-        self.stream, self.digest, self.size = stream, hashlib.sha256(), 0
-
-    def write(self, data: Any) -> int:
-        self.digest.update(data)
-        self.size += memoryview(data).nbytes
-        return self.stream.write(data)
-
-    def entry(self) -> dict[str, Any]:
-        return {"size": self.size, "sha256": self.digest.hexdigest()}
-
-    def __getattr__(self, name: str) -> Any:  # tell, flush, ...: the stream's own
-        return getattr(self.stream, name)
 
 
 class Files(FileSystemBase):
@@ -87,7 +67,7 @@ class Files(FileSystemBase):
                 return
             # Errors while DCP writes or reads a stream are the store's too.
             with self.fs.open_output_stream(path, buffer_size=_WRITE_BUFFER) as stream:
-                hashing = _Hashing(stream)
+                hashing = checkpoint.HashingWriter(stream)
                 yield hashing
             self.written[path] = hashing.entry()
 
